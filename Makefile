@@ -1,0 +1,37 @@
+# dfndr: the two commands a fresh machine needs are `make demo` and `make test`.
+CARGO ?= cargo
+DEMO_OUT ?= demo-out
+
+.PHONY: all build release demo test lint fmt clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release -p dfndr
+
+## Run the reinforce job on the bundled demo shards into a fresh output, then show its status.
+demo: release
+	rm -rf $(DEMO_OUT)
+	./target/release/dfndr reinforce --config configs/demo.toml --output $(DEMO_OUT)
+	./target/release/dfndr status $(DEMO_OUT)
+	./target/release/dfndr inspect $(DEMO_OUT)/shards/demo-00000.parquet --rows 2
+
+## Every test: unit, property, format, reader and end-to-end job-control tests; plus lints.
+test:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf $(DEMO_OUT)

@@ -1,0 +1,207 @@
+//! Job configs (`JOB.toml`): what `dfndr reinforce` reads, with a default for every field.
+//!
+//! Unknown fields are errors, so a typo never silently falls back to a default. The config
+//! fingerprint covers exactly the fields that change what a shard contains; where the data
+//! comes from and goes to, and how the workers behave, are left out so that a job can be
+//! extended with new inputs, moved, or run with other worker settings.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A whole job config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    /// Inputs, output, seed and worker behaviour.
+    pub job: JobSection,
+    /// Limits applied while reading input shards.
+    pub reader: ReaderSection,
+    /// What the parquet shards contain and how they are laid out.
+    pub output: OutputSection,
+}
+
+/// `[job]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobSection {
+    /// Input shard patterns: brace patterns, globs, list files (`.txt`, `.list`, `.lst`),
+    /// local paths or `file://` URLs. Relative paths are relative to the working directory.
+    /// A single string is accepted too.
+    #[serde(deserialize_with = "one_or_many")]
+    pub input: Vec<String>,
+    /// Output location (local directory or `file://` URL).
+    pub output: Option<String>,
+    /// Seed of every random choice (augmentations, caption sampling).
+    pub seed: u64,
+    /// Seconds after its last heartbeat at which another worker may take over a claim.
+    pub lease_seconds: f64,
+    /// Failed attempts after which a shard is no longer retried (over all runs).
+    pub max_attempts: u32,
+    /// Samples decoded together in parallel.
+    pub batch_size: usize,
+    /// Decoding threads (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for JobSection {
+    fn default() -> Self {
+        JobSection {
+            input: Vec::new(),
+            output: None,
+            seed: 0,
+            lease_seconds: 300.0,
+            max_attempts: 3,
+            batch_size: 64,
+            threads: 0,
+        }
+    }
+}
+
+/// Accepts `input = "a"` as well as `input = ["a", "b"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// `[reader]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReaderSection {
+    /// Tar members above this size are skipped without being read (`member_too_large`).
+    pub max_member_bytes: u64,
+    /// Images declaring more pixels are refused before decoding (`image_too_large`).
+    pub max_pixels: u64,
+}
+
+impl Default for ReaderSection {
+    fn default() -> Self {
+        ReaderSection {
+            max_member_bytes: 64 << 20,
+            max_pixels: dfndr_augment::decode::DEFAULT_MAX_PIXELS,
+        }
+    }
+}
+
+/// `[output]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// Store the original encoded image bytes in the `image` column.
+    pub embed_images: bool,
+    /// Rows per parquet row group.
+    pub row_group_rows: usize,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            embed_images: false,
+            row_group_rows: 1000,
+        }
+    }
+}
+
+/// The fields that decide the content of a shard (see the module documentation).
+#[derive(Serialize)]
+struct Fingerprinted<'a> {
+    seed: u64,
+    reader: &'a ReaderSection,
+    output: &'a OutputSection,
+}
+
+impl JobConfig {
+    /// Reads and validates a TOML config file.
+    pub fn load(path: &Path) -> Result<JobConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let config: JobConfig =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.job.lease_seconds.is_finite() && self.job.lease_seconds > 0.0) {
+            bail!("job.lease_seconds must be a positive number of seconds");
+        }
+        if self.job.max_attempts == 0 {
+            bail!("job.max_attempts must be at least 1");
+        }
+        if self.job.batch_size == 0 {
+            bail!("job.batch_size must be at least 1");
+        }
+        if self.output.row_group_rows == 0 {
+            bail!("output.row_group_rows must be at least 1");
+        }
+        if self.reader.max_pixels == 0 || self.reader.max_member_bytes == 0 {
+            bail!("reader.max_pixels and reader.max_member_bytes must be positive");
+        }
+        Ok(())
+    }
+
+    /// sha256 (hex) of the canonical JSON of the content-deciding fields.
+    pub fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_vec(&Fingerprinted {
+            seed: self.job.seed,
+            reader: &self.reader,
+            output: &self.output,
+        })
+        .unwrap_or_default();
+        dfndr_shards::job::hex(&Sha256::digest(&canonical))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_missing_fields() {
+        let c: JobConfig = toml::from_str("[job]\ninput = [\"a.tar\"]\n").unwrap();
+        assert_eq!(c.job.max_attempts, 3);
+        assert_eq!(c.output.row_group_rows, 1000);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn input_may_be_one_string() {
+        let c: JobConfig = toml::from_str("[job]\ninput = \"a.tar\"\n").unwrap();
+        assert_eq!(c.job.input, vec!["a.tar".to_string()]);
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let err = toml::from_str::<JobConfig>("[job]\nimput = []\n").unwrap_err();
+        assert!(err.to_string().contains("imput"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_ignores_location_and_worker_settings() {
+        let a: JobConfig = toml::from_str("[job]\ninput=[\"a\"]\noutput=\"x\"\n").unwrap();
+        let mut b = a.clone();
+        b.job.input = vec!["b".into()];
+        b.job.output = Some("y".into());
+        b.job.lease_seconds = 5.0;
+        b.job.threads = 7;
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        b.output.embed_images = true;
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let mut c = a.clone();
+        c.job.seed = 1;
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+}

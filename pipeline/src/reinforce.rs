@@ -1,0 +1,387 @@
+//! `dfndr reinforce`: the worker loop over the shard list and the processing of one shard.
+//!
+//! Stages that exist today: read (streaming tar), decode (RGB, bounded), write (parquet with
+//! `key source url caption width height` and, with `embed_images`, `image`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use dfndr_augment::decode::{decode_rgb, DecodeError};
+use dfndr_shards::format::{FileMeta, Layout, Row, ShardWriter, WriterOptions, SCHEMA_VERSION};
+use dfndr_shards::job::{
+    self, now_unix, ClaimOutcome, ClaimRecord, DoneRecord, HashingWriter, Job, Placement,
+};
+use dfndr_shards::shardlist::ShardRef;
+use dfndr_shards::store::open_input;
+use dfndr_shards::wds::{RawSample, ReaderLimits, SkipReason, WdsEvent, WdsReader};
+use rayon::prelude::*;
+
+use crate::config::JobConfig;
+use crate::crash::{crash_point, CrashPoint};
+use crate::progress::Progress;
+
+/// How a worker's run ended.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// Shards in the job.
+    pub shards: usize,
+    /// Shards done (by anyone) when the worker stopped.
+    pub done: usize,
+    /// Shards done by this worker in this run.
+    pub done_here: usize,
+    /// Shards already done when this run looked at them.
+    pub already_done: usize,
+    /// Failed shards (by name) with their last error.
+    pub failed: BTreeMap<String, String>,
+    /// Rows written by this worker.
+    pub rows: u64,
+    /// Samples skipped by this worker, by reason.
+    pub skipped: BTreeMap<String, u64>,
+}
+
+/// Everything a worker needs, fixed for the run.
+pub struct Worker {
+    /// Job control over the output.
+    pub job: Job,
+    /// The config.
+    pub config: JobConfig,
+    /// Its fingerprint.
+    pub fingerprint: String,
+    /// This worker's place.
+    pub placement: Placement,
+    /// Retry shards whose failed attempts reached the limit.
+    pub retry_failed: bool,
+    /// Set on SIGINT/SIGTERM: finish nothing more, release claims, exit.
+    pub interrupted: Arc<AtomicBool>,
+}
+
+/// Result of one shard.
+enum ShardResult {
+    Done(DoneRecord),
+    /// The claim was lost (we stalled past the lease and another worker took over).
+    Lost,
+    /// Interrupted by a signal.
+    Interrupted,
+}
+
+impl Worker {
+    /// The output layout of this job: only the columns of stages that exist.
+    fn layout(&self) -> Layout {
+        Layout {
+            embed_images: self.config.output.embed_images,
+            ..Layout::default()
+        }
+    }
+
+    /// Runs the worker loop until every shard is done or has failed for good.
+    pub fn run(&self, shards: &[ShardRef], progress: &Progress) -> Result<RunSummary> {
+        let mut summary = RunSummary {
+            shards: shards.len(),
+            ..RunSummary::default()
+        };
+        let order = self.placement.work_order(shards.len());
+        let mut attempted: HashSet<usize> = HashSet::new();
+        let mut verified_done: HashSet<usize> = HashSet::new();
+        let poll = Duration::from_secs_f64((self.job.lease().as_secs_f64() / 4.0).clamp(0.05, 5.0));
+        let mut first_pass = true;
+        loop {
+            let done_names = self.job.done_names()?;
+            let mut waiting_on_others = false;
+            for &i in &order {
+                if self.interrupted.load(Ordering::SeqCst) {
+                    return Ok(self.finish(summary, shards, progress));
+                }
+                let shard = &shards[i];
+                if verified_done.contains(&i) || attempted.contains(&i) {
+                    continue;
+                }
+                // "Done" means: record present and output of the recorded size. Checked once
+                // per shard and run; the listing alone is not trusted.
+                if done_names.contains(&shard.name) && self.job.is_done(&shard.name)? {
+                    verified_done.insert(i);
+                    self.job.clear_claim_of_done(&shard.name)?;
+                    if first_pass {
+                        summary.already_done += 1;
+                    }
+                    progress.shard_finished(0);
+                    continue;
+                }
+                if let Some(failed) = self.job.failed_record(&shard.name)? {
+                    if failed.attempts >= self.config.job.max_attempts && !self.retry_failed {
+                        attempted.insert(i);
+                        summary.failed.insert(shard.name.clone(), failed.error);
+                        progress.shard_finished(0);
+                        continue;
+                    }
+                }
+                let mut claim = match self.job.claim(&shard.name)? {
+                    ClaimOutcome::Claimed { claim, took_over } => {
+                        if let Some(prev) = took_over {
+                            tracing::warn!(shard = %shard.name, previous = %prev, "took over a stale claim");
+                        }
+                        claim
+                    }
+                    ClaimOutcome::HeldByOther(_) => {
+                        waiting_on_others = true;
+                        continue;
+                    }
+                };
+                crash_point(CrashPoint::Claimed, &shard.name);
+                // Between our listing and our claim another worker may have finished it.
+                if self.job.is_done(&shard.name)? {
+                    self.job.release(&shard.name, &claim)?;
+                    verified_done.insert(i);
+                    progress.shard_finished(0);
+                    continue;
+                }
+                attempted.insert(i);
+                match self.process_with_heartbeat(shard, &mut claim, progress) {
+                    Ok(ShardResult::Done(record)) => {
+                        self.job.release(&shard.name, &claim)?;
+                        summary.done_here += 1;
+                        summary.rows += record.rows;
+                        for (reason, n) in &record.skipped {
+                            *summary.skipped.entry(reason.clone()).or_default() += n;
+                        }
+                        verified_done.insert(i);
+                        progress.shard_finished(record.rows);
+                        tracing::info!(
+                            shard = %shard.name,
+                            rows = record.rows,
+                            skipped = record.skipped.values().sum::<u64>(),
+                            seconds = format!("{:.2}", record.seconds),
+                            "shard done"
+                        );
+                    }
+                    Ok(ShardResult::Lost) => {
+                        tracing::warn!(shard = %shard.name, "claim lost to another worker (stalled past the lease); shard left to it");
+                        // The new holder finishes it; keep watching in case it dies too.
+                        attempted.remove(&i);
+                        waiting_on_others = true;
+                    }
+                    Ok(ShardResult::Interrupted) => {
+                        self.job.release(&shard.name, &claim)?;
+                        return Ok(self.finish(summary, shards, progress));
+                    }
+                    Err(err) => {
+                        let message = format!("{err:#}");
+                        let record = self.job.write_failed(&shard.name, &shard.uri, &message)?;
+                        self.job.release(&shard.name, &claim)?;
+                        tracing::error!(shard = %shard.name, attempts = record.attempts, error = %message, "shard failed");
+                        summary.failed.insert(shard.name.clone(), message);
+                        progress.shard_finished(0);
+                    }
+                }
+            }
+            first_pass = false;
+            if !waiting_on_others {
+                break;
+            }
+            // Other workers hold the remaining shards: stay to take over if one of them dies.
+            progress.set_message("waiting for shards claimed by other workers");
+            let deadline = Instant::now() + poll;
+            while Instant::now() < deadline {
+                if self.interrupted.load(Ordering::SeqCst) {
+                    return Ok(self.finish(summary, shards, progress));
+                }
+                std::thread::sleep(Duration::from_millis(50).min(poll));
+            }
+        }
+        Ok(self.finish(summary, shards, progress))
+    }
+
+    fn finish(
+        &self,
+        mut summary: RunSummary,
+        shards: &[ShardRef],
+        progress: &Progress,
+    ) -> RunSummary {
+        progress.finish();
+        let done = self.job.done_names().unwrap_or_default();
+        summary.done = shards.iter().filter(|s| done.contains(&s.name)).count();
+        // Failures of other workers count too: the exit status describes the job.
+        if let Ok(failed) = self.job.all_failed() {
+            for (name, rec) in failed {
+                if !done.contains(&name) && shards.iter().any(|s| s.name == name) {
+                    summary.failed.entry(name).or_insert(rec.error);
+                }
+            }
+        }
+        summary.failed.retain(|name, _| !done.contains(name));
+        if let Err(e) = self.job.rebuild_manifest(SCHEMA_VERSION) {
+            tracing::warn!(error = %e, "could not rebuild manifest.json");
+        }
+        summary
+    }
+
+    /// Processes one shard while a helper thread keeps the claim's heartbeat fresh.
+    fn process_with_heartbeat(
+        &self,
+        shard: &ShardRef,
+        claim: &mut ClaimRecord,
+        progress: &Progress,
+    ) -> Result<ShardResult> {
+        let lost = AtomicBool::new(false);
+        let interval = Duration::from_secs_f64((self.job.lease().as_secs_f64() / 4.0).max(0.01));
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let mut hb_claim = claim.clone();
+        std::thread::scope(|scope| {
+            let lost = &lost;
+            let job = &self.job;
+            let name = shard.name.as_str();
+            scope.spawn(move || loop {
+                match stop_rx.recv_timeout(interval) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        match job.heartbeat(name, &mut hb_claim) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                lost.store(true, Ordering::SeqCst);
+                                return;
+                            }
+                            // A transient storage error must not kill the shard; the lease
+                            // leaves room for several missed heartbeats.
+                            Err(e) => tracing::warn!(shard = name, error = %e, "heartbeat failed"),
+                        }
+                    }
+                    _ => return,
+                }
+            });
+            let result = self.process_shard(shard, claim, lost, progress);
+            let _ = stop_tx.send(());
+            result
+        })
+    }
+
+    /// Reads, decodes and writes one shard, then publishes it (output, then done record).
+    fn process_shard(
+        &self,
+        shard: &ShardRef,
+        claim: &ClaimRecord,
+        lost: &AtomicBool,
+        progress: &Progress,
+    ) -> Result<ShardResult> {
+        let started = Instant::now();
+        let store = self.job.store();
+        let output = job::output_path(&shard.name);
+        store.discard_abandoned_staged(&output)?;
+
+        let input = open_input(&shard.uri)
+            .with_context(|| format!("cannot open input shard {}", shard.uri))?;
+        let limits = ReaderLimits {
+            max_member_bytes: self.config.reader.max_member_bytes,
+        };
+        let mut events = WdsReader::new(input, limits);
+
+        let layout = self.layout();
+        let meta = FileMeta {
+            source: shard.uri.clone(),
+            config_fingerprint: self.fingerprint.clone(),
+            ..FileMeta::default()
+        };
+        let staged = store.create_staged(&output)?;
+        let mut writer = ShardWriter::new(
+            HashingWriter::new(staged),
+            layout,
+            &meta,
+            WriterOptions {
+                row_group_rows: self.config.output.row_group_rows,
+            },
+        )?;
+
+        let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+        let mut batch: Vec<RawSample> = Vec::with_capacity(self.config.job.batch_size);
+        let mut end = false;
+        progress.shard_started(&shard.name);
+        while !end {
+            if lost.load(Ordering::SeqCst) {
+                return Ok(ShardResult::Lost);
+            }
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Ok(ShardResult::Interrupted);
+            }
+            batch.clear();
+            while batch.len() < self.config.job.batch_size {
+                match events.next() {
+                    None => {
+                        end = true;
+                        break;
+                    }
+                    Some(Ok(WdsEvent::Sample(s))) => batch.push(s),
+                    Some(Ok(WdsEvent::Skip(skip))) => {
+                        tracing::debug!(shard = %shard.name, key = %skip.key, reason = %skip.reason, detail = %skip.detail, "sample skipped");
+                        *skipped.entry(skip.reason.as_str().to_string()).or_default() += 1;
+                    }
+                    Some(Err(e)) => {
+                        return Err(anyhow!(e))
+                            .with_context(|| format!("cannot read input shard {}", shard.uri));
+                    }
+                }
+            }
+            let max_pixels = self.config.reader.max_pixels;
+            let decoded: Vec<Result<(u32, u32), (SkipReason, String)>> = batch
+                .par_iter()
+                .map(|s| match decode_rgb(&s.image, max_pixels) {
+                    Ok(img) => Ok((img.width, img.height)),
+                    Err(e @ DecodeError::TooLarge { .. }) => {
+                        Err((SkipReason::ImageTooLarge, e.to_string()))
+                    }
+                    Err(e @ DecodeError::Empty) => Err((SkipReason::EmptyImage, e.to_string())),
+                    Err(e) => Err((SkipReason::UndecodableImage, e.to_string())),
+                })
+                .collect();
+            for (sample, result) in batch.drain(..).zip(decoded) {
+                match result {
+                    Ok((width, height)) => {
+                        let row = Row {
+                            key: sample.key,
+                            source: shard.uri.clone(),
+                            url: sample.url,
+                            caption: sample.caption,
+                            width,
+                            height,
+                            image: self.config.output.embed_images.then_some(sample.image),
+                            ..Row::default()
+                        };
+                        writer.write_row(&row)?;
+                        progress.samples(1);
+                    }
+                    Err((reason, detail)) => {
+                        tracing::debug!(shard = %shard.name, key = %sample.key, %reason, %detail, "sample skipped");
+                        *skipped.entry(reason.as_str().to_string()).or_default() += 1;
+                    }
+                }
+            }
+        }
+
+        let (rows, hashing) = writer.into_inner()?;
+        let (mut staged, bytes, sha256) = hashing.finish();
+        staged.flush().context("cannot flush the output")?;
+        crash_point(CrashPoint::TempWritten, &shard.name);
+        // Publishing after losing the claim would race the new holder; its output is the same,
+        // so leaving it the work is always safe.
+        if lost.load(Ordering::SeqCst) || !self.job.still_holds(&shard.name, claim)? {
+            return Ok(ShardResult::Lost);
+        }
+        staged.commit()?;
+        crash_point(CrashPoint::Renamed, &shard.name);
+        let record = DoneRecord {
+            input: shard.uri.clone(),
+            output,
+            rows,
+            skipped,
+            bytes,
+            sha256,
+            seconds: started.elapsed().as_secs_f64(),
+            worker: self.job.identity().worker.clone(),
+            finished_unix: now_unix(),
+            config_fingerprint: self.fingerprint.clone(),
+        };
+        self.job.write_done(&shard.name, &record)?;
+        crash_point(CrashPoint::DoneWritten, &shard.name);
+        Ok(ShardResult::Done(record))
+    }
+}

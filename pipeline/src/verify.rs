@@ -1,0 +1,97 @@
+//! `dfndr verify OUT`: re-checks every done shard from its bytes.
+
+use std::collections::HashSet;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use dfndr_shards::format::{ShardReader, SCHEMA_VERSION};
+use dfndr_shards::job::{sha256_of, DoneRecord, Job, WorkerIdentity};
+use dfndr_shards::store::{local_path_of, open_store};
+
+/// Largest deviation from unit norm accepted for a stored embedding (float16 storage keeps
+/// about 3 decimal digits per component).
+const NORM_TOLERANCE: f32 = 1e-2;
+
+/// Verifies the job at `output`; exit status 0 iff every done shard passes.
+pub fn run(output: &str) -> Result<ExitCode> {
+    let store = open_store(output)?;
+    let job = Job::new(store, WorkerIdentity::current(0), Duration::from_secs(300));
+    if job.read_card()?.is_none() {
+        bail!("{output} is not a dfndr output: it has no dfndr.json");
+    }
+    let root = local_path_of(output)?;
+    let done = job.all_done()?;
+    let mut bad = 0usize;
+    for (name, rec) in &done {
+        match verify_shard(&job, &root, rec) {
+            Ok(rows) => println!("ok      {name}  {rows} rows"),
+            Err(problem) => {
+                bad += 1;
+                println!("FAILED  {name}  {problem:#}");
+            }
+        }
+    }
+    println!(
+        "{} of {} done shards verified, {bad} failed",
+        done.len() - bad,
+        done.len()
+    );
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn verify_shard(job: &Job, root: &std::path::Path, rec: &DoneRecord) -> Result<u64> {
+    let Some(meta) = job.store().stat(&rec.output)? else {
+        bail!("output {} is missing", rec.output);
+    };
+    if meta.size != rec.bytes {
+        bail!(
+            "size is {} bytes, the done record says {}",
+            meta.size,
+            rec.bytes
+        );
+    }
+    let (sha, _) = sha256_of(job.store().open_read(&rec.output)?)?;
+    if sha != rec.sha256 {
+        bail!("sha256 is {sha}, the done record says {}", rec.sha256);
+    }
+    let reader = ShardReader::open_path(root.join(&rec.output))?;
+    if reader.meta().schema_version != SCHEMA_VERSION {
+        bail!("schema version {}", reader.meta().schema_version);
+    }
+    if reader.num_rows() != rec.rows {
+        bail!(
+            "{} rows, the done record says {}",
+            reader.num_rows(),
+            rec.rows
+        );
+    }
+    let mut keys = HashSet::new();
+    let mut n = 0u64;
+    for row in reader.rows()? {
+        let row = row?;
+        n += 1;
+        let embeddings = row
+            .image_emb
+            .iter()
+            .chain(&row.text_emb)
+            .chain(row.syn.iter().flat_map(|s| &s.emb));
+        for emb in embeddings {
+            let norm = emb.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if !norm.is_finite() || (norm - 1.0).abs() > NORM_TOLERANCE {
+                bail!("row {:?}: embedding norm {norm} is not 1", row.key);
+            }
+        }
+        if !keys.insert(row.key.clone()) {
+            bail!("key {:?} appears twice", row.key);
+        }
+    }
+    if n != rec.rows {
+        bail!("read {n} rows, the done record says {}", rec.rows);
+    }
+    Ok(n)
+}

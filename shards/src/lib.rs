@@ -1,0 +1,14 @@
+//! dfndr-shards: everything dfndr knows about data at rest.
+//!
+//! - [`wds`]: streaming webdataset (img2dataset layout) tar reader with counted skips.
+//! - [`shardlist`]: brace patterns, globs and list files resolved to input shards.
+//! - [`store`]: the storage interface (read, list, atomic put, put-if-absent, delete) and its
+//!   local file-system implementation.
+//! - [`format`]: the DFNDR v1 parquet format (writer, reader, metadata).
+//! - [`job`]: claims, heartbeats, done and failed records, manifest, config fingerprint.
+
+pub mod format;
+pub mod job;
+pub mod shardlist;
+pub mod store;
+pub mod wds;

@@ -1,0 +1,194 @@
+//! Shared helpers of the end-to-end tests: run the real `dfndr` binary on shards the tests
+//! build themselves.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `dfndr` binary built by cargo for these tests.
+pub fn dfndr() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfndr"));
+    cmd.env_remove("DFNDR_CRASH_AT")
+        .env_remove("SLURM_PROCID")
+        .env_remove("SLURM_NTASKS")
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("SLURM_ARRAY_TASK_COUNT")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env("DFNDR_LOG", "info");
+    cmd
+}
+
+/// Runs a command and returns its output, printing it for failing tests.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("cannot start dfndr");
+    eprintln!(
+        "$ {:?}\n--- status {:?}\n--- stdout\n{}--- stderr\n{}",
+        cmd,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// stdout and stderr of an output as one string.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The bundled demo shards.
+pub fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo")
+}
+
+/// All (member name, bytes) of a tar file, in order.
+pub fn tar_members(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(std::fs::File::open(path).unwrap());
+    let mut out = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        out.push((name, data));
+    }
+    out
+}
+
+/// The images of the demo shards with their extension: valid images for building new shards.
+pub fn demo_images() -> Vec<(String, Vec<u8>)> {
+    let mut images = Vec::new();
+    for shard in ["demo-00000.tar", "demo-00001.tar"] {
+        for (name, data) in tar_members(&demo_dir().join(shard)) {
+            let ext = name.rsplit('.').next().unwrap_or("").to_string();
+            if ["jpg", "png", "webp"].contains(&ext.as_str()) {
+                images.push((ext, data));
+            }
+        }
+    }
+    images
+}
+
+/// Builds a tar from (member name, bytes) pairs.
+pub fn build_tar(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        builder.append_data(&mut header, name, &data[..]).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// Writes `n` shards of `per_shard` valid samples each into `dir` as `shard-NNNNN.tar`.
+pub fn make_shards(dir: &Path, n: usize, per_shard: usize) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let images = demo_images();
+    let small: Vec<&(String, Vec<u8>)> = images.iter().filter(|(_, d)| d.len() < 20_000).collect();
+    let mut paths = Vec::new();
+    for s in 0..n {
+        let mut members = Vec::new();
+        for i in 0..per_shard {
+            let key = format!("{s:05}{i:04}");
+            let (ext, data) = small[(s * per_shard + i) % small.len()];
+            members.push((format!("{key}.{ext}"), data.clone()));
+            members.push((
+                format!("{key}.txt"),
+                format!("sample {i} of shard {s}").into_bytes(),
+            ));
+            members.push((
+                format!("{key}.json"),
+                format!("{{\"url\": \"https://example.com/{key}.{ext}\"}}").into_bytes(),
+            ));
+        }
+        let path = dir.join(format!("shard-{s:05}.tar"));
+        std::fs::write(&path, build_tar(&members)).unwrap();
+        paths.push(path);
+    }
+    paths
+}
+
+/// Writes a job config with `input`, `output` and extra TOML lines.
+pub fn write_config(dir: &Path, input: &str, output: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    let text = format!(
+        "[job]\ninput = [{input:?}]\noutput = {:?}\n{extra}\n",
+        output.display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Done records of an output, by shard name.
+pub fn done_records(out: &Path) -> BTreeMap<String, serde_json::Value> {
+    let mut records = BTreeMap::new();
+    let dir = out.join("_progress/done");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".json") {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+                records.insert(stem.to_string(), v);
+            }
+        }
+    }
+    records
+}
+
+/// Every file under `dir`, relative, sorted (to check for leftovers).
+pub fn all_files(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    out.push(p.strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// sha256 (hex) of every parquet shard of an output, by file name.
+pub fn shard_hashes(out: &Path) -> BTreeMap<String, String> {
+    use sha2::Digest;
+    let mut hashes = BTreeMap::new();
+    for e in std::fs::read_dir(out.join("shards")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".parquet") {
+            let digest = sha2::Sha256::digest(std::fs::read(&p).unwrap());
+            hashes.insert(name, digest.iter().map(|b| format!("{b:02x}")).collect());
+        }
+    }
+    hashes
+}
+
+/// Counts the `shard done` log lines per shard in a worker's stderr.
+pub fn shards_done_in_log(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("shard done"))
+        .filter_map(|l| {
+            let at = l.find("shard=")? + "shard=".len();
+            Some(l[at..].split_whitespace().next()?.to_string())
+        })
+        .collect()
+}

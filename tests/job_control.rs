@@ -1,0 +1,341 @@
+//! Job control, driving the real binary: crashes at every step of the shard protocol,
+//! several workers on one output, stale claims, config changes, finished jobs.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs one worker to completion on `config` and asserts success.
+fn run_ok(config: &Path, extra: &[&str]) -> String {
+    let out = run(dfndr()
+        .args(["reinforce", "--no-progress", "--config"])
+        .arg(config)
+        .args(extra));
+    assert!(out.status.success(), "dfndr failed:\n{}", text(&out));
+    text(&out)
+}
+
+/// A reference output of an uninterrupted run, to compare interrupted ones with.
+fn reference_hashes(tmp: &Path, input: &str) -> std::collections::BTreeMap<String, String> {
+    let out = tmp.join("reference-out");
+    let cfg_dir = tmp.join("reference-cfg");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    let config = write_config(&cfg_dir, input, &out, "");
+    run_ok(&config, &[]);
+    shard_hashes(&out)
+}
+
+/// The invariants of a finished output: one done record and one parquet per shard, nothing
+/// left over in claims, no temporary files.
+fn assert_clean_finished(out: &Path, shards: &[&str]) {
+    let done = done_records(out);
+    assert_eq!(done.keys().map(String::as_str).collect::<Vec<_>>(), shards);
+    let files = all_files(out);
+    let temporaries: Vec<&String> = files.iter().filter(|f| f.contains(".tmp-")).collect();
+    assert!(
+        temporaries.is_empty(),
+        "temporary files left: {temporaries:?}"
+    );
+    let claims: Vec<&String> = files
+        .iter()
+        .filter(|f| f.starts_with("_progress/claims"))
+        .collect();
+    assert!(claims.is_empty(), "claims left: {claims:?}");
+    for name in shards {
+        assert!(files.contains(&format!("shards/{name}.parquet")));
+    }
+    assert!(files.contains(&"manifest.json".to_string()));
+}
+
+#[test]
+fn crash_at_every_step_resumes_to_exactly_once_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("{}/demo-{{00000..00001}}.tar", demo_dir().display());
+    let reference = reference_hashes(tmp.path(), &input);
+    assert_eq!(reference.len(), 2);
+
+    for point in ["claimed", "temp_written", "renamed", "done_written"] {
+        for target in ["demo-00000", "demo-00001"] {
+            let case = tmp.path().join(format!("{point}-{target}"));
+            std::fs::create_dir_all(&case).unwrap();
+            let out = case.join("out");
+            let config = write_config(&case, &input, &out, "");
+            let crashed = run(dfndr()
+                .args(["reinforce", "--no-progress", "--config"])
+                .arg(&config)
+                .env("DFNDR_CRASH_AT", format!("{point}:{target}")));
+            assert!(!crashed.status.success(), "{point}: the process must die");
+            assert!(
+                text(&crashed).contains("DFNDR_CRASH_AT"),
+                "{point}: crash not reached"
+            );
+            let done_before = done_records(&out);
+            assert_eq!(
+                done_before.contains_key(target),
+                point == "done_written",
+                "{point}: done record of {target} before resume"
+            );
+
+            // Resume: the dead worker's claim (same host, dead pid) is taken over at once.
+            let log = run_ok(&config, &[]);
+            let redone = shards_done_in_log(&log);
+            if point == "done_written" {
+                assert!(
+                    !redone.contains(&target.to_string()),
+                    "{point}: done shard was redone"
+                );
+            } else {
+                assert!(
+                    redone.contains(&target.to_string()),
+                    "{point}: {target} not redone: {log}"
+                );
+            }
+            assert_eq!(
+                shard_hashes(&out),
+                reference,
+                "{point}/{target}: output differs from an uninterrupted run"
+            );
+            assert_clean_finished(&out, &["demo-00000", "demo-00001"]);
+            let rows: u64 = done_records(&out)
+                .values()
+                .map(|r| r["rows"].as_u64().unwrap())
+                .sum();
+            assert_eq!(rows, 25);
+        }
+    }
+}
+
+/// Starts `n` workers at once on one output and waits for all of them.
+fn run_workers(config: &Path, n: usize) -> Vec<String> {
+    let children: Vec<Child> = (0..n)
+        .map(|rank| {
+            dfndr()
+                .args(["reinforce", "--no-progress", "--config"])
+                .arg(config)
+                .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let log = text(&out);
+            eprintln!("--- worker\n{log}");
+            assert!(out.status.success(), "worker failed:\n{log}");
+            log
+        })
+        .collect()
+}
+
+#[test]
+fn concurrent_workers_process_every_shard_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = make_shards(&tmp.path().join("in"), 12, 6);
+    let names: Vec<String> = shards
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let input = format!("{}/shard-*.tar", tmp.path().join("in").display());
+    let reference = reference_hashes(tmp.path(), &input);
+
+    for workers in [2, 4] {
+        let out = tmp.path().join(format!("out-{workers}"));
+        let config = write_config(tmp.path(), &input, &out, "batch_size = 2");
+        let logs = run_workers(&config, workers);
+        let mut processed: Vec<String> = logs.iter().flat_map(|l| shards_done_in_log(l)).collect();
+        processed.sort();
+        assert_eq!(
+            processed, names,
+            "{workers} workers: every shard processed exactly once"
+        );
+        assert_clean_finished(&out, &name_refs);
+        assert_eq!(shard_hashes(&out), reference);
+    }
+}
+
+#[test]
+fn stale_claim_is_taken_over_and_live_claim_is_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("{}/demo-{{00000..00001}}.tar", demo_dir().display());
+    let out = tmp.path().join("out");
+    let config = write_config(tmp.path(), &input, &out, "lease_seconds = 2.0");
+    let claims = out.join("_progress/claims");
+    std::fs::create_dir_all(&claims).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let claim = |worker: &str, heartbeat: f64| {
+        serde_json::json!({
+            "worker": worker, "host": "another-host", "pid": 1, "token": format!("t-{worker}"),
+            "claimed_unix": heartbeat, "heartbeat_unix": heartbeat
+        })
+        .to_string()
+    };
+    // demo-00000: a worker that died an hour ago; demo-00001: one that looks alive right now.
+    std::fs::write(claims.join("demo-00000"), claim("dead", now - 3600.0)).unwrap();
+    std::fs::write(claims.join("demo-00001"), claim("alive", now)).unwrap();
+
+    let started = Instant::now();
+    let log = run_ok(&config, &[]);
+    let elapsed = started.elapsed();
+    assert!(log.contains("took over a stale claim"), "{log}");
+    let mut done = shards_done_in_log(&log);
+    done.sort();
+    assert_eq!(done, ["demo-00000", "demo-00001"]);
+    // The live claim had to expire (2 s lease) before it was taken over.
+    assert!(
+        elapsed >= Duration::from_millis(1500),
+        "took over a live claim after {elapsed:?}"
+    );
+    assert_clean_finished(&out, &["demo-00000", "demo-00001"]);
+}
+
+#[test]
+fn changed_config_is_refused_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("{}/demo-00000.tar", demo_dir().display());
+    let out = tmp.path().join("out");
+    let config = write_config(tmp.path(), &input, &out, "");
+    run_ok(&config, &[]);
+    let changed = write_config(tmp.path(), &input, &out, "[output]\nembed_images = true");
+    let refused = run(dfndr()
+        .args(["reinforce", "--no-progress", "--config"])
+        .arg(&changed));
+    assert_eq!(refused.status.code(), Some(2));
+    let msg = text(&refused);
+    assert!(
+        msg.contains("config fingerprint") && msg.contains("--force"),
+        "{msg}"
+    );
+    // Worker-only settings do not change the fingerprint.
+    let tuned = write_config(
+        tmp.path(),
+        &input,
+        &out,
+        "lease_seconds = 60.0\nbatch_size = 3",
+    );
+    run_ok(&tuned, &[]);
+    run_ok(&changed, &["--force"]);
+}
+
+#[test]
+fn second_run_of_finished_job_does_no_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("{}/demo-{{00000..00001}}.tar", demo_dir().display());
+    let out = tmp.path().join("out");
+    let config = write_config(tmp.path(), &input, &out, "");
+    run_ok(&config, &[]);
+    let before: Vec<_> = ["demo-00000", "demo-00001"]
+        .iter()
+        .map(|n| {
+            std::fs::metadata(out.join(format!("shards/{n}.parquet")))
+                .unwrap()
+                .modified()
+                .unwrap()
+        })
+        .collect();
+    let done_before = done_records(&out);
+    let log = run_ok(&config, &[]);
+    assert!(shards_done_in_log(&log).is_empty(), "{log}");
+    assert!(
+        log.contains("2 of 2 shards done (0 by this worker, 2 already done)"),
+        "{log}"
+    );
+    let after: Vec<_> = ["demo-00000", "demo-00001"]
+        .iter()
+        .map(|n| {
+            std::fs::metadata(out.join(format!("shards/{n}.parquet")))
+                .unwrap()
+                .modified()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(done_before, done_records(&out));
+}
+
+#[test]
+fn output_not_matching_its_done_record_is_redone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("{}/demo-00000.tar", demo_dir().display());
+    let out = tmp.path().join("out");
+    let config = write_config(tmp.path(), &input, &out, "");
+    run_ok(&config, &[]);
+    let reference = shard_hashes(&out);
+    let path = out.join("shards/demo-00000.parquet");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() - 10);
+    std::fs::write(&path, bytes).unwrap();
+    let log = run_ok(&config, &[]);
+    assert_eq!(shards_done_in_log(&log), ["demo-00000"]);
+    assert_eq!(shard_hashes(&out), reference);
+}
+
+#[test]
+fn failed_shards_are_recorded_retried_and_given_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input_dir = tmp.path().join("in");
+    make_shards(&input_dir, 1, 3);
+    std::fs::write(
+        input_dir.join("shard-00001.tar"),
+        b"this is not a tar file at all, just text",
+    )
+    .unwrap();
+    // shard-00002.tar does not exist
+    let input = format!("{}/shard-{{00000..00002}}.tar", input_dir.display());
+    let out = tmp.path().join("out");
+    let config = write_config(tmp.path(), &input, &out, "max_attempts = 2");
+    for attempt in 1..=3 {
+        let res = run(dfndr()
+            .args(["reinforce", "--no-progress", "--config"])
+            .arg(&config));
+        assert_eq!(res.status.code(), Some(1), "attempt {attempt}");
+        assert!(text(&res).contains("2 shards failed"), "{}", text(&res));
+        let failed: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("_progress/failed/shard-00002.json")).unwrap(),
+        )
+        .unwrap();
+        // The third run gives up: attempts stay at the limit.
+        assert_eq!(failed["attempts"].as_u64().unwrap(), attempt.min(2));
+        assert!(
+            failed["error"]
+                .as_str()
+                .unwrap()
+                .contains("shard-00002.tar"),
+            "{failed}"
+        );
+    }
+    let status = run(dfndr().args(["status"]).arg(&out));
+    let s = text(&status);
+    assert!(status.status.success());
+    assert!(
+        s.contains("3 total: 1 done, 0 in progress, 2 failed, 0 pending"),
+        "{s}"
+    );
+    assert!(s.contains("gave up"), "{s}");
+    assert!(s.contains("not a tar"), "{s}");
+    // --retry-failed tries again; once the input is fixed the shard completes.
+    make_shards(&tmp.path().join("fixed"), 3, 2);
+    std::fs::copy(
+        tmp.path().join("fixed/shard-00001.tar"),
+        input_dir.join("shard-00001.tar"),
+    )
+    .unwrap();
+    let res = run(dfndr()
+        .args(["reinforce", "--no-progress", "--retry-failed", "--config"])
+        .arg(&config));
+    assert_eq!(res.status.code(), Some(1));
+    assert!(text(&res).contains("1 shards failed"), "{}", text(&res));
+    assert!(!out.join("_progress/failed/shard-00001.json").exists());
+    assert!(out.join("_progress/done/shard-00001.json").exists());
+}
