@@ -339,3 +339,57 @@ fn failed_shards_are_recorded_retried_and_given_up() {
     assert!(!out.join("_progress/failed/shard-00001.json").exists());
     assert!(out.join("_progress/done/shard-00001.json").exists());
 }
+
+#[test]
+fn sigterm_releases_the_claim_and_the_job_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_shards(&tmp.path().join("in"), 40, 30);
+    let input = format!("{}/shard-*.tar", tmp.path().join("in").display());
+    let out = tmp.path().join("out");
+    let config = write_config(tmp.path(), &input, &out, "batch_size = 1");
+    let child = dfndr()
+        .args(["reinforce", "--no-progress", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first shard is done, i.e. in the middle of the job.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done_records(&out).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let res = child.wait_with_output().unwrap();
+    let log = text(&res);
+    eprintln!("{log}");
+    assert_eq!(res.status.code(), Some(130), "{log}");
+    assert!(log.contains("interrupted"), "{log}");
+    let done_at_interrupt = done_records(&out).len();
+    assert!(
+        done_at_interrupt < 40,
+        "the job finished before the signal arrived"
+    );
+    let files = all_files(&out);
+    assert!(
+        files.iter().all(|f| !f.starts_with("_progress/claims")),
+        "{files:?}"
+    );
+    assert!(files.iter().all(|f| !f.contains(".tmp-")), "{files:?}");
+
+    let log = run_ok(&config, &[]);
+    assert_eq!(
+        shards_done_in_log(&log).len(),
+        40 - done_at_interrupt,
+        "{log}"
+    );
+    let rows: u64 = done_records(&out)
+        .values()
+        .map(|r| r["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, 40 * 30);
+}

@@ -6,7 +6,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// The bars of one `reinforce` run.
 #[derive(Clone)]
@@ -33,8 +33,14 @@ impl Progress {
         );
         let samples = multi.add(ProgressBar::new_spinner());
         samples.set_style(
-            ProgressStyle::with_template("  samples {human_pos}  {per_sec}  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ProgressStyle::with_template("  samples {human_pos}  {rate} samples/s  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner())
+                .with_key(
+                    "rate",
+                    |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.1}", state.per_sec());
+                    },
+                ),
         );
         shards.enable_steady_tick(Duration::from_millis(250));
         Progress {

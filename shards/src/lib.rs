@@ -4,7 +4,7 @@
 //! - [`shardlist`]: brace patterns, globs and list files resolved to input shards.
 //! - [`store`]: the storage interface (read, list, atomic put, put-if-absent, delete) and its
 //!   local file-system implementation.
-//! - [`format`]: the DFNDR v1 parquet format (writer, reader, metadata).
+//! - [`mod@format`]: the DFNDR v1 parquet format (writer, reader, metadata).
 //! - [`job`]: claims, heartbeats, done and failed records, manifest, config fingerprint.
 
 pub mod format;

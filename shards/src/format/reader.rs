@@ -52,9 +52,11 @@ impl ShardReader<File> {
 impl<R: ChunkReader + 'static> ShardReader<R> {
     /// Opens a DFNDR file from any parquet [`ChunkReader`] (a `File`, or `bytes::Bytes`).
     ///
-    /// Checks, in this order: that it is parquet; that `dfndr.schema_version` exists
+    /// Reads only the footer. Checks, in this order: that it is parquet
+    /// ([`FormatError::NotParquet`]); that `dfndr.schema_version` exists
     /// ([`FormatError::NotDfndr`]) and equals [`SCHEMA_VERSION`]
-    /// ([`FormatError::UnsupportedSchemaVersion`]); the rest of the metadata; the schema.
+    /// ([`FormatError::UnsupportedSchemaVersion`]); that every column chunk uses a codec this
+    /// build decodes; the rest of the metadata; the schema ([`Layout::from_arrow_schema`]).
     pub fn open(reader: R) -> Result<Self, FormatError> {
         let metadata = guard("reading the parquet footer", || {
             ParquetMetaDataReader::new()
