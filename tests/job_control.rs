@@ -11,10 +11,7 @@ use common::*;
 
 /// Runs one worker to completion on `config` and asserts success.
 fn run_ok(config: &Path, extra: &[&str]) -> String {
-    let out = run(dfndr()
-        .args(["reinforce", "--no-progress", "--config"])
-        .arg(config)
-        .args(extra));
+    let out = run(reinforce(config).args(extra));
     assert!(out.status.success(), "dfndr failed:\n{}", text(&out));
     text(&out)
 }
@@ -64,10 +61,8 @@ fn crash_at_every_step_resumes_to_exactly_once_output() {
             std::fs::create_dir_all(&case).unwrap();
             let out = case.join("out");
             let config = write_config(&case, &input, &out, "");
-            let crashed = run(dfndr()
-                .args(["reinforce", "--no-progress", "--config"])
-                .arg(&config)
-                .env("DFNDR_CRASH_AT", format!("{point}:{target}")));
+            let crashed =
+                run(reinforce(&config).env("DFNDR_CRASH_AT", format!("{point}:{target}")));
             assert!(!crashed.status.success(), "{point}: the process must die");
             assert!(
                 text(&crashed).contains("DFNDR_CRASH_AT"),
@@ -113,9 +108,7 @@ fn crash_at_every_step_resumes_to_exactly_once_output() {
 fn run_workers(config: &Path, n: usize) -> Vec<String> {
     let children: Vec<Child> = (0..n)
         .map(|rank| {
-            dfndr()
-                .args(["reinforce", "--no-progress", "--config"])
-                .arg(config)
+            reinforce(config)
                 .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -208,9 +201,7 @@ fn changed_config_is_refused_unless_forced() {
     let config = write_config(tmp.path(), &input, &out, "");
     run_ok(&config, &[]);
     let changed = write_config(tmp.path(), &input, &out, "[output]\nembed_images = true");
-    let refused = run(dfndr()
-        .args(["reinforce", "--no-progress", "--config"])
-        .arg(&changed));
+    let refused = run(&mut reinforce(&changed));
     assert_eq!(refused.status.code(), Some(2));
     let msg = text(&refused);
     assert!(
@@ -235,15 +226,16 @@ fn second_run_of_finished_job_does_no_work() {
     let out = tmp.path().join("out");
     let config = write_config(tmp.path(), &input, &out, "");
     run_ok(&config, &[]);
-    let before: Vec<_> = ["demo-00000", "demo-00001"]
-        .iter()
-        .map(|n| {
-            std::fs::metadata(out.join(format!("shards/{n}.parquet")))
-                .unwrap()
-                .modified()
-                .unwrap()
-        })
-        .collect();
+    let mtimes = || -> Vec<std::time::SystemTime> {
+        ["demo-00000", "demo-00001"]
+            .iter()
+            .map(|n| {
+                let path = out.join(format!("shards/{n}.parquet"));
+                std::fs::metadata(path).unwrap().modified().unwrap()
+            })
+            .collect()
+    };
+    let before = mtimes();
     let done_before = done_records(&out);
     let log = run_ok(&config, &[]);
     assert!(shards_done_in_log(&log).is_empty(), "{log}");
@@ -251,16 +243,7 @@ fn second_run_of_finished_job_does_no_work() {
         log.contains("2 of 2 shards done (0 by this worker, 2 already done)"),
         "{log}"
     );
-    let after: Vec<_> = ["demo-00000", "demo-00001"]
-        .iter()
-        .map(|n| {
-            std::fs::metadata(out.join(format!("shards/{n}.parquet")))
-                .unwrap()
-                .modified()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(before, after);
+    assert_eq!(before, mtimes());
     assert_eq!(done_before, done_records(&out));
 }
 
@@ -296,9 +279,7 @@ fn failed_shards_are_recorded_retried_and_given_up() {
     let out = tmp.path().join("out");
     let config = write_config(tmp.path(), &input, &out, "max_attempts = 2");
     for attempt in 1..=3 {
-        let res = run(dfndr()
-            .args(["reinforce", "--no-progress", "--config"])
-            .arg(&config));
+        let res = run(&mut reinforce(&config));
         assert_eq!(res.status.code(), Some(1), "attempt {attempt}");
         assert!(text(&res).contains("2 shards failed"), "{}", text(&res));
         let failed: serde_json::Value = serde_json::from_slice(
@@ -347,9 +328,7 @@ fn sigterm_releases_the_claim_and_the_job_resumes() {
     let input = format!("{}/shard-*.tar", tmp.path().join("in").display());
     let out = tmp.path().join("out");
     let config = write_config(tmp.path(), &input, &out, "batch_size = 1");
-    let child = dfndr()
-        .args(["reinforce", "--no-progress", "--config"])
-        .arg(&config)
+    let child = reinforce(&config)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

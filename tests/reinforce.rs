@@ -148,9 +148,7 @@ fn embed_images_stores_the_original_bytes() {
         &out,
         "[output]\nembed_images = true",
     );
-    let res = run(dfndr()
-        .args(["reinforce", "--no-progress", "--config"])
-        .arg(&config));
+    let res = run(&mut reinforce(&config));
     assert!(res.status.success());
     let t = text(&run(dfndr()
         .arg("inspect")
@@ -207,9 +205,7 @@ fn every_bad_sample_is_a_counted_skip_and_good_ones_survive() {
         &out,
         "[reader]\nmax_member_bytes = 120000",
     );
-    let res = run(dfndr()
-        .args(["reinforce", "--no-progress", "--config"])
-        .arg(&config));
+    let res = run(&mut reinforce(&config));
     assert!(res.status.success(), "{}", text(&res));
     let done = done_records(&out);
     let record = &done["bad"];

@@ -192,3 +192,11 @@ pub fn shards_done_in_log(stderr: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// `dfndr reinforce --no-progress --config CONFIG`, ready for more arguments.
+pub fn reinforce(config: &Path) -> Command {
+    let mut cmd = dfndr();
+    cmd.args(["reinforce", "--no-progress", "--config"])
+        .arg(config);
+    cmd
+}
