@@ -9,6 +9,8 @@ use std::io::Cursor;
 
 use image::{ImageFormat, ImageReader, Limits};
 
+pub use crate::rgb::RgbImage;
+
 /// PIL's `Image.MAX_IMAGE_PIXELS`, the threshold Python pipelines are used to.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
@@ -31,17 +33,6 @@ pub enum DecodeError {
         /// The limit in force.
         max_pixels: u64,
     },
-}
-
-/// A decoded image: `width * height * 3` bytes, row-major, RGB.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// Interleaved RGB bytes.
-    pub data: Vec<u8>,
 }
 
 /// Format and size of an encoded image, from its header alone.

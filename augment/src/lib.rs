@@ -1,6 +1,9 @@
-//! dfndr-augment: from encoded image bytes to pixels.
+//! dfndr-augment: from encoded image bytes to the tensors teachers and students consume.
 //!
-//! Today this crate decodes images (bounded, RGB); the augmentations of SPEC section 6 build
-//! on it.
+//! - [`decode`]: bounded decoding to 8-bit RGB.
+//! - [`rgb`]: the RGB image type every stage works on.
 
 pub mod decode;
+pub mod rgb;
+
+pub use rgb::RgbImage;
