@@ -102,13 +102,14 @@ fn demo_job_writes_verifiable_shards() {
         "{t}"
     );
     assert!(
-        t.contains("columns         key, source, url, caption, width, height"),
+        t.contains("columns         key, source, url, caption, width, height, paug\n"),
         "{t}"
     );
     assert!(
-        !t.contains("image_emb") && !t.contains("paug"),
+        !t.contains("image_emb") && !t.contains("syn_text"),
         "absent stages must have no columns: {t}"
     );
+    assert!(t.contains("paug      2 view(s)"), "{t}");
     assert!(t.contains("[1] key"), "{t}");
 
     let inspect_tar = run(dfndr()
@@ -267,4 +268,75 @@ fn usage_errors_are_clear() {
 
     let help = run(dfndr().args(["reinforce", "--help"]));
     assert!(text(&help).contains("resumes"), "{}", text(&help));
+}
+
+#[test]
+fn show_aug_renders_the_stored_views_from_source_or_embedded_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = make_shards(&tmp.path().join("in"), 1, 3);
+    for embed in [false, true] {
+        let out = tmp.path().join(format!("out-{embed}"));
+        let config = write_config(
+            tmp.path(),
+            &shards[0].display().to_string(),
+            &out,
+            &format!(
+                "[output]\nembed_images = {embed}\n[augment]\nnum_augmentations = 3\nsize = 96"
+            ),
+        );
+        let res = run(&mut reinforce(&config));
+        assert!(res.status.success(), "{}", text(&res));
+        let pngs = tmp.path().join(format!("png-{embed}"));
+        let res = run(dfndr()
+            .arg("show-aug")
+            .arg(out.join("shards/shard-00000.parquet"))
+            .args(["--key", "000000001", "--out"])
+            .arg(&pngs));
+        let t = text(&res);
+        assert!(res.status.success(), "{t}");
+        assert!(t.contains("view 2: crop top="), "{t}");
+        for k in 0..3 {
+            let view = image_size(&pngs.join(format!("view-{k}.png")));
+            assert_eq!(view, (96, 96));
+        }
+        let (w, h) = image_size(&pngs.join("contact.png"));
+        assert!(w > 3 * 96 && h > 96, "{w}x{h}");
+        assert!(pngs.join("original.png").exists());
+    }
+    // A key that is not there, and a shard without paug, are clear errors.
+    let res = run(dfndr()
+        .arg("show-aug")
+        .arg(tmp.path().join("out-false/shards/shard-00000.parquet"))
+        .args(["--key", "nope"]));
+    assert_eq!(res.status.code(), Some(2));
+    assert!(text(&res).contains("no row with key"), "{}", text(&res));
+    let out = tmp.path().join("out-noaug");
+    let config = write_config(
+        tmp.path(),
+        &shards[0].display().to_string(),
+        &out,
+        "[augment]\nnum_augmentations = 0",
+    );
+    assert!(run(&mut reinforce(&config)).status.success());
+    let t = text(&run(dfndr()
+        .arg("inspect")
+        .arg(out.join("shards/shard-00000.parquet"))));
+    assert!(
+        t.contains("columns         key, source, url, caption, width, height\n"),
+        "{t}"
+    );
+    let res = run(dfndr()
+        .arg("show-aug")
+        .arg(out.join("shards/shard-00000.parquet"))
+        .args(["--key", "000000001"]));
+    assert_eq!(res.status.code(), Some(2));
+    assert!(text(&res).contains("no paug column"), "{}", text(&res));
+}
+
+/// Width and height from a PNG header.
+fn image_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+    let be = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    (be(16), be(20))
 }

@@ -2,8 +2,15 @@
 //!
 //! - [`decode`]: bounded decoding to 8-bit RGB.
 //! - [`rgb`]: the RGB image type every stage works on.
+//! - [`rng`]: seeded randomness, one generator per (job seed, key, view).
+//! - [`params`]: augmentation parameters: sampling, replay, normalisation, Apple's form.
+//! - [`resize`], [`ops`]: PIL/torchvision-exact resampling and RandAugment ops.
 
 pub mod decode;
+pub mod ops;
+pub mod params;
+pub mod resize;
 pub mod rgb;
+pub mod rng;
 
 pub use rgb::RgbImage;

@@ -41,3 +41,20 @@ impl RgbImage {
         [self.data[i], self.data[i + 1], self.data[i + 2]]
     }
 }
+
+impl RgbImage {
+    /// Writes the image as a PNG file.
+    pub fn write_png(&self, path: &std::path::Path) -> std::io::Result<()> {
+        image::save_buffer(
+            path,
+            &self.data,
+            self.width,
+            self.height,
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| match e {
+            image::ImageError::IoError(io) => io,
+            other => std::io::Error::other(other),
+        })
+    }
+}

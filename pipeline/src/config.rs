@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use dfndr_augment::params::AugConfig;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -21,6 +22,8 @@ pub struct JobConfig {
     pub reader: ReaderSection,
     /// What the parquet shards contain and how they are laid out.
     pub output: OutputSection,
+    /// The augmentation views sampled per sample (stored as `paug`).
+    pub augment: AugConfig,
 }
 
 /// `[job]`
@@ -118,6 +121,7 @@ struct Fingerprinted<'a> {
     seed: u64,
     reader: &'a ReaderSection,
     output: &'a OutputSection,
+    augment: &'a AugConfig,
 }
 
 impl JobConfig {
@@ -150,6 +154,7 @@ impl JobConfig {
         if self.reader.max_pixels == 0 || self.reader.max_member_bytes == 0 {
             bail!("reader.max_pixels and reader.max_member_bytes must be positive");
         }
+        self.augment.validate()?;
         Ok(())
     }
 
@@ -159,6 +164,7 @@ impl JobConfig {
             seed: self.job.seed,
             reader: &self.reader,
             output: &self.output,
+            augment: &self.augment,
         })
         .unwrap_or_default();
         dfndr_shards::job::hex(&Sha256::digest(&canonical))
@@ -203,5 +209,8 @@ mod tests {
         let mut c = a.clone();
         c.job.seed = 1;
         assert_ne!(a.fingerprint(), c.fingerprint());
+        let mut d = a.clone();
+        d.augment.rand_augment.magnitude = 10;
+        assert_ne!(a.fingerprint(), d.fingerprint());
     }
 }

@@ -5,6 +5,7 @@ mod crash;
 mod inspect;
 mod progress;
 mod reinforce;
+mod show_aug;
 mod status;
 mod verify;
 
@@ -74,6 +75,28 @@ status`), 2 on a usage or configuration error, 130 when interrupted.")]
         /// Output location of the job.
         output: String,
     },
+    /// Render the stored augmentation views of one sample as PNG files and a contact sheet.
+    #[command(long_about = "\
+Render the stored augmentation views of one sample as PNG files and a contact sheet.
+
+Replays the `paug` parameters of the row with KEY exactly as the trainer will: crop box in
+original pixels, optional flip, RandAugment ops. The original image comes from the shard's
+`image` column when the job embedded images, otherwise from the input shard named in the
+row's `source`. Writes original.png, view-K.png per view and contact.png (the original with
+each view's crop box drawn in that view's colour, then the views) into --out.")]
+    ShowAug {
+        /// A DFNDR parquet shard with a paug column.
+        shard: PathBuf,
+        /// Webdataset key of the sample (see `dfndr inspect SHARD`).
+        #[arg(long)]
+        key: String,
+        /// Folder for the PNG files.
+        #[arg(long, default_value = "show-aug")]
+        out: PathBuf,
+        /// Render the views at this size instead of the job's crop size.
+        #[arg(long)]
+        size: Option<u32>,
+    },
     /// Show what a webdataset tar or a DFNDR parquet file contains.
     Inspect {
         /// A `.tar` shard or a `.parquet` DFNDR shard.
@@ -133,6 +156,12 @@ fn main() -> ExitCode {
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => inspect::run(&file, rows).map(|_| ExitCode::SUCCESS),
+        Command::ShowAug {
+            shard,
+            key,
+            out,
+            size,
+        } => show_aug::run(&shard, &key, &out, size).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -186,7 +215,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         "config": config,
         "teachers": [],
         "captioners": [],
-        "augmentation": null,
+        "augmentation": reinforce::augmentation_meta(&config),
         "created_unix": now_unix(),
     });
     if job.init_card(&card, &fingerprint, args.force)? {

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use dfndr_augment::decode::{decode_rgb, DecodeError};
-use dfndr_shards::format::{FileMeta, Layout, Row, ShardWriter, WriterOptions, SCHEMA_VERSION};
+use dfndr_augment::params::AugParams;
+use dfndr_shards::format::{
+    AugOp, FileMeta, Layout, Paug, Row, ShardWriter, WriterOptions, SCHEMA_VERSION,
+};
 use dfndr_shards::job::{
     self, now_unix, ClaimOutcome, ClaimRecord, DoneRecord, HashingWriter, Job, Placement,
 };
@@ -73,8 +76,17 @@ impl Worker {
     fn layout(&self) -> Layout {
         Layout {
             embed_images: self.config.output.embed_images,
+            paug: self.config.augment.num_augmentations > 0,
             ..Layout::default()
         }
+    }
+
+    /// The parameters of every view of a sample, in the stored form.
+    fn sample_views(&self, key: &str, width: u32, height: u32) -> Vec<Paug> {
+        let aug = &self.config.augment;
+        (0..aug.num_augmentations)
+            .map(|k| to_stored(&aug.sample(self.config.job.seed, key, k, width, height)))
+            .collect()
     }
 
     /// Runs the worker loop until every shard is done or has failed for good.
@@ -280,6 +292,7 @@ impl Worker {
         let meta = FileMeta {
             source: shard.uri.clone(),
             config_fingerprint: self.fingerprint.clone(),
+            augmentation: augmentation_meta(&self.config),
             ..FileMeta::default()
         };
         let staged = store.create_staged(&output)?;
@@ -336,7 +349,9 @@ impl Worker {
             for (sample, result) in batch.drain(..).zip(decoded) {
                 match result {
                     Ok((width, height)) => {
+                        let paug = self.sample_views(&sample.key, width, height);
                         let row = Row {
+                            paug,
                             key: sample.key,
                             source: shard.uri.clone(),
                             url: sample.url,
@@ -383,5 +398,36 @@ impl Worker {
         self.job.write_done(&shard.name, &record)?;
         crash_point(CrashPoint::DoneWritten, &shard.name);
         Ok(ShardResult::Done(record))
+    }
+}
+
+/// The stored (`paug` column) form of sampled parameters.
+pub fn to_stored(p: &AugParams) -> Paug {
+    Paug {
+        crop: [p.crop.top, p.crop.left, p.crop.height, p.crop.width],
+        flip: p.flip,
+        ops: p
+            .ops
+            .iter()
+            .map(|(op, magnitude)| AugOp {
+                op: op.index(),
+                magnitude: *magnitude,
+            })
+            .collect(),
+    }
+}
+
+/// The augmentation config as recorded in shard metadata and the dataset card (null when
+/// the stage is off, so that no reader mistakes defaults for a stage that ran).
+pub fn augmentation_meta(config: &JobConfig) -> serde_json::Value {
+    if config.augment.num_augmentations == 0 {
+        serde_json::Value::Null
+    } else {
+        // Through text, so float32 fields keep their shortest decimal form (0.08, not
+        // 0.07999999821186066) for readers of the metadata.
+        serde_json::to_string(&config.augment)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(serde_json::Value::Null)
     }
 }

@@ -1,0 +1,70 @@
+//! decode + RandomResizedCrop + RandAugment + normalise, images/s on one core and on all
+//! cores, over the demo images repeated. Run through `bench/augment.sh`, which runs the
+//! Python reference on the same images in the same run and prints the ratios.
+//!
+//! Usage: augment_bench DEMO_DIR IMAGES
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use dfndr_augment::decode::{decode_rgb, DEFAULT_MAX_PIXELS};
+use dfndr_augment::params::{normalize_chw, AugConfig};
+use rayon::prelude::*;
+
+/// The whole per-image work: returns a checksum so nothing is optimised away.
+fn one(config: &AugConfig, key: &str, bytes: &[u8], index: u32) -> Result<f64> {
+    let img = decode_rgb(bytes, DEFAULT_MAX_PIXELS)?;
+    let params = config.sample(0, key, index, img.width, img.height);
+    let view = config.replay(&img, &params, config.size);
+    let tensor = normalize_chw(&view, config.mean, config.std);
+    Ok(f64::from(tensor[tensor.len() / 2]))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 3 {
+        bail!("usage: augment_bench DEMO_DIR IMAGES");
+    }
+    let images = dfndr_bench::load_images(std::path::Path::new(&args[1]))?;
+    let n: usize = args[2].parse().context("IMAGES must be a number")?;
+    if images.is_empty() {
+        bail!("no images in {}", args[1]);
+    }
+    let work: Vec<(usize, &(String, Vec<u8>))> =
+        (0..n).map(|i| (i, &images[i % images.len()])).collect();
+    let config = AugConfig::default();
+
+    // Warm-up: page in the code and the allocator.
+    for (i, (key, bytes)) in work.iter().take(images.len()) {
+        one(&config, key, bytes, *i as u32)?;
+    }
+    let single = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let t = Instant::now();
+    let sum1: f64 = single.install(|| {
+        work.iter()
+            .map(|(i, (key, bytes))| one(&config, key, bytes, *i as u32))
+            .sum::<Result<f64>>()
+    })?;
+    let one_core = n as f64 / t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let sum_all: f64 = work
+        .par_iter()
+        .map(|(i, (key, bytes))| one(&config, key, bytes, *i as u32))
+        .sum::<Result<f64>>()?;
+    let all_cores = n as f64 / t.elapsed().as_secs_f64();
+    if (sum1 - sum_all).abs() > 1e-3 * sum1.abs().max(1.0) {
+        bail!("parallel and serial runs disagree: {sum1} vs {sum_all}");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "dfndr",
+            "images": n,
+            "threads": rayon::current_num_threads(),
+            "one_core_images_per_s": one_core,
+            "all_cores_images_per_s": all_cores,
+        })
+    );
+    Ok(())
+}
