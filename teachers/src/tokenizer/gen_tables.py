@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Generate `tables.rs`: the Unicode, HTML and ftfy data the Rust tokenizer needs.
+
+Run from the repository root with the reference environment (open_clip 3.3.0,
+ftfy 6.3.1, regex, CPython 3.11 / Unicode 14):
+
+    /root/ref-venv/bin/python teachers/src/tokenizer/gen_tables.py > teachers/src/tokenizer/tables.rs
+    cargo fmt -p dfndr-teachers
+
+Every table is *measured* from the Python objects OpenCLIP really uses (the
+`regex` module's \\p{L}/\\p{N}, `str.isspace`, `str.lower`, `html.unescape`'s
+tables, ftfy's compiled regexes and codecs) instead of being copied from a
+Unicode database, so the Rust side agrees with the reference environment
+character by character, including its Unicode version.
+"""
+
+import codecs
+import html
+import html.entities
+import re
+import re._constants as sc
+import re._parser as sp
+import sys
+import unicodedata
+
+import ftfy  # noqa: F401  (registers the sloppy codecs)
+import regex
+from ftfy import badness, chardata, fixes
+
+MAX = 0x110000
+
+
+def chars():
+    """All code points except surrogates (they cannot occur in a Rust &str)."""
+    for cp in range(MAX):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        yield cp
+
+
+def ranges(cps):
+    """Sorted code points -> inclusive (lo, hi) ranges."""
+    out = []
+    for cp in sorted(cps):
+        if out and out[-1][1] + 1 == cp:
+            out[-1][1] = cp
+        else:
+            out.append([cp, cp])
+    return out
+
+
+def rs_str(s):
+    """A Rust string literal with every non-printable-ASCII char escaped."""
+    out = []
+    for ch in s:
+        c = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= c < 0x7F:
+            out.append(ch)
+        else:
+            out.append("\\u{%x}" % c)
+    return '"' + "".join(out) + '"'
+
+
+def emit_ranges(name, doc, rs):
+    print(f"/// {doc}")
+    print(f"pub(crate) static {name}: &[(u32, u32)] = &[")
+    for lo, hi in rs:
+        print(f"    (0x{lo:X}, 0x{hi:X}),")
+    print("];\n")
+
+
+def emit_pairs(name, doc, pairs, key_type="&str"):
+    print(f"/// {doc}")
+    print(f"pub(crate) static {name}: &[({key_type}, &str)] = &[")
+    for k, v in pairs:
+        kk = rs_str(k) if key_type == "&str" else f"0x{k:X}"
+        print(f"    ({kk}, {rs_str(v)}),")
+    print("];\n")
+
+
+# ---------------------------------------------------------------------------
+# Regex translation: Python `re` patterns (ftfy's) to Rust `regex` syntax.
+# Every character class is expanded to explicit ranges measured with Python's
+# own engine, so \s, \w, \d mean exactly what they mean to ftfy.
+
+_CATEGORY_SETS = {}
+
+
+def category_set(cat):
+    if cat not in _CATEGORY_SETS:
+        probe = {
+            sc.CATEGORY_SPACE: r"\s",
+            sc.CATEGORY_WORD: r"\w",
+            sc.CATEGORY_DIGIT: r"\d",
+        }[cat]
+        rx = re.compile(probe)
+        _CATEGORY_SETS[cat] = {cp for cp in chars() if rx.match(chr(cp))}
+    return _CATEGORY_SETS[cat]
+
+
+def class_set(items):
+    neg = False
+    s = set()
+    for op, av in items:
+        if op == sc.NEGATE:
+            neg = True
+        elif op == sc.LITERAL:
+            s.add(av)
+        elif op == sc.RANGE:
+            s.update(range(av[0], av[1] + 1))
+        elif op == sc.CATEGORY:
+            s |= category_set(av)
+        else:
+            raise ValueError(f"unsupported class item {op}")
+    s = {c for c in s if not 0xD800 <= c <= 0xDFFF}
+    if neg:
+        s = {c for c in chars() if c not in s}
+    return s
+
+
+def class_rs(s):
+    if not s:
+        raise ValueError("empty class")
+    parts = []
+    for lo, hi in ranges(s):
+        if lo == hi:
+            parts.append("\\x{%X}" % lo)
+        else:
+            parts.append("\\x{%X}-\\x{%X}" % (lo, hi))
+    return "[" + "".join(parts) + "]"
+
+
+def node_rs(p):
+    out = []
+    for op, av in p:
+        if op == sc.LITERAL:
+            out.append("\\x{%X}" % av)
+        elif op == sc.IN:
+            out.append(class_rs(class_set(av)))
+        elif op == sc.ANY:
+            out.append("[^\\n]")  # no DOTALL in ftfy's patterns
+        elif op == sc.AT:
+            if av != sc.AT_BEGINNING:
+                raise ValueError(f"unsupported anchor {av}")
+            out.append("^")  # no MULTILINE: start of the haystack
+        elif op == sc.BRANCH:
+            out.append("(?:" + "|".join(node_rs(b) for b in av[1]) + ")")
+        elif op == sc.SUBPATTERN:
+            out.append("(?:" + node_rs(av[3]) + ")")
+        elif op == sc.MAX_REPEAT:
+            lo, hi, sub = av
+            inner = "(?:" + node_rs(sub) + ")"
+            if hi == sc.MAXREPEAT:
+                q = "*" if lo == 0 else ("+" if lo == 1 else "{%d,}" % lo)
+            elif lo == hi:
+                q = "{%d}" % lo
+            elif (lo, hi) == (0, 1):
+                q = "?"
+            else:
+                q = "{%d,%d}" % (lo, hi)
+            out.append(inner + q)
+        else:
+            raise ValueError(f"unsupported op {op}")
+    return "".join(out)
+
+
+def main():
+    w = print
+    w("// @generated by teachers/src/tokenizer/gen_tables.py -- do not edit by hand.")
+    w(f"// Python {sys.version.split()[0]}, unicodedata {unicodedata.unidata_version}, "
+      f"regex {regex.__version__}, ftfy {ftfy.__version__}.")
+    w("//! Data tables measured from the reference Python environment.\n")
+
+    # --- pre-tokenizer classes (the `regex` module, with OpenCLIP's IGNORECASE)
+    I = regex.IGNORECASE
+    letter = regex.compile(r"[\p{L}]", I)
+    number = regex.compile(r"[\p{N}]", I)
+    other = regex.compile(r"[^\s\p{L}\p{N}]", I)
+    rspace = regex.compile(r"\s", I)
+    L, N, S, skip = set(), set(), set(), set()
+    for cp in chars():
+        ch = chr(cp)
+        a, b, c, d = (bool(r.match(ch)) for r in (letter, number, other, rspace))
+        assert a + b + c + d <= 1, hex(cp)
+        if a:
+            L.add(cp)
+        if b:
+            N.add(cp)
+        if d:
+            S.add(cp)
+        if not (a or b or c or d):
+            # Case-insensitive negated classes also reject chars whose case
+            # fold is a letter (U+0345 folds to iota): no alternative matches
+            # them, so findall skips them like whitespace.
+            skip.add(cp)
+    emit_ranges("LETTER", "`regex` [\\p{L}] under IGNORECASE.", ranges(L))
+    emit_ranges("NUMBER", "`regex` [\\p{N}] under IGNORECASE.", ranges(N))
+    emit_ranges("PRETOKEN_SKIP", "Non-space chars no pre-tokenizer alternative matches (IGNORECASE quirk).",
+                ranges(skip))
+    assert all(c >= 0x80 for c in skip)
+    pyspace = {cp for cp in chars() if chr(cp).isspace()}
+    emit_ranges("PY_SPACE", "`str.isspace()` (what `str.split()`/`strip()` cut on).", ranges(pyspace))
+    # Only characters in PY_SPACE survive whitespace cleaning as ' ', so the
+    # pre-tokenizer's \s never sees anything else; assert the premise.
+    assert S <= pyspace, "regex \\s must be a subset of str.isspace"
+
+    # --- Unicode 14 assigned code points (for NFC, see ftfy.rs)
+    assigned = {cp for cp in chars() if unicodedata.category(chr(cp)) != "Cn"}
+    emit_ranges("ASSIGNED", "Code points assigned in CPython's `unicodedata` (category != Cn).",
+                ranges(assigned))
+
+    # --- str.lower()
+    lower = []
+    for cp in chars():
+        if cp == 0x3A3:
+            continue  # capital sigma: context dependent, handled in code
+        lo = chr(cp).lower()
+        if lo != chr(cp):
+            lower.append((cp, lo))
+    emit_pairs("LOWER", "`str.lower()` for every char it changes (except U+03A3).", lower, "u32")
+
+    # Final-sigma context classes, measured from str.lower() itself:
+    # "x\u03a3".lower() ends in final sigma iff x is cased and not case-ignorable;
+    # "a\u03a3xb".lower() keeps the medial sigma iff x is case-ignorable or cased.
+    ign, cased = set(), set()
+    for cp in chars():
+        ch = chr(cp)
+        if ch in "\u03a3\u03c3\u03c2":
+            cased.add(cp)
+            continue
+        t1 = ch + "\u03a3"
+        r1 = t1.lower()[-1] == "\u03c2"
+        r2 = ("a\u03a3" + ch + "b").lower()[1] == "\u03c3"
+        if r1:
+            cased.add(cp)
+        elif r2:
+            ign.add(cp)
+    emit_ranges("CASE_IGNORABLE", "Case_Ignorable as CPython's final-sigma rule sees it.", ranges(ign))
+    emit_ranges("CASED", "Cased (and not case-ignorable) as CPython's final-sigma rule sees it.", ranges(cased))
+
+    # --- html.unescape
+    h5 = sorted(html.entities.html5.items())
+    emit_pairs("HTML5", "`html.entities.html5` (names with and without ';').", h5)
+    inv = sorted(html._invalid_charrefs.items())
+    emit_pairs("HTML_INVALID_CHARREFS", "`html._invalid_charrefs`.", inv, "u32")
+    cps = sorted(html._invalid_codepoints)
+    w("/// `html._invalid_codepoints` (numeric references that decode to nothing).")
+    w("pub(crate) static HTML_INVALID_CODEPOINTS: &[u32] = &[")
+    for c in cps:
+        w(f"    0x{c:X},")
+    w("];\n")
+
+    # --- ftfy: upper-case entity variants (the ';' names come from HTML5)
+    upper = []
+    for k, v in chardata.HTML_ENTITIES.items():
+        name = k[1:]
+        if html.entities.html5.get(name) == v:
+            continue
+        upper.append((name, v))
+    upper.sort()
+    emit_pairs("FTFY_UPPER_ENTITIES", "ftfy's extra all-caps entity names (with ';', without '&').", upper)
+    # self-check: the union reproduces ftfy's table exactly
+    rebuilt = {"&" + k: v for k, v in html.entities.html5.items() if k.endswith(";")}
+    rebuilt.update({"&" + k: v for k, v in upper})
+    assert rebuilt == chardata.HTML_ENTITIES
+
+    # --- ftfy single-byte codecs
+    w("/// ftfy's CHARMAP_ENCODINGS, in trial order: (name, sloppy, chars of bytes 0x80..=0xFF).")
+    w("pub(crate) static CHARMAPS: &[(&str, bool, [u32; 128])] = &[")
+    for enc in chardata.CHARMAP_ENCODINGS:
+        dec = bytes(range(0x80, 0x100)).decode(enc)
+        assert len(dec) == 128
+        sub = bytes([0x1A]).decode(enc)
+        sloppy = enc.startswith("sloppy")
+        assert sub == ("\ufffd" if sloppy else "\x1a")
+        # the encoder must be the exact inverse
+        for i, ch in enumerate(dec):
+            assert ch.encode(enc) == bytes([0x80 + i]), (enc, i)
+            assert ord(ch) >= 0x80 or ch == "\x1a"
+        assert len(set(dec)) == 128
+        for b in range(0x80):
+            if b != 0x1A:
+                assert bytes([b]).decode(enc) == chr(b)
+        # possible_encoding agrees with "ASCII except 1A, or a decoded high byte / 1A"
+        allowed = {c for c in range(0x80) if c != 0x1A} | {ord(c) for c in dec} | {ord(sub)}
+        rx = chardata.ENCODING_REGEXES[enc]
+        for cp in list(range(0x2600)) + [0xFFFD]:
+            assert bool(rx.match(chr(cp))) == (cp in allowed), (enc, cp)
+        arr = ", ".join(f"0x{ord(c):X}" for c in dec)
+        w(f'    ("{enc}", {str(sloppy).lower()}, [{arr}]),')
+    w("];\n")
+    # strict windows-1252 (the latin-1 -> windows-1252 step): bytes it rejects
+    bad1252 = []
+    for b in range(0x80, 0xA0):
+        try:
+            bytes([b]).decode("windows-1252")
+        except UnicodeDecodeError:
+            bad1252.append(b)
+    assert bytes([0x1A]).decode("windows-1252") == "\x1a"
+    w("/// Bytes strict windows-1252 cannot decode (sloppy-windows-1252 passes them through).")
+    w("pub(crate) static WINDOWS_1252_UNDEFINED: &[u8] = &[" + ", ".join(f"0x{b:X}" for b in bad1252) + "];\n")
+
+    # --- ftfy regexes translated to Rust syntax
+    bad = sp.parse(badness.BADNESS_RE.pattern, badness.BADNESS_RE.flags)
+    w("/// ftfy `badness.BADNESS_RE`, classes expanded with Python's own \\s and \\w.")
+    w(f"pub(crate) static BADNESS_RE: &str = {rs_str(node_rs(bad))};\n")
+
+    det = sp.parse(chardata.UTF8_DETECTOR_RE.pattern, chardata.UTF8_DETECTOR_RE.flags)
+    (op0, av0), rest = det.data[0], det.data[1:]
+    assert op0 == sc.ASSERT_NOT and av0[0] == -1
+    (lop, lav), = av0[1].data
+    assert lop == sc.IN
+    w("/// ftfy `chardata.UTF8_DETECTOR_RE` without its leading negative lookbehind.")
+    w(f"pub(crate) static UTF8_DETECTOR_RE: &str = {rs_str(node_rs(rest))};\n")
+    emit_ranges("UTF8_CONTINUATION_STRICT",
+                "The lookbehind class of UTF8_DETECTOR_RE (utf8_continuation_strict).",
+                ranges(class_set(lav)))
+
+    emit_ranges("PY_DECIMAL", "Python `re` \\d (used by ftfy's ANSI escape pattern).",
+                ranges(category_set(sc.CATEGORY_DIGIT)))
+    assert fixes.ANSI_RE.pattern == "\033\\[((?:\\d|;)*)([a-zA-Z])"
+
+    # --- ftfy translate tables
+    emit_pairs("LIGATURES", "ftfy `chardata.LIGATURES`.", sorted(chardata.LIGATURES.items()), "u32")
+    emit_pairs("WIDTH_MAP", "ftfy `chardata.WIDTH_MAP`.", sorted(chardata.WIDTH_MAP.items()), "u32")
+    ctl = sorted(chardata.CONTROL_CHARS)
+    emit_ranges("CONTROL_CHARS", "ftfy `chardata.CONTROL_CHARS` (removed).", ranges(ctl))
+    assert chardata.SINGLE_QUOTE_RE.pattern == "[\u02bc\u2018-\u201b]"
+    assert chardata.DOUBLE_QUOTE_RE.pattern == "[\u201c-\u201f]"
+    assert chardata.C1_CONTROL_RE.pattern == r"[\x80-\x9f]"
+    assert chardata.HTML_ENTITY_RE.pattern == r"&#?[0-9A-Za-z]{1,24};"
+    assert chardata.CHARMAP_ENCODINGS[0] == "latin-1"
+
+
+if __name__ == "__main__":
+    main()
