@@ -18,6 +18,7 @@ demo: release
 	./target/release/dfndr reinforce --config configs/demo.toml --output $(DEMO_OUT)
 	./target/release/dfndr status $(DEMO_OUT)
 	./target/release/dfndr inspect $(DEMO_OUT)/shards/demo-00000.parquet --rows 2
+	./target/release/dfndr show-aug $(DEMO_OUT)/shards/demo-00000.parquet --key 000000000 --out $(DEMO_OUT)/show-aug
 
 ## Every test: unit, property, format, reader and end-to-end job-control tests; plus lints.
 test:

@@ -33,6 +33,7 @@ Quick start:
   dfndr reinforce --config configs/demo.toml --output demo-out
   dfndr status demo-out
   dfndr inspect demo-out/shards/demo-00000.parquet --rows 3
+  dfndr show-aug demo-out/shards/demo-00000.parquet --key 000000000 --out views
 
 Run the same command again to resume a job; start it on more machines to scale it out.";
 
