@@ -293,13 +293,39 @@ fn decode_jpeg_unguarded(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Deco
     let _ = started.finish();
     let data = match out {
         JpegOut::Rgb => raw,
-        JpegOut::Grey => raw.iter().flat_map(|&v| [v, v, v]).collect(),
-        JpegOut::Cmyk => raw
-            .chunks_exact(4)
-            .flat_map(|p| cmyk_to_rgb([p[0], p[1], p[2], p[3]]))
-            .collect(),
+        JpegOut::Grey => grey_to_rgb(&raw),
+        JpegOut::Cmyk => map_pixels(&raw, 4, |p| cmyk_to_rgb([p[0], p[1], p[2], p[3]])),
     };
     rgb_image(width, height, data)
+}
+
+/// Grey levels replicated into RGB.
+fn grey_to_rgb(grey: &[u8]) -> Vec<u8> {
+    // Sixteen pixels at a time through a fixed-size block (which the compiler turns into
+    // byte shuffles), appended without zero-filling the output first.
+    let mut out = Vec::with_capacity(grey.len() * 3);
+    let mut blocks = grey.chunks_exact(16);
+    for g in &mut blocks {
+        let mut rgb = [0u8; 48];
+        for (d, &v) in rgb.chunks_exact_mut(3).zip(g) {
+            d.copy_from_slice(&[v, v, v]);
+        }
+        out.extend_from_slice(&rgb);
+    }
+    for &v in blocks.remainder() {
+        out.extend_from_slice(&[v, v, v]);
+    }
+    out
+}
+
+/// Each `step`-byte pixel of `src` mapped to RGB by `f`, in one preallocated buffer.
+#[inline(always)]
+fn map_pixels(src: &[u8], step: usize, f: impl Fn(&[u8]) -> [u8; 3]) -> Vec<u8> {
+    let mut out = vec![0u8; src.len() / step * 3];
+    for (d, p) in out.chunks_exact_mut(3).zip(src.chunks_exact(step)) {
+        d.copy_from_slice(&f(p));
+    }
+    out
 }
 
 /// PIL's rendering of one CMYK pixel as libjpeg delivers it from a JPEG.
@@ -372,33 +398,23 @@ fn decode_png(bytes: &[u8], width: u32, height: u32, pixels: u64) -> Result<RgbI
     use image::ColorType as C;
     let data: Vec<u8> = match color {
         C::Rgb8 => buf,
-        C::Rgba8 => buf
-            .chunks_exact(4)
-            .flat_map(|p| [p[0], p[1], p[2]])
-            .collect(),
-        C::L8 => buf.iter().flat_map(|&v| [v, v, v]).collect(),
-        C::La8 => buf
-            .chunks_exact(2)
-            .flat_map(|p| [p[0], p[0], p[0]])
-            .collect(),
-        C::Rgb16 => buf
-            .chunks_exact(6)
-            .flat_map(|p| [high(&p[0..2]), high(&p[2..4]), high(&p[4..6])])
-            .collect(),
-        C::Rgba16 => buf
-            .chunks_exact(8)
-            .flat_map(|p| [high(&p[0..2]), high(&p[2..4]), high(&p[4..6])])
-            .collect(),
+        C::Rgba8 => map_pixels(&buf, 4, |p| [p[0], p[1], p[2]]),
+        C::L8 => grey_to_rgb(&buf),
+        C::La8 => map_pixels(&buf, 2, |p| [p[0], p[0], p[0]]),
+        C::Rgb16 => map_pixels(&buf, 6, |p| {
+            [high(&p[0..2]), high(&p[2..4]), high(&p[4..6])]
+        }),
+        C::Rgba16 => map_pixels(&buf, 8, |p| {
+            [high(&p[0..2]), high(&p[2..4]), high(&p[4..6])]
+        }),
         // Grey16 with a tRNS chunk is expanded to grey+alpha, but to PIL it is still I;16.
         C::L16 | C::La16 => {
             let step = if color == C::L16 { 2 } else { 4 };
             let map: fn(&[u8]) -> u8 = if grey16 { clip } else { high };
-            buf.chunks_exact(step)
-                .flat_map(|p| {
-                    let v = map(&p[0..2]);
-                    [v, v, v]
-                })
-                .collect()
+            map_pixels(&buf, step, |p| {
+                let v = map(&p[0..2]);
+                [v, v, v]
+            })
         }
         other => {
             return Err(DecodeError::Undecodable(format!(
@@ -586,7 +602,7 @@ fn decode_gif(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
             None => [index; 3],
         }
     };
-    let data = canvas.iter().flat_map(|&i| colour(i)).collect();
+    let data = map_pixels(&canvas, 1, |p| colour(p[0]));
     rgb_image(width, height, data)
 }
 

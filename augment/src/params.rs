@@ -325,7 +325,6 @@ pub fn replay(
 /// the same order as torchvision so values agree to the last bit.
 pub fn normalize_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
     let plane = img.width as usize * img.height as usize;
-    let mut out = vec![0f32; plane * 3];
     // One lookup table per channel: 256 values instead of a division per pixel.
     let luts: Vec<[f32; 256]> = (0..3)
         .map(|c| {
@@ -336,10 +335,14 @@ pub fn normalize_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> 
             lut
         })
         .collect();
-    for (i, px) in img.data.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = luts[c][px[c] as usize];
-        }
+    let mut out = vec![0f32; plane * 3];
+    let (lr, lg, lb) = (&luts[0], &luts[1], &luts[2]);
+    let (r, gb) = out.split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
+    for (((px, r), g), b) in img.data.chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = lr[px[0] as usize];
+        *g = lg[px[1] as usize];
+        *b = lb[px[2] as usize];
     }
     out
 }

@@ -236,22 +236,155 @@ fn clip8(ss: i32) -> u8 {
 
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
-/// Horizontal pass over one input row. `clipped[xx]` says where output `xx`'s kept taps start
-/// in `row` and in `taps.k`, and how many there are; taps that fell outside the source were
-/// dropped because they read 0.
-fn horizontal_row(row: &[u8], taps: &Taps, clipped: &[(usize, usize, usize)], out: &mut [u8]) {
-    for (xx, &(src0, k0, n)) in clipped.iter().enumerate() {
-        let k = &taps.k[k0..k0 + n];
-        let px = &row[src0 * 3..(src0 + n) * 3];
-        let (mut s0, mut s1, mut s2) = (HALF, HALF, HALF);
-        for (p, &kx) in px.chunks_exact(3).zip(k) {
-            s0 += p[0] as i32 * kx;
-            s1 += p[1] as i32 * kx;
-            s2 += p[2] as i32 * kx;
+/// Rows the horizontal pass handles at once. The strip is transposed so that one source
+/// column of all its rows (`STRIP` pixels, `LANES` bytes) is contiguous: each tap is then one
+/// multiply-add over `LANES` lanes, for `STRIP` output pixels at a time.
+const STRIP: usize = 16;
+const LANES: usize = 3 * STRIP;
+/// AVX2 vectors of eight `i32` lanes per strip column.
+#[cfg(target_arch = "x86_64")]
+const VECS: usize = LANES / 8;
+
+/// The horizontal pass for one set of taps: per output column, where its kept taps start in
+/// a source row and in `taps.k`, and how many there are (taps that fell outside the source
+/// were dropped because they read 0).
+struct HPlan<'t> {
+    taps: &'t Taps,
+    clipped: Vec<(usize, usize, usize)>,
+    /// Source columns `[lo, hi)` read by some output.
+    lo: usize,
+    hi: usize,
+}
+
+impl<'t> HPlan<'t> {
+    fn new(taps: &'t Taps, clipped: Vec<(usize, usize, usize)>) -> Self {
+        let lo = clipped
+            .iter()
+            .filter(|c| c.2 > 0)
+            .map(|c| c.0)
+            .min()
+            .unwrap_or(0);
+        let hi = clipped.iter().map(|c| c.0 + c.2).max().unwrap_or(0).max(lo);
+        HPlan {
+            taps,
+            clipped,
+            lo,
+            hi,
         }
-        out[xx * 3] = clip8(s0);
-        out[xx * 3 + 1] = clip8(s1);
-        out[xx * 3 + 2] = clip8(s2);
+    }
+
+    /// Horizontal pass of source rows `0..n` (`row(y)`: the whole row, or `None` when it
+    /// reads as zeros), appended to `out` as `n` rows of `clipped.len()` pixels. Appending
+    /// strip by strip zero-fills only a few cache-hot rows at a time.
+    fn rows<'r>(&self, n: usize, row: impl Fn(usize) -> Option<&'r [u8]>, out: &mut Vec<u8>) {
+        let cols = self.hi - self.lo;
+        let mut strip = vec![0u8; cols * LANES];
+        let out_row = self.clipped.len() * 3;
+        for y0 in (0..n).step_by(STRIP) {
+            let m = STRIP.min(n - y0);
+            for r in 0..STRIP {
+                let src = if r < m { row(y0 + r) } else { None };
+                match src {
+                    Some(src) => {
+                        let src = &src[self.lo * 3..self.hi * 3];
+                        for (d, p) in strip.chunks_exact_mut(LANES).zip(src.chunks_exact(3)) {
+                            d[r * 3..r * 3 + 3].copy_from_slice(p);
+                        }
+                    }
+                    None => {
+                        for d in strip.chunks_exact_mut(LANES) {
+                            d[r * 3..r * 3 + 3].fill(0);
+                        }
+                    }
+                }
+            }
+            let at = out.len();
+            out.resize(at + m * out_row, 0);
+            self.strip(&strip, &mut out[at..], m);
+        }
+    }
+
+    /// One transposed strip into `m` output rows.
+    fn strip(&self, strip: &[u8], out: &mut [u8], m: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { self.strip_avx2(strip, out, m) };
+            return;
+        }
+        self.strip_generic(strip, out, m);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn strip_avx2(&self, strip: &[u8], out: &mut [u8], m: usize) {
+        use std::arch::x86_64::*;
+        let out_row = self.clipped.len() * 3;
+        let half = _mm256_set1_epi32(HALF);
+        for (xx, &(src0, k0, n)) in self.clipped.iter().enumerate() {
+            let mut acc = [half; VECS];
+            // An output with no kept taps reads nothing (and `src0` may lie before `lo`).
+            let (k, px) = if n > 0 {
+                let at = src0 - self.lo;
+                (
+                    &self.taps.k[k0..k0 + n],
+                    &strip[at * LANES..(at + n) * LANES],
+                )
+            } else {
+                (&[][..], &[][..])
+            };
+            for (p, &kx) in px.chunks_exact(LANES).zip(k) {
+                let kv = _mm256_set1_epi32(kx);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `p` is LANES = 8 * VECS bytes long; load j reads bytes
+                    // 8j..8j + 8 of it.
+                    let q = unsafe { _mm_loadl_epi64(p.as_ptr().add(8 * j).cast()) };
+                    *a = _mm256_add_epi32(*a, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(q), kv));
+                }
+            }
+            // clip8 on every lane: drop the fraction bits, clamp to 0..=255.
+            let (lo, hi) = (_mm256_setzero_si256(), _mm256_set1_epi32(255));
+            let clip = |a| {
+                _mm256_min_epi32(
+                    _mm256_max_epi32(_mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(a), lo),
+                    hi,
+                )
+            };
+            let mut v = [0i32; LANES];
+            for (j, a) in acc.iter().enumerate() {
+                // SAFETY: `v` holds VECS 32-byte vectors; store j writes the j-th.
+                unsafe { _mm256_storeu_si256(v.as_mut_ptr().add(8 * j).cast(), clip(*a)) };
+            }
+            for r in 0..m {
+                let d = &mut out[r * out_row + xx * 3..r * out_row + xx * 3 + 3];
+                d[0] = v[r * 3] as u8;
+                d[1] = v[r * 3 + 1] as u8;
+                d[2] = v[r * 3 + 2] as u8;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn strip_generic(&self, strip: &[u8], out: &mut [u8], m: usize) {
+        let out_row = self.clipped.len() * 3;
+        for (xx, &(src0, k0, n)) in self.clipped.iter().enumerate() {
+            let mut acc = [HALF; LANES];
+            if n > 0 {
+                let k = &self.taps.k[k0..k0 + n];
+                let px = &strip[(src0 - self.lo) * LANES..(src0 - self.lo + n) * LANES];
+                for (p, &kx) in px.chunks_exact(LANES).zip(k) {
+                    for i in 0..LANES {
+                        acc[i] += p[i] as i32 * kx;
+                    }
+                }
+            }
+            for r in 0..m {
+                let d = &mut out[r * out_row + xx * 3..r * out_row + xx * 3 + 3];
+                d[0] = clip8(acc[r * 3]);
+                d[1] = clip8(acc[r * 3 + 1]);
+                d[2] = clip8(acc[r * 3 + 2]);
+            }
+        }
     }
 }
 
@@ -314,12 +447,9 @@ fn resample(win: &Window, out_w: usize, out_h: usize, filter: Filter) -> RgbImag
     let row_bytes = out_w * 3;
     if !need_v {
         let htaps = precompute(win.width, out_w, filter);
-        let clipped = clip_taps(win, &htaps);
-        for (y, dst) in out.data.chunks_exact_mut(row_bytes).enumerate() {
-            if let Some(row) = win.src_row(y) {
-                horizontal_row(row, &htaps, &clipped, dst);
-            }
-        }
+        let plan = HPlan::new(&htaps, clip_taps(win, &htaps));
+        out.data.clear();
+        plan.rows(out_h, |y| win.src_row(y), &mut out.data);
         return out;
     }
     let vtaps = precompute(win.height, out_h, filter);
@@ -342,24 +472,21 @@ fn resample(win: &Window, out_w: usize, out_h: usize, filter: Filter) -> RgbImag
         let shifted: Vec<(usize, usize, usize)> = (0..out_w)
             .map(|xx| (htaps.start[xx] - c_first, xx * htaps.ksize, htaps.len[xx]))
             .collect();
-        for (dst, row) in out
-            .data
-            .chunks_exact_mut(row_bytes)
-            .zip(temp.chunks_exact(temp_w * 3))
-        {
-            horizontal_row(row, &htaps, &shifted, dst);
-        }
+        let plan = HPlan::new(&htaps, shifted);
+        let temp_row = temp_w * 3;
+        out.data.clear();
+        plan.rows(
+            out_h,
+            |y| Some(&temp[y * temp_row..(y + 1) * temp_row]),
+            &mut out.data,
+        );
         return out;
     }
     // Horizontal first, over only the rows the vertical taps reach, as Pillow does.
-    let clipped = clip_taps(win, &htaps);
+    let plan = HPlan::new(&htaps, clip_taps(win, &htaps));
     let (first, last) = span(&vtaps);
-    let mut temp = vec![0u8; (last - first) * row_bytes];
-    for (r, dst) in temp.chunks_exact_mut(row_bytes).enumerate() {
-        if let Some(row) = win.src_row(first + r) {
-            horizontal_row(row, &htaps, &clipped, dst);
-        }
-    }
+    let mut temp = Vec::with_capacity((last - first) * row_bytes);
+    plan.rows(last - first, |r| win.src_row(first + r), &mut temp);
     vertical(
         &vtaps,
         out_w,
@@ -403,10 +530,28 @@ fn vertical<'r>(
 ) {
     let row_bytes = out_w * 3;
     let mut acc = vec![0i32; row_bytes];
+    let mut full: Vec<(&[u8], i32)> = Vec::with_capacity(taps.ksize);
     for (yy, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
-        acc.fill(HALF);
         let y0 = taps.start[yy];
         let k = &taps.k[yy * taps.ksize..yy * taps.ksize + taps.len[yy]];
+        // Common case: every tap's row covers the whole output width (or reads as zeros
+        // and can be skipped): one pass over the columns with all taps at once.
+        full.clear();
+        let mut partial = false;
+        for (dy, &ky) in k.iter().enumerate() {
+            match row(y0 + dy) {
+                Some((bytes, 0, n)) if n == out_w && bytes.len() == row_bytes => {
+                    full.push((bytes, ky))
+                }
+                Some(_) => partial = true,
+                None => {}
+            }
+        }
+        if !partial {
+            vertical_row(&full, dst);
+            continue;
+        }
+        acc.fill(HALF);
         for (dy, &ky) in k.iter().enumerate() {
             if let Some((bytes, col0, n)) = row(y0 + dy) {
                 let a = &mut acc[col0 * 3..(col0 + n) * 3];
@@ -418,6 +563,49 @@ fn vertical<'r>(
         for (d, &s) in dst.iter_mut().zip(&acc) {
             *d = clip8(s);
         }
+    }
+}
+
+/// One output row of the vertical pass from full-width input rows and their coefficients.
+fn vertical_row(rows: &[(&[u8], i32)], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { vertical_row_avx2(rows, dst) };
+        return;
+    }
+    vertical_row_generic(rows, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn vertical_row_avx2(rows: &[(&[u8], i32)], dst: &mut [u8]) {
+    vertical_row_generic(rows, dst);
+}
+
+#[inline(always)]
+fn vertical_row_generic(rows: &[(&[u8], i32)], dst: &mut [u8]) {
+    const CHUNK: usize = 32;
+    let n = dst.len();
+    let whole = n - n % CHUNK;
+    for c in (0..whole).step_by(CHUNK) {
+        let mut acc = [HALF; CHUNK];
+        for &(bytes, ky) in rows {
+            let p = &bytes[c..c + CHUNK];
+            for i in 0..CHUNK {
+                acc[i] += p[i] as i32 * ky;
+            }
+        }
+        for (d, &s) in dst[c..c + CHUNK].iter_mut().zip(&acc) {
+            *d = clip8(s);
+        }
+    }
+    for c in whole..n {
+        let mut s = HALF;
+        for &(bytes, ky) in rows {
+            s += bytes[c] as i32 * ky;
+        }
+        dst[c] = clip8(s);
     }
 }
 
@@ -789,5 +977,55 @@ mod tests {
         let r = resize(&bad, 4, 4, Filter::Bicubic);
         assert!(r.data.iter().all(|&v| v == 0));
         assert_eq!(hflip(&bad).data.len(), 0);
+    }
+
+    /// The AVX2 kernels (taken on CPUs that have it) and the portable ones they stand in for
+    /// agree to the bit, on every tap count, strip height and window offset.
+    #[test]
+    fn vector_kernels_match_portable_ones() {
+        let mut seed = 12345u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (seed >> 16) as u8
+        };
+        for (in_size, out_size) in [(57, 13), (300, 224), (20, 31), (1000, 224), (9, 9)] {
+            for filter in [Filter::Bicubic, Filter::Bilinear] {
+                let taps = precompute(in_size, out_size, filter);
+                let win_w = in_size + 7;
+                let img = RgbImage {
+                    width: win_w as u32,
+                    height: 1,
+                    data: (0..win_w * 3).map(|_| next()).collect(),
+                };
+                for left in [0i64, 3, -4] {
+                    let win = Window::new(&img, 0, left, 1, in_size);
+                    let plan = HPlan::new(&taps, clip_taps(&win, &taps));
+                    let cols = plan.hi - plan.lo;
+                    let strip: Vec<u8> = (0..cols * LANES).map(|_| next()).collect();
+                    for m in [1, 5, STRIP] {
+                        let mut a = vec![0u8; m * out_size * 3];
+                        let mut b = a.clone();
+                        plan.strip(&strip, &mut a, m);
+                        plan.strip_generic(&strip, &mut b, m);
+                        assert_eq!(a, b, "{in_size}->{out_size} {filter:?} left {left} m {m}");
+                    }
+                }
+                for width in [1usize, 10, 11, 64, 75] {
+                    let rows: Vec<Vec<u8>> = (0..taps.ksize)
+                        .map(|_| (0..width * 3).map(|_| next()).collect())
+                        .collect();
+                    for yy in 0..out_size {
+                        let k = &taps.k[yy * taps.ksize..yy * taps.ksize + taps.len[yy]];
+                        let pairs: Vec<(&[u8], i32)> =
+                            rows.iter().zip(k).map(|(r, &k)| (&r[..], k)).collect();
+                        let mut a = vec![0u8; width * 3];
+                        let mut b = a.clone();
+                        vertical_row(&pairs, &mut a);
+                        vertical_row_generic(&pairs, &mut b);
+                        assert_eq!(a, b);
+                    }
+                }
+            }
+        }
     }
 }

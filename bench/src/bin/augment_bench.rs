@@ -56,6 +56,36 @@ fn main() -> Result<()> {
     if (sum1 - sum_all).abs() > 1e-3 * sum1.abs().max(1.0) {
         bail!("parallel and serial runs disagree: {sum1} vs {sum_all}");
     }
+
+    // Where one core's time goes, stage by stage.
+    let mut stage = [0f64; 4];
+    for (i, (key, bytes)) in &work {
+        let t0 = Instant::now();
+        let img = decode_rgb(bytes, DEFAULT_MAX_PIXELS)?;
+        let t1 = Instant::now();
+        let params = config.sample(0, key, *i as u32, img.width, img.height);
+        let mut view = dfndr_augment::resize::resized_crop(
+            &img,
+            params.crop.top,
+            params.crop.left,
+            params.crop.height.max(0) as u32,
+            params.crop.width.max(0) as u32,
+            config.size,
+            config.size,
+            config.interpolation.filter(),
+        );
+        let t2 = Instant::now();
+        for &(op, m) in &params.ops {
+            view = dfndr_augment::ops::apply_op(&view, op, m, config.rand_augment.fill);
+        }
+        let t3 = Instant::now();
+        let tensor = normalize_chw(&view, config.mean, config.std);
+        let t4 = Instant::now();
+        std::hint::black_box(tensor);
+        for (s, d) in stage.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+            *s += d.as_secs_f64() * 1e3 / n as f64;
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -64,6 +94,12 @@ fn main() -> Result<()> {
             "threads": rayon::current_num_threads(),
             "one_core_images_per_s": one_core,
             "all_cores_images_per_s": all_cores,
+            "ms_per_image": {
+                "decode": stage[0],
+                "crop_resize": stage[1],
+                "rand_augment": stage[2],
+                "normalize": stage[3],
+            },
         })
     );
     Ok(())
