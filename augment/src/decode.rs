@@ -20,9 +20,12 @@
 //!   to: the alpha they produce is dropped without compositing. (One known difference: PIL
 //!   stops reading after the last row, so it accepts a PNG cut within its last ~20 bytes,
 //!   where the checksums and IEND are; the `png` crate refuses it.)
-//! - WebP: the first frame, alpha dropped, as decoded by the `image` crate (bit-exact with
-//!   libwebp on every golden, lossy included), after a check that makes a truncated file
-//!   fail where libwebp fails.
+//! - WebP: PIL's plugin hands the whole file to libwebp's `WebPAnimDecoder` (default
+//!   options: non-premultiplied RGBA, fancy upsampling) for stills and animations alike and
+//!   takes its first frame, drawn on a transparent canvas. The `libwebp-sys` crate builds
+//!   that same libwebp (1.6.0) from source, so WebP goes through the same calls (see
+//!   [`decode_webp`]); alpha is dropped. libwebp's demuxer refuses a file shorter than its
+//!   RIFF header says, as in PIL.
 //! - GIF: the first frame, decoded here, because PIL's rendering of it differs from the
 //!   `gif` crate's compositing (see [`decode_gif`]).
 //!
@@ -104,10 +107,7 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError
     let img = match format {
         ImageFormat::Jpeg => decode_jpeg(bytes, max_pixels)?,
         ImageFormat::Png => guarded(|| decode_png(bytes, width, height, pixels))?,
-        ImageFormat::WebP => {
-            webp_check_complete(bytes)?;
-            guarded(|| decode_generic(bytes, width, height, pixels))?
-        }
+        ImageFormat::WebP => decode_webp(bytes, max_pixels)?,
         _ => guarded(|| decode_generic(bytes, width, height, pixels))?,
     };
     // A decoder that disagrees with its own header is broken input, not a smaller image.
@@ -218,11 +218,12 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
 
 /// Runs a decoder, turning a panic into [`DecodeError::Undecodable`].
 ///
-/// Web data reaches decoder code paths their authors never tested: image-webp 0.2.4, for
-/// one, indexes out of bounds on an animated lossy WebP with a corrupted frame header (a
-/// case in the corruption test). Whatever a dependency does with hostile input, one bad
-/// image must cost one sample, not the job. Panics other than libjpeg's still print through
-/// the panic hook, which is how such bugs get noticed.
+/// Web data reaches decoder code paths their authors never tested: image-webp 0.2.4 (which
+/// decoded WebP here before libwebp), for one, indexes out of bounds on an animated lossy
+/// WebP with a corrupted frame header (a case in the corruption test). Whatever a
+/// dependency does with hostile input, one bad image must cost one sample, not the job.
+/// Panics other than libjpeg's still print through the panic hook, which is how such bugs
+/// get noticed.
 fn guarded<T>(f: impl FnOnce() -> Result<T, DecodeError>) -> Result<T, DecodeError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(result) => result,
@@ -428,23 +429,98 @@ fn decode_png(bytes: &[u8], width: u32, height: u32, pixels: u64) -> Result<RgbI
 // ---------------------------------------------------------------------------------------
 // WebP, GIF
 
-/// Refuses a WebP shorter than its RIFF header says, as libwebp's demuxer (behind PIL's
-/// WebP plugin) does; the pure-Rust decoder would otherwise decode a file missing its last
-/// few bytes when the VP8/VP8L bitstream did not need them.
-fn webp_check_complete(bytes: &[u8]) -> Result<(), DecodeError> {
-    let riff_size = bytes
-        .get(4..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes)
-        .ok_or_else(|| DecodeError::Undecodable("webp: no RIFF header".into()))?;
-    if (bytes.len() as u64) < u64::from(riff_size) + 8 {
-        return Err(DecodeError::Undecodable(format!(
-            "webp: file is truncated ({} of {} bytes)",
-            bytes.len(),
-            u64::from(riff_size) + 8
-        )));
+/// Owns a libwebp demuxer or animation decoder and deletes it on every path out.
+struct WebpHandle<T> {
+    ptr: *mut T,
+    delete: unsafe extern "C" fn(*mut T),
+}
+
+impl<T> Drop for WebpHandle<T> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came non-null from the matching libwebp constructor and is deleted
+        // exactly once, here.
+        unsafe { (self.delete)(self.ptr) }
     }
-    Ok(())
+}
+
+/// Decodes a WebP as PIL's `WebPImagePlugin` does: `WebPAnimDecoderNew(data, NULL)` (RGBA,
+/// not premultiplied, libwebp's default decoder options, so fancy upsampling), then the
+/// first `WebPAnimDecoderGetNext`, whose canvas is the image (for a still, the picture; for
+/// an animation, the first frame over a transparent canvas). PIL reads that canvas as
+/// `RGBA`, or `RGBX` when `WebPGetFeatures` reports no alpha; either way
+/// `convert("RGBA").convert("RGB")` keeps the first three bytes of each pixel.
+///
+/// The animation decoder allocates its canvases when it is created, so the canvas size is
+/// first read with libwebp's demuxer alone and checked against the pixel limit. Every
+/// libwebp call's result is checked; a failure is an error, never a panic.
+fn decode_webp(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
+    use libwebp_sys as webp;
+
+    let fail = |what: &str| DecodeError::Undecodable(format!("webp: {what}"));
+    let data = webp::WebPData {
+        bytes: bytes.as_ptr(),
+        size: bytes.len(),
+    };
+    // SAFETY: `data` points at `bytes`, which outlives every libwebp object made from it
+    // (all are dropped before this function returns). A null result is an error; non-null
+    // results are owned by `WebpHandle`s and deleted with their own destructors.
+    unsafe {
+        // Not partial (0): a truncated file fails here, as in PIL's WebPAnimDecoderNew.
+        let demux = webp::WebPDemuxInternal(
+            &data,
+            0,
+            std::ptr::null_mut(),
+            webp::WebPGetDemuxABIVersion(),
+        );
+        if demux.is_null() {
+            return Err(fail(
+                "libwebp could not parse the file (corrupt or truncated)",
+            ));
+        }
+        let demux = WebpHandle {
+            ptr: demux,
+            delete: webp::WebPDemuxDelete,
+        };
+        let width = webp::WebPDemuxGetI(demux.ptr, webp::WebPFormatFeature::WEBP_FF_CANVAS_WIDTH);
+        let height = webp::WebPDemuxGetI(demux.ptr, webp::WebPFormatFeature::WEBP_FF_CANVAS_HEIGHT);
+        drop(demux);
+        check_size(width, height, max_pixels)?;
+
+        // Null options: libwebp's defaults (MODE_RGBA, no threads), as PIL passes.
+        let dec = webp::WebPAnimDecoderNewInternal(
+            &data,
+            std::ptr::null(),
+            webp::WebPGetDemuxABIVersion(),
+        );
+        if dec.is_null() {
+            return Err(fail("could not create decoder object"));
+        }
+        let dec = WebpHandle {
+            ptr: dec,
+            delete: webp::WebPAnimDecoderDelete,
+        };
+        let mut info: webp::WebPAnimInfo = std::mem::zeroed();
+        if webp::WebPAnimDecoderGetInfo(dec.ptr, &mut info) == 0 {
+            return Err(fail("could not read the animation info"));
+        }
+        if (info.canvas_width, info.canvas_height) != (width, height) {
+            return Err(fail("decoder and demuxer disagree on the canvas size"));
+        }
+        let mut buf: *mut u8 = std::ptr::null_mut();
+        let mut timestamp = 0;
+        if webp::WebPAnimDecoderGetNext(dec.ptr, &mut buf, &mut timestamp) == 0 || buf.is_null() {
+            return Err(fail("failed to read next frame"));
+        }
+        let pixels = width as usize * height as usize;
+        // The canvas is `canvas_width * 4 * canvas_height` bytes of RGBA, owned by `dec`.
+        let rgba = std::slice::from_raw_parts(buf, pixels * 4);
+        let mut rgb = vec![0; pixels * 3];
+        for (out, px) in rgb.chunks_exact_mut(3).zip(rgba.chunks_exact(4)) {
+            out.copy_from_slice(&px[..3]);
+        }
+        drop(dec);
+        rgb_image(width, height, rgb)
+    }
 }
 
 /// GIF's identity greyscale palette test, as PIL's `_is_palette_needed`: a palette whose
@@ -728,8 +804,8 @@ fn lzw_decode(
     })
 }
 
-/// Any other format the `image` crate recognises (WebP in practice): first frame, alpha
-/// dropped.
+/// Any other format the `image` crate recognises (none of the four PIL-parity formats):
+/// first frame, alpha dropped.
 fn decode_generic(
     bytes: &[u8],
     width: u32,
