@@ -294,7 +294,7 @@ fn show_aug_renders_the_stored_views_from_source_or_embedded_image() {
             .arg(&pngs));
         let t = text(&res);
         assert!(res.status.success(), "{t}");
-        assert!(t.contains("view 2: crop top="), "{t}");
+        assert!(t.contains("view 2: crop ") && t.contains(" at top="), "{t}");
         for k in 0..3 {
             let view = image_size(&pngs.join(format!("view-{k}.png")));
             assert_eq!(view, (96, 96));

@@ -75,20 +75,7 @@ fn inspect_parquet(path: &Path, rows: usize) -> Result<()> {
         if layout.paug {
             println!("    paug      {} view(s)", row.paug.len());
             for (k, p) in row.paug.iter().enumerate() {
-                let ops: Vec<String> = p
-                    .ops
-                    .iter()
-                    .map(|o| match dfndr_augment::ops::Op::from_index(o.op) {
-                        Some(op) => format!("{}({:+.3})", op.name(), o.magnitude),
-                        None => format!("op{}({:+.3})", o.op, o.magnitude),
-                    })
-                    .collect();
-                let [top, left, h, w] = p.crop;
-                let flip = if p.flip { " flip" } else { "" };
-                println!(
-                    "      [{k}] crop {w}x{h} at top={top} left={left}{flip}  {}",
-                    ops.join(" ")
-                );
+                println!("      [{k}] {}", crate::paug::describe(p));
             }
         }
         if layout.image_emb {

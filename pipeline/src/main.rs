@@ -3,6 +3,7 @@
 mod config;
 mod crash;
 mod inspect;
+mod paug;
 mod progress;
 mod reinforce;
 mod show_aug;

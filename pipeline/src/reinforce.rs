@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use dfndr_augment::decode::{decode_rgb, DecodeError};
-use dfndr_augment::params::AugParams;
 use dfndr_shards::format::{
-    AugOp, FileMeta, Layout, Paug, Row, ShardWriter, WriterOptions, SCHEMA_VERSION,
+    FileMeta, Layout, Paug, Row, ShardWriter, WriterOptions, SCHEMA_VERSION,
 };
 use dfndr_shards::job::{
     self, now_unix, ClaimOutcome, ClaimRecord, DoneRecord, HashingWriter, Job, Placement,
@@ -25,6 +24,7 @@ use rayon::prelude::*;
 
 use crate::config::JobConfig;
 use crate::crash::{crash_point, CrashPoint};
+use crate::paug::to_stored;
 use crate::progress::Progress;
 
 /// How a worker's run ended.
@@ -398,22 +398,6 @@ impl Worker {
         self.job.write_done(&shard.name, &record)?;
         crash_point(CrashPoint::DoneWritten, &shard.name);
         Ok(ShardResult::Done(record))
-    }
-}
-
-/// The stored (`paug` column) form of sampled parameters.
-pub fn to_stored(p: &AugParams) -> Paug {
-    Paug {
-        crop: [p.crop.top, p.crop.left, p.crop.height, p.crop.width],
-        flip: p.flip,
-        ops: p
-            .ops
-            .iter()
-            .map(|(op, magnitude)| AugOp {
-                op: op.index(),
-                magnitude: *magnitude,
-            })
-            .collect(),
     }
 }
 

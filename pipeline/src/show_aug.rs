@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dfndr_augment::decode::{decode_rgb, DEFAULT_MAX_PIXELS};
-use dfndr_augment::ops::Op;
-use dfndr_augment::params::{AugConfig, AugParams, CropBox};
+use dfndr_augment::params::{AugConfig, AugParams};
 use dfndr_augment::resize::{resize, Filter};
 use dfndr_augment::RgbImage;
-use dfndr_shards::format::{Paug, ShardReader};
+use dfndr_shards::format::ShardReader;
 use dfndr_shards::store::open_input;
 use dfndr_shards::wds::{ReaderLimits, WdsEvent, WdsReader};
+
+use crate::paug::{describe, from_stored};
 
 /// Colours of the crop boxes drawn on the original, one per view (cycled).
 const BOX_COLOURS: [[u8; 3]; 6] = [
@@ -61,22 +62,7 @@ pub fn run(shard: &Path, key: &str, out: &Path, size: Option<u32>) -> Result<Pat
         let view = config.replay(&original, &params, size);
         let path = out.join(format!("view-{k}.png"));
         save_png(&view, &path)?;
-        let ops: Vec<String> = params
-            .ops
-            .iter()
-            .map(|(op, m)| format!("{}({m:+.3})", op.name()))
-            .collect();
-        let c = params.crop;
-        println!(
-            "view {k}: crop top={} left={} height={} width={}{}  ops [{}]  -> {}",
-            c.top,
-            c.left,
-            c.height,
-            c.width,
-            if params.flip { " flipped" } else { "" },
-            ops.join(", "),
-            path.display()
-        );
+        println!("view {k}: {}  -> {}", describe(stored), path.display());
         views.push((params, view));
     }
     let original_path = out.join("original.png");
@@ -92,29 +78,6 @@ pub fn run(shard: &Path, key: &str, out: &Path, size: Option<u32>) -> Result<Pat
     );
     println!("contact sheet -> {}", sheet_path.display());
     Ok(sheet_path)
-}
-
-/// The stored parameters as typed values.
-pub fn from_stored(p: &Paug) -> Result<AugParams> {
-    let ops = p
-        .ops
-        .iter()
-        .map(|o| {
-            Op::from_index(o.op)
-                .map(|op| (op, o.magnitude))
-                .ok_or_else(|| anyhow!("unknown RandAugment op index {}", o.op))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(AugParams {
-        crop: CropBox {
-            top: p.crop[0],
-            left: p.crop[1],
-            height: p.crop[2],
-            width: p.crop[3],
-        },
-        flip: p.flip,
-        ops,
-    })
 }
 
 /// Reads the encoded image of `key` from the input shard the row came from.

@@ -1,0 +1,93 @@
+//! The `paug` column's stored form of augmentation parameters, both ways, and its one-line
+//! description shared by `inspect` and `show-aug`.
+
+use anyhow::{anyhow, Result};
+use dfndr_augment::ops::Op;
+use dfndr_augment::params::{AugParams, CropBox};
+use dfndr_shards::format::{AugOp, Paug};
+
+/// The stored form of sampled parameters.
+pub fn to_stored(p: &AugParams) -> Paug {
+    Paug {
+        crop: [p.crop.top, p.crop.left, p.crop.height, p.crop.width],
+        flip: p.flip,
+        ops: p
+            .ops
+            .iter()
+            .map(|(op, magnitude)| AugOp {
+                op: op.index(),
+                magnitude: *magnitude,
+            })
+            .collect(),
+    }
+}
+
+/// The stored parameters as typed values; an unknown op index is an error.
+pub fn from_stored(p: &Paug) -> Result<AugParams> {
+    let ops = p
+        .ops
+        .iter()
+        .map(|o| {
+            Op::from_index(o.op)
+                .map(|op| (op, o.magnitude))
+                .ok_or_else(|| anyhow!("unknown RandAugment op index {}", o.op))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(AugParams {
+        crop: CropBox {
+            top: p.crop[0],
+            left: p.crop[1],
+            height: p.crop[2],
+            width: p.crop[3],
+        },
+        flip: p.flip,
+        ops,
+    })
+}
+
+/// `crop WxH at top=T left=L [flip]  Op(+m) Op(+m)`; unknown op indices are shown as `opN`.
+pub fn describe(p: &Paug) -> String {
+    let ops: Vec<String> = p
+        .ops
+        .iter()
+        .map(|o| match Op::from_index(o.op) {
+            Some(op) => format!("{}({:+.3})", op.name(), o.magnitude),
+            None => format!("op{}({:+.3})", o.op, o.magnitude),
+        })
+        .collect();
+    let [top, left, h, w] = p.crop;
+    let flip = if p.flip { " flip" } else { "" };
+    format!(
+        "crop {w}x{h} at top={top} left={left}{flip}  {}",
+        ops.join(" ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_form_round_trips_and_describes() {
+        let p = AugParams {
+            crop: CropBox {
+                top: 1,
+                left: 2,
+                height: 30,
+                width: 40,
+            },
+            flip: true,
+            ops: vec![(Op::Rotate, -9.0), (Op::Equalize, 0.0)],
+        };
+        let stored = to_stored(&p);
+        assert_eq!(from_stored(&stored).unwrap(), p);
+        assert_eq!(
+            describe(&stored),
+            "crop 40x30 at top=1 left=2 flip  Rotate(-9.000) Equalize(+0.000)"
+        );
+        let mut bad = stored;
+        bad.ops[0].op = 99;
+        assert!(from_stored(&bad).is_err());
+        assert!(describe(&bad).starts_with("crop 40x30") && describe(&bad).contains("op99"));
+    }
+}
