@@ -1,4 +1,24 @@
-//! dfndr-teachers: the CLIP tokenizer (OpenCLIP SimpleTokenizer semantics); the
-//! OpenCLIP-compatible towers and teacher ensembles follow.
+//! dfndr-teachers: the CLIP tokenizer (OpenCLIP SimpleTokenizer semantics), OpenCLIP-compatible
+//! vision and text towers built from reusable, trainable blocks, weight loading (safetensors,
+//! PyTorch pickles, the Hugging Face cache, deterministic random weights) and teacher
+//! ensembles.
 
+pub mod arch;
+pub mod blocks;
+pub mod clip;
+pub mod device;
+pub mod ensemble;
+pub mod error;
+pub mod text;
 pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+pub use arch::{ArchSpec, ClipConfig};
+pub use clip::{l2_normalize, ClipModel};
+pub use ensemble::{Ensemble, Preprocess, Resample, Teacher, TeacherConfig};
+pub use error::{KeyMismatch, Result, TeacherError};
+pub use weights::{LoadedWeights, WeightsRef};
+
+/// candle's tensor and device types, re-exported so callers need no direct candle dependency.
+pub use candle_core::{DType, Device, Tensor};

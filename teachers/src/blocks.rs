@@ -1,0 +1,44 @@
+//! Transformer building blocks with OpenCLIP's structure and state-dict key names, shared by
+//! the teacher towers, the CoCa captioner and the students.
+//!
+//! Every block is built from a [`VarBuilder`] whose prefix is the block's key path, so the
+//! same constructor loads a checkpoint, builds random weights or registers trainable
+//! variables. [`Kernels`] picks between candle's fused kernels (fast, but without a backward
+//! pass) and differentiable compositions for training.
+
+mod act;
+mod attention;
+mod linear;
+mod norm;
+mod transformer;
+
+pub use act::Activation;
+pub use attention::{AttentionWeights, MultiheadAttention};
+pub use linear::{Linear, Projection};
+pub use norm::LayerNorm;
+pub use transformer::{LayerScale, Mlp, ResidualAttentionBlock, Transformer, TransformerConfig};
+
+/// candle's `VarBuilder`, re-exported so users of the blocks need not depend on candle-nn.
+pub type VarBuilder<'a> = candle_nn::VarBuilder<'a>;
+
+/// Which implementation the normalisations and softmax use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// candle's fused layer-norm and softmax: fastest, but they have no backward pass and
+    /// would silently cut the gradient in training.
+    #[default]
+    Fused,
+    /// Compositions of differentiable primitives (mean, variance, exp, sum): for training.
+    Differentiable,
+}
+
+/// Softmax over the last dimension with the chosen kernels.
+pub fn softmax_last_dim(
+    x: &candle_core::Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<candle_core::Tensor> {
+    match kernels {
+        Kernels::Fused => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+        Kernels::Differentiable => candle_nn::ops::softmax(x, candle_core::D::Minus1),
+    }
+}

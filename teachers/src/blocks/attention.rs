@@ -1,0 +1,146 @@
+//! `nn.MultiheadAttention` (batch first) with OpenCLIP's key names.
+
+use candle_core::{Result, Tensor};
+
+use super::{softmax_last_dim, Kernels, Linear, VarBuilder};
+
+/// How the input projections are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionWeights {
+    /// One `in_proj_weight [3E, E]` with rows q, k, v (query, key and value all of width E).
+    Packed,
+    /// `q_proj_weight [E, E]`, `k_proj_weight [E, kdim]`, `v_proj_weight [E, vdim]`: what torch
+    /// stores when the key/value width differs from the embedding width (attentional pooler).
+    Separate,
+}
+
+/// Multi-head attention: `softmax(q kᵀ / √d) v` per head, then `out_proj`.
+#[derive(Clone, Debug)]
+pub struct MultiheadAttention {
+    /// Packed q|k|v projection for self-attention in one matrix product.
+    qkv: Option<Linear>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+    kernels: Kernels,
+}
+
+impl MultiheadAttention {
+    /// Loads the attention at `vb`'s prefix. `kdim`/`vdim` equal to `embed_dim` give the packed
+    /// layout, anything else the separate one, exactly as torch decides.
+    pub fn new(
+        vb: VarBuilder,
+        embed_dim: usize,
+        heads: usize,
+        kdim: usize,
+        vdim: usize,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        if heads == 0 || !embed_dim.is_multiple_of(heads) {
+            candle_core::bail!("attention width {embed_dim} is not divisible by {heads} heads");
+        }
+        let layout = if kdim == embed_dim && vdim == embed_dim {
+            AttentionWeights::Packed
+        } else {
+            AttentionWeights::Separate
+        };
+        let xavier = |fan_in: usize, fan_out: usize| {
+            let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
+        };
+        let bias = vb.get_with_hints(3 * embed_dim, "in_proj_bias", candle_nn::Init::Const(0.0))?;
+        let part = |i: usize| bias.narrow(0, i * embed_dim, embed_dim);
+        let (qkv, q, k, v) = match layout {
+            AttentionWeights::Packed => {
+                let w = vb.get_with_hints(
+                    (3 * embed_dim, embed_dim),
+                    "in_proj_weight",
+                    xavier(embed_dim, 3 * embed_dim),
+                )?;
+                let rows = |i: usize| w.narrow(0, i * embed_dim, embed_dim);
+                (
+                    Some(Linear::from_parts(w.clone(), Some(bias.clone()))),
+                    Linear::from_parts(rows(0)?, Some(part(0)?)),
+                    Linear::from_parts(rows(1)?, Some(part(1)?)),
+                    Linear::from_parts(rows(2)?, Some(part(2)?)),
+                )
+            }
+            AttentionWeights::Separate => {
+                let get = |name: &str, in_dim: usize| {
+                    vb.get_with_hints((embed_dim, in_dim), name, xavier(in_dim, embed_dim))
+                };
+                (
+                    None,
+                    Linear::from_parts(get("q_proj_weight", embed_dim)?, Some(part(0)?)),
+                    Linear::from_parts(get("k_proj_weight", kdim)?, Some(part(1)?)),
+                    Linear::from_parts(get("v_proj_weight", vdim)?, Some(part(2)?)),
+                )
+            }
+        };
+        let out_proj = Linear::new(vb.pp("out_proj"), embed_dim, embed_dim, true)?;
+        Ok(Self {
+            qkv,
+            q,
+            k,
+            v,
+            out_proj,
+            heads,
+            head_dim: embed_dim / heads,
+            kernels,
+        })
+    }
+
+    /// Self-attention of `x: [B, T, E]`; `mask` is additive and broadcastable to `[B, H, T, T]`.
+    pub fn forward_self(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let Some(qkv) = &self.qkv else {
+            return self.forward(x, x, mask);
+        };
+        let (b, t, _) = x.dims3()?;
+        // One product for q, k and v, then one copy into [3, B, H, T, d].
+        let packed = qkv
+            .forward(x)?
+            .reshape((b, t, 3, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        self.attend(&packed.get(0)?, &packed.get(1)?, &packed.get(2)?, mask)
+    }
+
+    /// Attention of queries `q_in: [B, Tq, E]` over `kv_in: [B, Tk, kdim]`.
+    pub fn forward(&self, q_in: &Tensor, kv_in: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let q = self.split_heads(&self.q.forward(q_in)?)?;
+        let k = self.split_heads(&self.k.forward(kv_in)?)?;
+        let v = self.split_heads(&self.v.forward(kv_in)?)?;
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// `[B, T, E]` to `[B, H, T, d]`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Scaled dot-product attention of `[B, H, T, d]` heads, merged and projected.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, tq, _) = q.dims4()?;
+        let q = (q * (self.head_dim as f64).powf(-0.5))?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let weights = softmax_last_dim(&scores, self.kernels)?;
+        let out =
+            weights
+                .matmul(v)?
+                .transpose(1, 2)?
+                .reshape((b, tq, self.heads * self.head_dim))?;
+        self.out_proj.forward(&out)
+    }
+}

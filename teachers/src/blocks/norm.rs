@@ -1,0 +1,50 @@
+//! LayerNorm with a fused and a differentiable path.
+
+use candle_core::{Result, Tensor, D};
+
+use super::{Kernels, VarBuilder};
+
+/// `nn.LayerNorm(dim, eps)` with keys `weight` and `bias`.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    kernels: Kernels,
+}
+
+impl LayerNorm {
+    /// Loads `PREFIX.weight` and `PREFIX.bias` of shape `[dim]`.
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64, kernels: Kernels) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            eps,
+            kernels,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.kernels {
+            Kernels::Fused => candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            ),
+            Kernels::Differentiable => {
+                // Biased variance, as torch's layer_norm.
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let centred = x.broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                normed
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! OpenCLIP's `ResidualAttentionBlock` and `Transformer`.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{Activation, Kernels, LayerNorm, Linear, MultiheadAttention, VarBuilder};
+
+/// Numbers of one transformer stack.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransformerConfig {
+    /// Residual width.
+    pub width: usize,
+    /// Number of residual blocks.
+    pub layers: usize,
+    /// Attention heads (width / head width).
+    pub heads: usize,
+    /// MLP hidden width = `int(width * mlp_ratio)`.
+    pub mlp_ratio: f64,
+    /// MLP activation.
+    pub act: Activation,
+    /// Layer-scale initial value; `None` means no layer scale (no `ls_*.gamma` keys).
+    pub ls_init_value: Option<f64>,
+    /// LayerNorm epsilon (OpenCLIP: 1e-5).
+    pub ln_eps: f64,
+}
+
+impl TransformerConfig {
+    /// MLP hidden width.
+    pub fn mlp_width(&self) -> usize {
+        (self.width as f64 * self.mlp_ratio) as usize
+    }
+}
+
+/// `LayerScale`: `x * gamma` with key `gamma [W]`.
+#[derive(Clone, Debug)]
+pub struct LayerScale {
+    gamma: Tensor,
+}
+
+impl LayerScale {
+    /// Loads `PREFIX.gamma`.
+    pub fn new(vb: VarBuilder, dim: usize, init: f64) -> Result<Self> {
+        let gamma = vb.get_with_hints(dim, "gamma", candle_nn::Init::Const(init))?;
+        Ok(Self { gamma })
+    }
+
+    /// Scales the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.gamma)
+    }
+}
+
+/// `c_fc -> act -> c_proj`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    c_fc: Linear,
+    act: Activation,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    /// Loads `PREFIX.c_fc` and `PREFIX.c_proj`.
+    pub fn new(vb: VarBuilder, width: usize, hidden: usize, act: Activation) -> Result<Self> {
+        Ok(Self {
+            c_fc: Linear::new(vb.pp("c_fc"), width, hidden, true)?,
+            act,
+            c_proj: Linear::new(vb.pp("c_proj"), hidden, width, true)?,
+        })
+    }
+
+    /// Applies the MLP.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.c_proj
+            .forward(&self.act.forward(&self.c_fc.forward(x)?)?)
+    }
+}
+
+/// Pre-norm residual block: `x + ls_1(attn(ln_1(x)))`, then `x + ls_2(mlp(ln_2(x)))`. A
+/// cross-attention block (CoCa decoder) also normalises the key/value input with `ln_1_kv`.
+#[derive(Clone, Debug)]
+pub struct ResidualAttentionBlock {
+    ln_1: LayerNorm,
+    ln_1_kv: Option<LayerNorm>,
+    attn: MultiheadAttention,
+    ls_1: Option<LayerScale>,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+    ls_2: Option<LayerScale>,
+}
+
+impl ResidualAttentionBlock {
+    /// Loads one block; `cross_attention` adds `ln_1_kv`.
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &TransformerConfig,
+        cross_attention: bool,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let w = cfg.width;
+        let ln = |name: &str| LayerNorm::new(vb.pp(name), w, cfg.ln_eps, kernels);
+        let ls = |name: &str| match cfg.ls_init_value {
+            Some(init) => LayerScale::new(vb.pp(name), w, init).map(Some),
+            None => Ok(None),
+        };
+        Ok(Self {
+            ln_1: ln("ln_1")?,
+            ln_1_kv: if cross_attention {
+                Some(ln("ln_1_kv")?)
+            } else {
+                None
+            },
+            attn: MultiheadAttention::new(vb.pp("attn"), w, cfg.heads, w, w, kernels)?,
+            ls_1: ls("ls_1")?,
+            ln_2: ln("ln_2")?,
+            mlp: Mlp::new(vb.pp("mlp"), w, cfg.mlp_width(), cfg.act)?,
+            ls_2: ls("ls_2")?,
+        })
+    }
+
+    fn residual(x: &Tensor, branch: Tensor, ls: &Option<LayerScale>) -> Result<Tensor> {
+        match ls {
+            Some(ls) => x + ls.forward(&branch)?,
+            None => x + branch,
+        }
+    }
+
+    /// Self-attention block on `x: [B, T, W]`.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let attn = self.attn.forward_self(&self.ln_1.forward(x)?, mask)?;
+        let x = Self::residual(x, attn, &self.ls_1)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        Self::residual(&x, mlp, &self.ls_2)
+    }
+
+    /// Cross-attention block: queries from `x`, keys and values from `ln_1_kv(kv)`.
+    pub fn forward_cross(&self, x: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let Some(ln_kv) = &self.ln_1_kv else {
+            candle_core::bail!("forward_cross on a block built without ln_1_kv");
+        };
+        let kv = ln_kv.forward(kv)?;
+        let attn = self.attn.forward(&self.ln_1.forward(x)?, &kv, mask)?;
+        let x = Self::residual(x, attn, &self.ls_1)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        Self::residual(&x, mlp, &self.ls_2)
+    }
+}
+
+/// A stack of residual blocks with keys `resblocks.{i}.*`.
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    resblocks: Vec<ResidualAttentionBlock>,
+}
+
+impl Transformer {
+    /// Loads `PREFIX.resblocks.0..layers`.
+    pub fn new(vb: VarBuilder, cfg: &TransformerConfig, kernels: Kernels) -> Result<Self> {
+        let vb = vb.pp("resblocks");
+        let resblocks = (0..cfg.layers)
+            .map(|i| ResidualAttentionBlock::new(vb.pp(i), cfg, false, kernels))
+            .collect::<Result<_>>()?;
+        Ok(Self { resblocks })
+    }
+
+    /// Runs every block in order.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.resblocks {
+            x = block.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,113 @@
+//! OpenCLIP's `CLIP` / `CustomTextCLIP`: both towers and the logit scale.
+
+use candle_core::{Device, Result as CResult, Tensor, D};
+
+use crate::arch::ClipConfig;
+use crate::blocks::{Kernels, VarBuilder};
+use crate::error::Result;
+use crate::text::TextTransformer;
+use crate::vision::VisionTransformer;
+use crate::weights::{bind, requested_shapes, WeightSource};
+
+/// A CLIP model with OpenCLIP's state-dict layout.
+#[derive(Clone, Debug)]
+pub struct ClipModel {
+    config: ClipConfig,
+    visual: VisionTransformer,
+    text: TextTransformer,
+    /// The stored (log) logit scale.
+    logit_scale: Tensor,
+}
+
+impl ClipModel {
+    /// Builds the model from `vb` (the root of the state dict).
+    pub fn new(vb: VarBuilder, config: &ClipConfig, kernels: Kernels) -> CResult<Self> {
+        let visual = VisionTransformer::new(vb.pp("visual"), config, kernels)?;
+        let text_vb = if config.custom_text {
+            vb.pp("text")
+        } else {
+            vb.clone()
+        };
+        let text = TextTransformer::new(text_vb, config, kernels)?;
+        let logit_scale = vb.get_with_hints(
+            (),
+            "logit_scale",
+            candle_nn::Init::Const((1.0f64 / 0.07).ln()),
+        )?;
+        Ok(Self {
+            config: config.clone(),
+            visual,
+            text,
+            logit_scale,
+        })
+    }
+
+    /// Builds the model from checkpoint tensors or random weights, strictly: a missing,
+    /// unexpected or mis-shaped key is an error listing all of them. `label` names the
+    /// architecture in that message.
+    pub fn load(
+        config: &ClipConfig,
+        weights: &WeightSource,
+        device: &Device,
+        kernels: Kernels,
+        label: &str,
+    ) -> Result<Self> {
+        config.validate()?;
+        bind(weights, device, label, |vb| Self::new(vb, config, kernels))
+    }
+
+    /// Every `(key, shape)` of this architecture's state dict, in construction order.
+    pub fn state_dict_shapes(config: &ClipConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        config.validate()?;
+        requested_shapes(|vb| Self::new(vb, config, Kernels::Fused))
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// The image tower.
+    pub fn visual(&self) -> &VisionTransformer {
+        &self.visual
+    }
+
+    /// The text tower.
+    pub fn text(&self) -> &TextTransformer {
+        &self.text
+    }
+
+    /// Image embeddings `[B, embed_dim]` of normalised images `[B, 3, S, S]` (not normalised,
+    /// like OpenCLIP's `encode_image(normalize=False)`).
+    pub fn encode_image(&self, images: &Tensor) -> CResult<Tensor> {
+        self.visual.forward(images)
+    }
+
+    /// Text embeddings `[B, embed_dim]` of token rows (not normalised).
+    pub fn encode_text(&self, ids: &[Vec<u32>]) -> CResult<Tensor> {
+        self.text.forward(ids)
+    }
+
+    /// The logit-scale parameter (a 0-d log value), for training.
+    pub fn logit_scale(&self) -> &Tensor {
+        &self.logit_scale
+    }
+
+    /// The stored logit scale (a log value; `exp` gives the multiplier).
+    pub fn logit_scale_log(&self) -> CResult<f32> {
+        self.logit_scale
+            .flatten_all()?
+            .to_vec1::<f32>()
+            .map(|v| v.first().copied().unwrap_or(0.0))
+    }
+}
+
+/// `x / max(‖x‖₂, 1e-12)` over the last dimension, as `F.normalize`.
+pub fn l2_normalize(x: &Tensor) -> CResult<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}
