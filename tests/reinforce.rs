@@ -102,11 +102,13 @@ fn demo_job_writes_verifiable_shards() {
         "{t}"
     );
     assert!(
-        t.contains("columns         key, source, url, caption, width, height, paug\n"),
+        t.contains(
+            "columns         key, source, url, caption, width, height, paug, image_emb, text_emb\n"
+        ),
         "{t}"
     );
     assert!(
-        !t.contains("image_emb") && !t.contains("syn_text"),
+        !t.contains("syn_text"),
         "absent stages must have no columns: {t}"
     );
     assert!(t.contains("paug      2 view(s)"), "{t}");

@@ -9,6 +9,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use dfndr_augment::params::AugConfig;
+use dfndr_shards::format::EmbDtype;
+use dfndr_teachers::TeacherConfig;
+
+use crate::embed::EmbedSection;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -24,6 +28,11 @@ pub struct JobConfig {
     pub output: OutputSection,
     /// The augmentation views sampled per sample (stored as `paug`).
     pub augment: AugConfig,
+    /// The teacher ensemble (`[[teachers]]`, concatenated in this order); none turns the
+    /// embedding stage off.
+    pub teachers: Vec<TeacherConfig>,
+    /// How the embedding stage runs.
+    pub embed: EmbedSection,
 }
 
 /// `[job]`
@@ -122,6 +131,10 @@ struct Fingerprinted<'a> {
     reader: &'a ReaderSection,
     output: &'a OutputSection,
     augment: &'a AugConfig,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    teachers: &'a [TeacherConfig],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embedding_dtype: Option<EmbDtype>,
 }
 
 impl JobConfig {
@@ -155,6 +168,10 @@ impl JobConfig {
             bail!("reader.max_pixels and reader.max_member_bytes must be positive");
         }
         self.augment.validate()?;
+        if self.embed.batch_size == 0 {
+            bail!("embed.batch_size must be at least 1");
+        }
+        crate::embed::validate_teachers(&self.teachers)?;
         Ok(())
     }
 
@@ -165,6 +182,8 @@ impl JobConfig {
             reader: &self.reader,
             output: &self.output,
             augment: &self.augment,
+            teachers: &self.teachers,
+            embedding_dtype: (!self.teachers.is_empty()).then_some(self.embed.dtype),
         })
         .unwrap_or_default();
         dfndr_shards::job::hex(&Sha256::digest(&canonical))
@@ -212,5 +231,49 @@ mod tests {
         let mut d = a.clone();
         d.augment.rand_augment.magnitude = 10;
         assert_ne!(a.fingerprint(), d.fingerprint());
+    }
+
+    const TEACHER: &str =
+        "[[teachers]]\nname = \"t\"\narch = \"ViT-B-32\"\nweights = \"random:1\"\n";
+
+    #[test]
+    fn teachers_and_embedding_dtype_are_fingerprinted_device_and_batch_are_not() {
+        let a: JobConfig = toml::from_str(TEACHER).unwrap();
+        a.validate().unwrap();
+        let plain = JobConfig::default();
+        assert_ne!(a.fingerprint(), plain.fingerprint());
+        let mut b = a.clone();
+        b.embed.batch_size = 3;
+        b.embed.device = "cuda:1".into();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        b.embed.dtype = EmbDtype::F32;
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        let mut c = a.clone();
+        c.teachers[0].logit_scale = Some(70.0);
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        // Without teachers the dtype changes nothing (no embedding columns).
+        let mut d = plain.clone();
+        d.embed.dtype = EmbDtype::F32;
+        assert_eq!(plain.fingerprint(), d.fingerprint());
+    }
+
+    #[test]
+    fn bad_teachers_are_config_errors() {
+        for (toml, want) in [
+            (format!("{TEACHER}{TEACHER}"), "unique"),
+            (
+                TEACHER.replace("ViT-B-32", "ViT-Z-1"),
+                "unknown architecture",
+            ),
+            (TEACHER.replace("random:1", "random:x"), "random:"),
+            (format!("{TEACHER}logit_scale = -1.0\n"), "logit_scale"),
+        ] {
+            let c: JobConfig = toml::from_str(&toml).unwrap();
+            let err = format!("{:#}", c.validate().unwrap_err());
+            assert!(err.contains(want), "{toml}: {err}");
+        }
+        let explicit = "[[teachers]]\nname = \"t\"\nweights = \"random:1\"\n[teachers.arch]\nembed_dim = 8\n[teachers.arch.vision]\nimage_size = 32\npatch_size = 8\nwidth = 16\nlayers = 1\nhead_width = 8\n[teachers.arch.text]\nwidth = 16\nheads = 2\nlayers = 1\n";
+        let c: JobConfig = toml::from_str(explicit).unwrap();
+        c.validate().unwrap();
     }
 }

@@ -2,6 +2,9 @@
 
 mod config;
 mod crash;
+mod embed;
+mod embed_existing;
+mod encode;
 mod inspect;
 mod paug;
 mod progress;
@@ -35,6 +38,7 @@ Quick start:
   dfndr status demo-out
   dfndr inspect demo-out/shards/demo-00000.parquet --rows 3
   dfndr show-aug demo-out/shards/demo-00000.parquet --key 000000000 --out views
+  dfndr encode --model ViT-B-32 --weights random:0 --text \"a photo of a cat\"
 
 Run the same command again to resume a job; start it on more machines to scale it out.";
 
@@ -59,11 +63,85 @@ time, writes it to a temporary name, publishes it atomically and records it as d
 same command again after a crash or preemption and it resumes where the job stopped; start it
 on more machines (or with --rank/--world-size, SLURM or a Kubernetes Indexed Job) to scale out.
 
-Stages in this version: read (streaming tar), decode (RGB, bounded size), write.
+Stages in this version: read (streaming tar), decode (RGB, bounded size), augmentation
+parameters (paug), teacher embeddings of every view and caption ([[teachers]] in the config;
+image_emb, text_emb), write.
 
 Exit status: 0 when every shard of the job is done, 1 when some shards failed (see `dfndr
 status`), 2 on a usage or configuration error, 130 when interrupted.")]
     Reinforce(ReinforceArgs),
+    /// Add teacher embeddings to the shards of an existing output.
+    #[command(long_about = "\
+Add teacher embeddings to the done shards of an existing output.
+
+Uses the [[teachers]] and [embed] sections of --config. Every row's stored views (paug) are
+replayed on its original image (from the `image` column, else from the input shard named in
+`source`) and embedded, the ground-truth caption and every syn_text_TAG caption get text
+embeddings, and each shard is rewritten atomically with its done record updated. Shards that
+already carry this ensemble's embeddings are skipped, so the command can be rerun after a
+crash. Run it while no `dfndr reinforce` worker is writing to the same output.")]
+    Embed {
+        /// Job config with the [[teachers]] to use.
+        #[arg(long)]
+        config: PathBuf,
+        /// Output location of the job (default: job.output of the config).
+        output: Option<String>,
+        /// Compute device (cpu, cuda, cuda:N), overriding embed.device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Disable progress bars even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Embed single images or texts with one CLIP model (JSON or .npy), to check a teacher.
+    #[command(long_about = "\
+Embed single images or texts with one CLIP model, to check a teacher by hand.
+
+Images get the model's eval preprocessing (shorter side resized to the model's image size,
+centre crop, normalisation); texts are tokenised with the CLIP tokenizer at the model's
+context length. The embeddings are L2-normalised unless --no-normalize is given (OpenCLIP's
+encode_image/encode_text default to unnormalised).
+
+Output: JSON on stdout, or --out FILE.json, or --out FILE.npy (float32 [N, D]: the images in
+order, then the texts).
+
+Examples:
+  dfndr encode --model ViT-L-14-quickgelu --weights hf-hub:apple/DFN2B-CLIP-ViT-L-14 \\
+      --image cat.jpg --text \"a photo of a cat\"
+  dfndr encode --model my-arch.toml --weights ckpt.safetensors --image a.jpg --out a.npy")]
+    Encode {
+        /// Built-in OpenCLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, each also
+        /// with -quickgelu) or a TOML file with explicit numbers.
+        #[arg(long)]
+        model: String,
+        /// Weights: a .safetensors/.bin/.pt file, hf-hub:ORG/NAME, or random:SEED.
+        #[arg(long)]
+        weights: String,
+        /// Image files to embed (repeat for several).
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        /// Texts to embed (repeat for several).
+        #[arg(long = "text")]
+        texts: Vec<String>,
+        /// Output file (.json or .npy); JSON on stdout when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Compute device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Return OpenCLIP's raw (unnormalised) embeddings.
+        #[arg(long)]
+        no_normalize: bool,
+        /// Resize filter of the image preprocessing.
+        #[arg(long, value_enum, default_value = "bicubic")]
+        interpolation: Interp,
+        /// Normalisation mean (three comma-separated values; default OpenAI CLIP).
+        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_MEAN)]
+        mean: Vec<f32>,
+        /// Normalisation std (three comma-separated values; default OpenAI CLIP).
+        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_STD)]
+        std: Vec<f32>,
+    },
     /// Show the progress of a job: shards done, in progress, failed; rows; skip reasons.
     Status {
         /// Output location of the job.
@@ -109,6 +187,13 @@ each view's crop box drawn in that view's colour, then the views) into --out.")]
     },
 }
 
+/// Resize filter choices of `encode`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Interp {
+    Bicubic,
+    Bilinear,
+}
+
 #[derive(clap::Args)]
 struct ReinforceArgs {
     /// Job config (TOML); see configs/demo.toml for every field and its default.
@@ -133,6 +218,9 @@ struct ReinforceArgs {
     /// Retry shards that already failed job.max_attempts times.
     #[arg(long)]
     retry_failed: bool,
+    /// Compute device of the teachers (cpu, cuda, cuda:N), overriding embed.device.
+    #[arg(long)]
+    device: Option<String>,
     /// Disable progress bars even on a terminal.
     #[arg(long)]
     no_progress: bool,
@@ -142,6 +230,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let progress = match &cli.command {
         Command::Reinforce(args) => Progress::new(!args.no_progress),
+        Command::Embed { no_progress, .. } => Progress::new(!no_progress),
         _ => Progress::new(false),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -155,6 +244,43 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Reinforce(args) => reinforce(args, &progress),
+        Command::Embed {
+            config,
+            output,
+            device,
+            ..
+        } => embed_command(&config, output, device.as_deref(), &progress),
+        Command::Encode {
+            model,
+            weights,
+            images,
+            texts,
+            out,
+            device,
+            no_normalize,
+            interpolation,
+            mean,
+            std,
+        } => triple("mean", &mean)
+            .and_then(|mean| Ok((mean, triple("std", &std)?)))
+            .and_then(|(mean, std)| {
+                encode::run(&encode::EncodeArgs {
+                    model,
+                    weights,
+                    images,
+                    texts,
+                    out,
+                    device,
+                    no_normalize,
+                    interpolation: match interpolation {
+                        Interp::Bicubic => dfndr_teachers::Resample::Bicubic,
+                        Interp::Bilinear => dfndr_teachers::Resample::Bilinear,
+                    },
+                    mean,
+                    std,
+                })
+            })
+            .map(|_| ExitCode::SUCCESS),
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => inspect::run(&file, rows).map(|_| ExitCode::SUCCESS),
@@ -208,6 +334,19 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         Duration::from_secs_f64(config.job.lease_seconds),
     );
     let fingerprint = config.fingerprint();
+    let embed = if config.teachers.is_empty() {
+        None
+    } else {
+        Some(embed::EmbedStage::load(
+            &config.teachers,
+            &config.embed,
+            args.device.as_deref(),
+        )?)
+    };
+    let teachers = embed
+        .as_ref()
+        .map(embed::EmbedStage::teacher_infos)
+        .unwrap_or_default();
     let card = serde_json::json!({
         "format": "dfndr",
         "schema_version": SCHEMA_VERSION,
@@ -215,7 +354,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         "config_fingerprint": fingerprint,
         "seed": config.job.seed,
         "config": config,
-        "teachers": [],
+        "teachers": teachers,
         "captioners": [],
         "augmentation": reinforce::augmentation_meta(&config),
         "created_unix": now_unix(),
@@ -245,6 +384,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         placement,
         retry_failed: args.retry_failed,
         interrupted: Arc::clone(&interrupted),
+        embed,
     };
     let summary = worker.run(&shards, progress)?;
     let skipped: u64 = summary.skipped.values().sum();
@@ -273,4 +413,28 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exactly three values (one per RGB channel).
+fn triple(what: &str, v: &[f32]) -> Result<[f32; 3]> {
+    match v {
+        [r, g, b] => Ok([*r, *g, *b]),
+        _ => bail!(
+            "--{what} takes three comma-separated values (R,G,B), got {}",
+            v.len()
+        ),
+    }
+}
+
+fn embed_command(
+    config: &std::path::Path,
+    output: Option<String>,
+    device: Option<&str>,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    let config = JobConfig::load(config)?;
+    let Some(output) = output.or_else(|| config.job.output.clone()) else {
+        bail!("no output location: pass OUTPUT or set job.output in the config");
+    };
+    embed_existing::run(&config, &output, device, progress)
 }

@@ -1,7 +1,9 @@
 //! `dfndr reinforce`: the worker loop over the shard list and the processing of one shard.
 //!
-//! Stages that exist today: read (streaming tar), decode (RGB, bounded), write (parquet with
-//! `key source url caption width height` and, with `embed_images`, `image`).
+//! Stages that exist today: read (streaming tar), decode (RGB, bounded) and augmentation
+//! parameters (`paug`), teacher embeddings of every view and caption (`image_emb`,
+//! `text_emb`, batched across the samples of a batch), write (parquet with `key source url
+//! caption width height`, with `embed_images` also `image`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
@@ -11,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use dfndr_augment::decode::{decode_rgb, DecodeError};
+use dfndr_augment::params::AugParams;
+use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{
     FileMeta, Layout, Paug, Row, ShardWriter, WriterOptions, SCHEMA_VERSION,
 };
@@ -24,6 +28,7 @@ use rayon::prelude::*;
 
 use crate::config::JobConfig;
 use crate::crash::{crash_point, CrashPoint};
+use crate::embed::EmbedStage;
 use crate::paug::to_stored;
 use crate::progress::Progress;
 
@@ -60,6 +65,16 @@ pub struct Worker {
     pub retry_failed: bool,
     /// Set on SIGINT/SIGTERM: finish nothing more, release claims, exit.
     pub interrupted: Arc<AtomicBool>,
+    /// The teacher stage, when the config has teachers.
+    pub embed: Option<EmbedStage>,
+}
+
+/// A decoded sample: its size, its views' parameters and, when teachers run, the views.
+struct Decoded {
+    width: u32,
+    height: u32,
+    params: Vec<AugParams>,
+    views: Vec<RgbImage>,
 }
 
 /// Result of one shard.
@@ -74,19 +89,67 @@ enum ShardResult {
 impl Worker {
     /// The output layout of this job: only the columns of stages that exist.
     fn layout(&self) -> Layout {
+        let paug = self.config.augment.num_augmentations > 0;
         Layout {
             embed_images: self.config.output.embed_images,
-            paug: self.config.augment.num_augmentations > 0,
+            paug,
+            emb: self.embed.as_ref().map(EmbedStage::emb_layout),
+            image_emb: paug && self.embed.is_some(),
+            text_emb: self.embed.is_some(),
             ..Layout::default()
         }
     }
 
-    /// The parameters of every view of a sample, in the stored form.
-    fn sample_views(&self, key: &str, width: u32, height: u32) -> Vec<Paug> {
+    /// Decodes a sample, samples its views' parameters and, when teachers run, renders them.
+    fn decode_sample(&self, sample: &RawSample) -> Result<Decoded, (SkipReason, String)> {
+        let img = match decode_rgb(&sample.image, self.config.reader.max_pixels) {
+            Ok(img) => img,
+            Err(e @ DecodeError::TooLarge { .. }) => {
+                return Err((SkipReason::ImageTooLarge, e.to_string()))
+            }
+            Err(e @ DecodeError::Empty) => return Err((SkipReason::EmptyImage, e.to_string())),
+            Err(e) => return Err((SkipReason::UndecodableImage, e.to_string())),
+        };
         let aug = &self.config.augment;
-        (0..aug.num_augmentations)
-            .map(|k| to_stored(&aug.sample(self.config.job.seed, key, k, width, height)))
-            .collect()
+        let params: Vec<AugParams> = (0..aug.num_augmentations)
+            .map(|k| aug.sample(self.config.job.seed, &sample.key, k, img.width, img.height))
+            .collect();
+        let views = if self.embed.is_some() {
+            params
+                .iter()
+                .map(|p| aug.replay(&img, p, aug.size))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Decoded {
+            width: img.width,
+            height: img.height,
+            params,
+            views,
+        })
+    }
+
+    /// Teacher embeddings of a batch: per kept sample, its views' and its caption's.
+    #[allow(clippy::type_complexity)]
+    fn embed_batch(
+        &self,
+        kept: &[(&RawSample, &Decoded)],
+    ) -> Result<Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>> {
+        let Some(stage) = &self.embed else {
+            return Ok(vec![(Vec::new(), Vec::new()); kept.len()]);
+        };
+        let captions: Vec<&str> = kept.iter().map(|(s, _)| s.caption.as_str()).collect();
+        let mut text = stage.embed_texts(&captions)?.into_iter();
+        let views: Vec<&RgbImage> = kept.iter().flat_map(|(_, d)| d.views.iter()).collect();
+        let mut images = stage.embed_views(&views)?.into_iter();
+        Ok(kept
+            .iter()
+            .map(|(_, d)| {
+                let image_emb: Vec<Vec<f32>> = images.by_ref().take(d.views.len()).collect();
+                (image_emb, text.next().into_iter().collect())
+            })
+            .collect())
     }
 
     /// Runs the worker loop until every shard is done or has failed for good.
@@ -293,6 +356,11 @@ impl Worker {
             source: shard.uri.clone(),
             config_fingerprint: self.fingerprint.clone(),
             augmentation: augmentation_meta(&self.config),
+            teachers: self
+                .embed
+                .as_ref()
+                .map(EmbedStage::teacher_infos)
+                .unwrap_or_default(),
             ..FileMeta::default()
         };
         let staged = store.create_staged(&output)?;
@@ -334,31 +402,32 @@ impl Worker {
                     }
                 }
             }
-            let max_pixels = self.config.reader.max_pixels;
-            let decoded: Vec<Result<(u32, u32), (SkipReason, String)>> = batch
-                .par_iter()
-                .map(|s| match decode_rgb(&s.image, max_pixels) {
-                    Ok(img) => Ok((img.width, img.height)),
-                    Err(e @ DecodeError::TooLarge { .. }) => {
-                        Err((SkipReason::ImageTooLarge, e.to_string()))
-                    }
-                    Err(e @ DecodeError::Empty) => Err((SkipReason::EmptyImage, e.to_string())),
-                    Err(e) => Err((SkipReason::UndecodableImage, e.to_string())),
-                })
+            let decoded: Vec<Result<Decoded, (SkipReason, String)>> =
+                batch.par_iter().map(|s| self.decode_sample(s)).collect();
+            let kept: Vec<(&RawSample, &Decoded)> = batch
+                .iter()
+                .zip(&decoded)
+                .filter_map(|(s, d)| d.as_ref().ok().map(|d| (s, d)))
                 .collect();
+            let mut embeddings = self
+                .embed_batch(&kept)
+                .with_context(|| format!("teacher stage failed on shard {}", shard.name))?
+                .into_iter();
             for (sample, result) in batch.drain(..).zip(decoded) {
                 match result {
-                    Ok((width, height)) => {
-                        let paug = self.sample_views(&sample.key, width, height);
+                    Ok(d) => {
+                        let (image_emb, text_emb) = embeddings.next().unwrap_or_default();
                         let row = Row {
-                            paug,
+                            paug: d.params.iter().map(to_stored).collect::<Vec<Paug>>(),
                             key: sample.key,
                             source: shard.uri.clone(),
                             url: sample.url,
                             caption: sample.caption,
-                            width,
-                            height,
+                            width: d.width,
+                            height: d.height,
                             image: self.config.output.embed_images.then_some(sample.image),
+                            image_emb,
+                            text_emb,
                             ..Row::default()
                         };
                         writer.write_row(&row)?;

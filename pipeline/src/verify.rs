@@ -70,6 +70,22 @@ fn verify_shard(job: &Job, root: &std::path::Path, rec: &DoneRecord) -> Result<u
             rec.rows
         );
     }
+    // Each teacher's part of an embedding is normalised on its own.
+    let parts: Vec<(String, usize)> = reader
+        .meta()
+        .teachers
+        .iter()
+        .map(|t| (t.name.clone(), t.dim))
+        .collect();
+    if let Some(emb) = reader.layout().emb {
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        if !parts.is_empty() && total != emb.dim {
+            bail!(
+                "the teachers' dimensions add up to {total}, the embeddings have {}",
+                emb.dim
+            );
+        }
+    }
     let mut keys = HashSet::new();
     let mut n = 0u64;
     for row in reader.rows()? {
@@ -81,9 +97,23 @@ fn verify_shard(job: &Job, root: &std::path::Path, rec: &DoneRecord) -> Result<u
             .chain(&row.text_emb)
             .chain(row.syn.iter().flat_map(|s| &s.emb));
         for emb in embeddings {
-            let norm = emb.iter().map(|v| v * v).sum::<f32>().sqrt();
-            if !norm.is_finite() || (norm - 1.0).abs() > NORM_TOLERANCE {
-                bail!("row {:?}: embedding norm {norm} is not 1", row.key);
+            let mut rest = emb.as_slice();
+            let whole = [("embedding".to_string(), emb.len())];
+            let parts = if parts.is_empty() {
+                &whole[..]
+            } else {
+                &parts[..]
+            };
+            for (teacher, dim) in parts {
+                let (part, tail) = rest.split_at((*dim).min(rest.len()));
+                rest = tail;
+                let norm = part.iter().map(|v| v * v).sum::<f32>().sqrt();
+                if !norm.is_finite() || (norm - 1.0).abs() > NORM_TOLERANCE {
+                    bail!(
+                        "row {:?}: {teacher} embedding norm {norm} is not 1",
+                        row.key
+                    );
+                }
             }
         }
         if !keys.insert(row.key.clone()) {

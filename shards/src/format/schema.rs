@@ -57,8 +57,10 @@ pub enum EmbDtype {
     /// IEEE half precision, round-to-nearest-even from f32 (the default: embeddings are
     /// unit-normalised, so 10 mantissa bits lose almost nothing and halve the file).
     #[default]
+    #[serde(alias = "float16")]
     F16,
     /// IEEE single precision, stored exactly.
+    #[serde(alias = "float32")]
     F32,
 }
 
