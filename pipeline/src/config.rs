@@ -258,6 +258,25 @@ mod tests {
     }
 
     #[test]
+    fn shipped_configs_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                JobConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+        let prod = JobConfig::load(&dir.join("dfndr2b.toml")).unwrap();
+        let names: Vec<_> = prod.teachers.iter().map(|t| (t.name.as_str(), t.logit_scale)).collect();
+        assert_eq!(names, [("dfn2b", Some(70.0)), ("dfn2b_s39b", Some(60.0))]);
+        let archs: Vec<_> = prod.teachers.iter().map(|t| t.arch.resolve().unwrap().quick_gelu).collect();
+        assert_eq!(archs, [true, false]);
+    }
+
+    #[test]
     fn bad_teachers_are_config_errors() {
         for (toml, want) in [
             (format!("{TEACHER}{TEACHER}"), "unique"),

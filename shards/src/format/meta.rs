@@ -40,7 +40,7 @@ pub struct TeacherInfo {
     pub dim: usize,
     /// The teacher's logit scale (exp of the learned temperature), used by the distillation loss.
     pub logit_scale: f32,
-    /// Hex sha256 of the weights file.
+    /// Hex sha256 of the weights file, or `random:SEED` for deterministic random weights.
     pub weights_sha256: String,
 }
 
