@@ -8,6 +8,7 @@
 
 mod act;
 mod attention;
+mod cpu_kernels;
 mod linear;
 mod norm;
 mod transformer;

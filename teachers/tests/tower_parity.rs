@@ -203,6 +203,8 @@ fn encode_matches_the_pooled_outputs_and_differentiable_kernels_agree() {
     assert!(max_abs_diff(&txt, &io["text_features"]) <= TOL);
     let fast = load(Kernels::Fused);
     assert!(max_abs_diff(&fast.encode_image(&io["images"]).unwrap(), &img) <= 1e-5);
+    // The fused CPU attention with the causal mask, against candle's ops.
+    assert!(max_abs_diff(&fast.encode_text(&texts(&io)).unwrap(), &txt) <= 1e-5);
 }
 
 #[test]

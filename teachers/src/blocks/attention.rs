@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::cpu_kernels::{self, PackedSelfAttention};
 use super::{softmax_last_dim, Kernels, Linear, VarBuilder};
 
 /// How the input projections are stored.
@@ -101,6 +102,18 @@ impl MultiheadAttention {
         let Some(qkv) = &self.qkv else {
             return self.forward(x, x, mask);
         };
+        if self.kernels == Kernels::Fused && cpu_kernels::usable(x) {
+            let mask = match mask {
+                Some(m) => Some((m.flatten_all()?.to_vec1::<f32>()?, m.dim(0)?)),
+                None => None,
+            };
+            let op = PackedSelfAttention {
+                heads: self.heads,
+                mask,
+            };
+            let merged = qkv.forward(x)?.apply_op1_no_bwd(&op)?;
+            return self.out_proj.forward(&merged);
+        }
         let (b, t, _) = x.dims3()?;
         // One product for q, k and v, then one copy into [3, B, H, T, d].
         let packed = qkv

@@ -41,6 +41,16 @@ impl Linear {
         self.weight.dim(0)
     }
 
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `x Wᵀ` without the bias.
+    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        matmul_last_dim(x, &self.weight.t()?, None)
+    }
+
     /// Applies the layer to `[..., in]`. Leading dimensions are folded into one so the whole
     /// batch is a single large matrix product.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -3,6 +3,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::cpu_kernels::{self, BiasAct};
 use super::{Activation, Kernels, LayerNorm, Linear, MultiheadAttention, VarBuilder};
 
 /// Numbers of one transformer stack.
@@ -56,22 +57,36 @@ pub struct Mlp {
     c_fc: Linear,
     act: Activation,
     c_proj: Linear,
+    kernels: Kernels,
 }
 
 impl Mlp {
     /// Loads `PREFIX.c_fc` and `PREFIX.c_proj`.
-    pub fn new(vb: VarBuilder, width: usize, hidden: usize, act: Activation) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        width: usize,
+        hidden: usize,
+        act: Activation,
+        kernels: Kernels,
+    ) -> Result<Self> {
         Ok(Self {
             c_fc: Linear::new(vb.pp("c_fc"), width, hidden, true)?,
             act,
             c_proj: Linear::new(vb.pp("c_proj"), hidden, width, true)?,
+            kernels,
         })
     }
 
     /// Applies the MLP.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.c_proj
-            .forward(&self.act.forward(&self.c_fc.forward(x)?)?)
+        let hidden = match self.c_fc.bias() {
+            Some(bias) if self.kernels == Kernels::Fused && cpu_kernels::usable(x) => self
+                .c_fc
+                .forward_no_bias(x)?
+                .apply_op2_no_bwd(bias, &BiasAct(self.act))?,
+            _ => self.act.forward(&self.c_fc.forward(x)?)?,
+        };
+        self.c_proj.forward(&hidden)
     }
 }
 
@@ -112,7 +127,7 @@ impl ResidualAttentionBlock {
             attn: MultiheadAttention::new(vb.pp("attn"), w, cfg.heads, w, w, kernels)?,
             ls_1: ls("ls_1")?,
             ln_2: ln("ln_2")?,
-            mlp: Mlp::new(vb.pp("mlp"), w, cfg.mlp_width(), cfg.act)?,
+            mlp: Mlp::new(vb.pp("mlp"), w, cfg.mlp_width(), cfg.act, kernels)?,
             ls_2: ls("ls_2")?,
         })
     }

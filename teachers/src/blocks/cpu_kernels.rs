@@ -1,0 +1,263 @@
+//! Fused CPU kernels for inference: self-attention straight from the packed q|k|v projection,
+//! and bias + activation in one pass.
+//!
+//! candle's CPU element-wise ops are single-threaded scalar loops and its batched matmul
+//! splits the (batch x heads) small products poorly; on a ViT-L forward they cost more than a
+//! third of the time. These kernels are used only with [`super::Kernels::Fused`] on the CPU
+//! (they have no backward pass); every other case takes the plain candle path, and the parity
+//! tests run both.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::Activation;
+
+/// `e^x` for `x <= 0`-ish softmax inputs and activation arguments: Cephes' `expf` polynomial
+/// after a power-of-two range reduction, written with plain arithmetic so it vectorises.
+/// Relative error below 2e-7 on [-87, 88]; inputs below -87 give ~0, as `exp` underflows.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// In-place softmax of one row.
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = fast_exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: fused CPU kernels take float32");
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: fused CPU kernels take contiguous tensors"),
+    }
+}
+
+/// `act(x + bias)` over `[.., H]` with `bias: [H]`.
+pub struct BiasAct(pub Activation);
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "bias-act input")?;
+        let b = f32_slice(s2, l2, "bias-act bias")?;
+        let h = b.len();
+        if h == 0 || x.len() % h != 0 {
+            candle_core::bail!("bias-act: {} values do not tile a bias of {h}", x.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        // Whole rows per task: enough work per task, bias indexing stays simple.
+        let rows_per_task = (16384 / h).max(1);
+        out.par_chunks_mut(rows_per_task * h)
+            .zip(x.par_chunks(rows_per_task * h))
+            .for_each(|(o, x)| match self.0 {
+                Activation::QuickGelu => {
+                    for (o_row, x_row) in o.chunks_mut(h).zip(x.chunks(h)) {
+                        for ((o, &x), &b) in o_row.iter_mut().zip(x_row).zip(b) {
+                            let v = x + b;
+                            *o = v / (1.0 + fast_exp(-1.702 * v));
+                        }
+                    }
+                }
+                Activation::Gelu => {
+                    for (o_row, x_row) in o.chunks_mut(h).zip(x.chunks(h)) {
+                        for ((o, &x), &b) in o_row.iter_mut().zip(x_row).zip(b) {
+                            let v = x + b;
+                            // candle's own gelu_erf formula, for identical results.
+                            *o = (candle_core::cpu::erf::erf_f32(
+                                v * std::f32::consts::FRAC_1_SQRT_2,
+                            ) + 1.0)
+                                * 0.5
+                                * v;
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Self-attention of a packed projection `[B, T, 3E]` (q | k | v, heads contiguous inside
+/// each) with an optional additive mask, giving merged heads `[B, T, E]`.
+pub struct PackedSelfAttention {
+    /// Attention heads.
+    pub heads: usize,
+    /// Additive mask values `[M, T, T]` with M = 1 (shared) or B (per sample).
+    pub mask: Option<(Vec<f32>, usize)>,
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes its own (sample, head) columns of the output; no two tasks touch
+// the same element and nothing reads the output until all tasks have finished.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY (of callers): offsets stay inside the output allocation.
+        self.0.wrapping_add(offset)
+    }
+}
+
+impl CustomOp1 for PackedSelfAttention {
+    fn name(&self) -> &'static str {
+        "packed-self-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(storage, layout, "attention input")?;
+        let (b, t, e3) = layout.shape().dims3()?;
+        let e = e3 / 3;
+        let heads = self.heads;
+        if e3 % 3 != 0 || heads == 0 || e % heads != 0 {
+            candle_core::bail!("attention: width {e3} is not 3 x heads {heads} x head width");
+        }
+        let d = e / heads;
+        if let Some((mask, m)) = &self.mask {
+            if mask.len() != m * t * t || (*m != 1 && *m != b) {
+                candle_core::bail!(
+                    "attention: mask of {} values for {m} x {t} x {t}",
+                    mask.len()
+                );
+            }
+        }
+        let scale = (d as f32).powf(-0.5);
+        let mut out = vec![0f32; b * t * e];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each_init(
+            || vec![0f32; t * t],
+            |scores, task| {
+                let (bi, h) = (task / heads, task % heads);
+                let base = bi * t * e3 + h * d;
+                let (q, k, v) = (&qkv[base..], &qkv[base + e..], &qkv[base + 2 * e..]);
+                // SAFETY: the slices above start at valid offsets and every element read
+                // below, at row r < t and column c < d with row stride 3E, lies inside the
+                // input (checked: base + 2E + (t-1)·3E + d <= B·T·3E). The output block of
+                // this (sample, head) is rows bi·T.., columns h·d..h·d+d with row stride E.
+                unsafe {
+                    // scores = scale · q kᵀ  (t x t)
+                    gemm::gemm(
+                        t,
+                        t,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        t as isize,
+                        false,
+                        q.as_ptr(),
+                        1,
+                        e3 as isize,
+                        k.as_ptr(),
+                        e3 as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                if let Some((mask, m)) = &self.mask {
+                    let mask = &mask[(if *m == 1 { 0 } else { bi }) * t * t..][..t * t];
+                    for (s, &mv) in scores.iter_mut().zip(mask) {
+                        *s += mv;
+                    }
+                }
+                for row in scores.chunks_mut(t) {
+                    softmax_row(row);
+                }
+                unsafe {
+                    // out[bi, :, h·d..] = scores · v  (t x d)
+                    gemm::gemm(
+                        t,
+                        d,
+                        t,
+                        out_ptr.at(bi * t * e + h * d),
+                        1,
+                        e as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        t as isize,
+                        v.as_ptr(),
+                        1,
+                        e3 as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, t, e))))
+    }
+}
+
+/// True when the fused kernels apply to `x`.
+pub fn usable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_where_softmax_and_activations_use_it() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((fast_exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!(fast_exp(f32::NEG_INFINITY) < 1e-37);
+    }
+}
