@@ -28,6 +28,8 @@ demo: deps release
 	./target/release/dfndr status $(DEMO_OUT)
 	./target/release/dfndr inspect $(DEMO_OUT)/shards/demo-00000.parquet --rows 2
 	./target/release/dfndr show-aug $(DEMO_OUT)/shards/demo-00000.parquet --key 000000000 --out $(DEMO_OUT)/show-aug
+	./target/release/dfndr encode --model ViT-B-32 --weights random:0 --text "a photo of an astronaut" \
+	    --out $(DEMO_OUT)/encode.npy
 
 ## Every test: unit, property, format, reader and end-to-end job-control tests; plus lints.
 test:

@@ -270,9 +270,17 @@ mod tests {
         }
         assert!(n >= 2);
         let prod = JobConfig::load(&dir.join("dfndr2b.toml")).unwrap();
-        let names: Vec<_> = prod.teachers.iter().map(|t| (t.name.as_str(), t.logit_scale)).collect();
+        let names: Vec<_> = prod
+            .teachers
+            .iter()
+            .map(|t| (t.name.as_str(), t.logit_scale))
+            .collect();
         assert_eq!(names, [("dfn2b", Some(70.0)), ("dfn2b_s39b", Some(60.0))]);
-        let archs: Vec<_> = prod.teachers.iter().map(|t| t.arch.resolve().unwrap().quick_gelu).collect();
+        let archs: Vec<_> = prod
+            .teachers
+            .iter()
+            .map(|t| t.arch.resolve().unwrap().quick_gelu)
+            .collect();
         assert_eq!(archs, [true, false]);
     }
 
