@@ -133,6 +133,25 @@ fn damaged_files_are_clear_errors() {
         let msg = err.to_string();
         assert!(msg.contains(want) && msg.contains(name), "{name}: {msg}");
     }
+    // A valid zip whose pickle is garbage: an error, not a panic.
+    let mut garbage = Vec::new();
+    {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(&mut garbage));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("archive/data.pkl", opts).unwrap();
+        std::io::Write::write_all(
+            &mut zip,
+            b"\x80\x02}q\x00(X\x01\x00\x00\x00ac_codecs\nencode\nq\x01\x85R.",
+        )
+        .unwrap();
+        zip.finish().unwrap();
+    }
+    let path = dir.path().join("garbage.bin");
+    std::fs::write(&path, &garbage).unwrap();
+    let err = StateDict::load(&path).unwrap_err();
+    assert!(matches!(err, TeacherError::BadCheckpoint { .. }), "{err:?}");
+
     // A flipped byte inside the JSON header.
     let mut bad = good.clone();
     bad[20] = b'\xff';

@@ -36,7 +36,11 @@ impl StateDict {
         let tensors = match sniff(path)? {
             Container::Safetensors => candle_core::safetensors::load(path, &Device::Cpu)
                 .map_err(|e| bad(format!("damaged safetensors file ({})", plain(&e))))?,
-            Container::TorchZip => read_torch_zip(path).map_err(bad)?,
+            // candle's pickle reader indexes into what the file declares and can panic on a
+            // malformed pickle; a bad file must be an error, never a crash.
+            Container::TorchZip => std::panic::catch_unwind(|| read_torch_zip(path))
+                .unwrap_or_else(|_| Err("malformed pickle (the reader gave up on it)".into()))
+                .map_err(bad)?,
             Container::LegacyPickle => {
                 return Err(bad(
                     "this is the legacy (pre-1.6, non-zip) torch.save format; re-save it in Python with \
