@@ -111,8 +111,8 @@ impl MultiheadAttention {
                 heads: self.heads,
                 mask,
             };
-            let merged = qkv.forward(x)?.apply_op1_no_bwd(&op)?;
-            return self.out_proj.forward(&merged);
+            let merged = qkv.forward_fused(x)?.apply_op1_no_bwd(&op)?;
+            return self.out_proj.forward_fused(&merged);
         }
         let (b, t, _) = x.dims3()?;
         // One product for q, k and v, then one copy into [3, B, H, T, d].

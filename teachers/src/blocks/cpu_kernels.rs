@@ -237,6 +237,72 @@ impl CustomOp1 for PackedSelfAttention {
     }
 }
 
+/// `x Wᵀ + b` with the bias written into the output before the product accumulates onto it
+/// (one pass fewer than a matmul followed by a broadcast add). `x: [.., in]`, `W: [out, in]`.
+pub struct BiasLinear {
+    /// The bias values, `[out]`.
+    pub bias: Vec<f32>,
+}
+
+impl CustomOp2 for BiasLinear {
+    fn name(&self) -> &'static str {
+        "bias-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "linear input")?;
+        let w = f32_slice(s2, l2, "linear weight")?;
+        let (out_dim, in_dim) = l2.shape().dims2()?;
+        let dims = l1.shape().dims();
+        if dims.last() != Some(&in_dim) || self.bias.len() != out_dim || in_dim == 0 {
+            candle_core::bail!(
+                "linear: input {dims:?}, weight [{out_dim}, {in_dim}], bias {}",
+                self.bias.len()
+            );
+        }
+        let rows = x.len() / in_dim;
+        let mut out = vec![0f32; rows * out_dim];
+        out.par_chunks_mut(out_dim)
+            .for_each(|row| row.copy_from_slice(&self.bias));
+        // SAFETY: x is rows x in (row stride in), W is out x in read as Wᵀ (column stride
+        // in, row stride 1), out is rows x out (row stride out); all three were checked above.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out_dim,
+                in_dim,
+                out.as_mut_ptr(),
+                1,
+                out_dim as isize,
+                true,
+                x.as_ptr(),
+                1,
+                in_dim as isize,
+                w.as_ptr(),
+                in_dim as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out_dim;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
 /// True when the fused kernels apply to `x`.
 pub fn usable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32

@@ -51,6 +51,20 @@ impl Linear {
         matmul_last_dim(x, &self.weight.t()?, None)
     }
 
+    /// [`Linear::forward`] with the bias fused into the product on the CPU (inference only:
+    /// no backward pass); elsewhere the same as `forward`.
+    pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(bias) if super::cpu_kernels::usable(x) && self.weight.is_contiguous() => {
+                let op = super::cpu_kernels::BiasLinear {
+                    bias: bias.to_vec1::<f32>()?,
+                };
+                x.contiguous()?.apply_op2_no_bwd(&self.weight, &op)
+            }
+            _ => self.forward(x),
+        }
+    }
+
     /// Applies the layer to `[..., in]`. Leading dimensions are folded into one so the whole
     /// batch is a single large matrix product.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -79,14 +79,18 @@ impl Mlp {
 
     /// Applies the MLP.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = match self.c_fc.bias() {
-            Some(bias) if self.kernels == Kernels::Fused && cpu_kernels::usable(x) => self
-                .c_fc
-                .forward_no_bias(x)?
-                .apply_op2_no_bwd(bias, &BiasAct(self.act))?,
-            _ => self.act.forward(&self.c_fc.forward(x)?)?,
-        };
-        self.c_proj.forward(&hidden)
+        match self.c_fc.bias() {
+            Some(bias) if self.kernels == Kernels::Fused && cpu_kernels::usable(x) => {
+                let hidden = self
+                    .c_fc
+                    .forward_no_bias(x)?
+                    .apply_op2_no_bwd(bias, &BiasAct(self.act))?;
+                self.c_proj.forward_fused(&hidden)
+            }
+            _ => self
+                .c_proj
+                .forward(&self.act.forward(&self.c_fc.forward(x)?)?),
+        }
     }
 }
 
