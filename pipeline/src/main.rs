@@ -109,39 +109,7 @@ Examples:
   dfndr encode --model ViT-L-14-quickgelu --weights hf-hub:apple/DFN2B-CLIP-ViT-L-14 \\
       --image cat.jpg --text \"a photo of a cat\"
   dfndr encode --model my-arch.toml --weights ckpt.safetensors --image a.jpg --out a.npy")]
-    Encode {
-        /// Built-in OpenCLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, each also
-        /// with -quickgelu) or a TOML file with explicit numbers.
-        #[arg(long)]
-        model: String,
-        /// Weights: a .safetensors/.bin/.pt file, hf-hub:ORG/NAME, or random:SEED.
-        #[arg(long)]
-        weights: String,
-        /// Image files to embed (repeat for several).
-        #[arg(long = "image")]
-        images: Vec<PathBuf>,
-        /// Texts to embed (repeat for several).
-        #[arg(long = "text")]
-        texts: Vec<String>,
-        /// Output file (.json or .npy); JSON on stdout when absent.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Compute device: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Return OpenCLIP's raw (unnormalised) embeddings.
-        #[arg(long)]
-        no_normalize: bool,
-        /// Resize filter of the image preprocessing.
-        #[arg(long, value_enum, default_value = "bicubic")]
-        interpolation: Interp,
-        /// Normalisation mean (three comma-separated values; default OpenAI CLIP).
-        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_MEAN)]
-        mean: Vec<f32>,
-        /// Normalisation std (three comma-separated values; default OpenAI CLIP).
-        #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_STD)]
-        std: Vec<f32>,
-    },
+    Encode(EncodeCli),
     /// Show the progress of a job: shards done, in progress, failed; rows; skip reasons.
     Status {
         /// Output location of the job.
@@ -192,6 +160,41 @@ each view's crop box drawn in that view's colour, then the views) into --out.")]
 enum Interp {
     Bicubic,
     Bilinear,
+}
+
+#[derive(clap::Args)]
+struct EncodeCli {
+    /// Built-in OpenCLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, each also
+    /// with -quickgelu) or a TOML file with explicit numbers.
+    #[arg(long)]
+    model: String,
+    /// Weights: a .safetensors/.bin/.pt file, hf-hub:ORG/NAME, or random:SEED.
+    #[arg(long)]
+    weights: String,
+    /// Image files to embed (repeat for several).
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// Texts to embed (repeat for several).
+    #[arg(long = "text")]
+    texts: Vec<String>,
+    /// Output file (.json or .npy); JSON on stdout when absent.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Return OpenCLIP's raw (unnormalised) embeddings.
+    #[arg(long)]
+    no_normalize: bool,
+    /// Resize filter of the image preprocessing.
+    #[arg(long, value_enum, default_value = "bicubic")]
+    interpolation: Interp,
+    /// Normalisation mean (three comma-separated values; default OpenAI CLIP).
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_MEAN)]
+    mean: Vec<f32>,
+    /// Normalisation std (three comma-separated values; default OpenAI CLIP).
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_STD)]
+    std: Vec<f32>,
 }
 
 #[derive(clap::Args)]
@@ -250,37 +253,7 @@ fn main() -> ExitCode {
             device,
             ..
         } => embed_command(&config, output, device.as_deref(), &progress),
-        Command::Encode {
-            model,
-            weights,
-            images,
-            texts,
-            out,
-            device,
-            no_normalize,
-            interpolation,
-            mean,
-            std,
-        } => triple("mean", &mean)
-            .and_then(|mean| Ok((mean, triple("std", &std)?)))
-            .and_then(|(mean, std)| {
-                encode::run(&encode::EncodeArgs {
-                    model,
-                    weights,
-                    images,
-                    texts,
-                    out,
-                    device,
-                    no_normalize,
-                    interpolation: match interpolation {
-                        Interp::Bicubic => dfndr_teachers::Resample::Bicubic,
-                        Interp::Bilinear => dfndr_teachers::Resample::Bilinear,
-                    },
-                    mean,
-                    std,
-                })
-            })
-            .map(|_| ExitCode::SUCCESS),
+        Command::Encode(cli) => encode_command(cli).map(|_| ExitCode::SUCCESS),
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => inspect::run(&file, rows).map(|_| ExitCode::SUCCESS),
@@ -437,4 +410,22 @@ fn embed_command(
         bail!("no output location: pass OUTPUT or set job.output in the config");
     };
     embed_existing::run(&config, &output, device, progress)
+}
+
+fn encode_command(cli: EncodeCli) -> Result<()> {
+    encode::run(&encode::EncodeArgs {
+        mean: triple("mean", &cli.mean)?,
+        std: triple("std", &cli.std)?,
+        model: cli.model,
+        weights: cli.weights,
+        images: cli.images,
+        texts: cli.texts,
+        out: cli.out,
+        device: cli.device,
+        no_normalize: cli.no_normalize,
+        interpolation: match cli.interpolation {
+            Interp::Bicubic => dfndr_teachers::Resample::Bicubic,
+            Interp::Bilinear => dfndr_teachers::Resample::Bilinear,
+        },
+    })
 }

@@ -305,30 +305,17 @@ fn builtin_architectures_have_openclips_exact_key_sets() {
 #[test]
 fn random_weights_are_deterministic_and_not_degenerate() {
     let cfg = tiny();
-    let a = ClipModel::load(
-        &cfg,
-        &WeightSource::Random(3),
-        &Device::Cpu,
-        Kernels::Fused,
-        "tiny",
-    )
-    .unwrap();
-    let b = ClipModel::load(
-        &cfg,
-        &WeightSource::Random(3),
-        &Device::Cpu,
-        Kernels::Fused,
-        "tiny",
-    )
-    .unwrap();
-    let c = ClipModel::load(
-        &cfg,
-        &WeightSource::Random(4),
-        &Device::Cpu,
-        Kernels::Fused,
-        "tiny",
-    )
-    .unwrap();
+    let random = |seed| {
+        ClipModel::load(
+            &cfg,
+            &WeightSource::Random(seed),
+            &Device::Cpu,
+            Kernels::Fused,
+            "tiny",
+        )
+        .unwrap()
+    };
+    let (a, b, c) = (random(3), random(3), random(4));
     let ids = vec![vec![998, 5, 17, 999, 0, 0], vec![998, 42, 999, 0, 0, 0]];
     let ea = a.encode_text(&ids).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(ea, b.encode_text(&ids).unwrap().to_vec2::<f32>().unwrap());
