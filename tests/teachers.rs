@@ -105,20 +105,35 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// What the teachers say about one row, computed here from scratch.
-fn expected_embeddings(row: &Row, aug: &AugConfig, image: &[u8]) -> (Vec<Vec<f32>>, Vec<f32>) {
+/// The two teachers of [`TEACHERS`], built directly.
+fn teacher_models() -> Vec<(ClipConfig, ClipModel)> {
+    [("a", 11), ("b", 12)]
+        .into_iter()
+        .map(|(name, seed)| {
+            let cfg = arch(name);
+            let model = ClipModel::load(
+                &cfg,
+                &WeightSource::Random(seed),
+                &Device::Cpu,
+                Kernels::Fused,
+                name,
+            )
+            .unwrap();
+            (cfg, model)
+        })
+        .collect()
+}
+
+fn expected_embeddings(
+    teachers: &[(ClipConfig, ClipModel)],
+    row: &Row,
+    aug: &AugConfig,
+    image: &[u8],
+) -> (Vec<Vec<f32>>, Vec<f32>) {
     let img = decode_rgb(image, DEFAULT_MAX_PIXELS).unwrap();
     let mut views = vec![Vec::new(); row.paug.len()];
     let mut text = Vec::new();
-    for (name, seed) in [("a", 11), ("b", 12)] {
-        let cfg = arch(name);
-        let model = ClipModel::load(
-            &cfg,
-            &WeightSource::Random(seed),
-            &Device::Cpu,
-            Kernels::Fused,
-            name,
-        )
-        .unwrap();
+    for (cfg, model) in teachers {
         let size = cfg.vision.image_size as u32;
         for (k, p) in row.paug.iter().enumerate() {
             let mut view = aug.replay(&img, &params(p), aug.size);
@@ -189,8 +204,9 @@ fn reinforce_stores_the_teachers_embeddings_of_every_view_and_caption() {
         .map(|(n, b)| (n.split('.').next().unwrap().to_string(), b))
         .collect();
     assert!(rows.len() >= 10);
+    let teachers = teacher_models();
     for row in rows.iter().take(4) {
-        let (views, caption) = expected_embeddings(row, &aug, &images[&row.key]);
+        let (views, caption) = expected_embeddings(&teachers, row, &aug, &images[&row.key]);
         assert_eq!(row.image_emb.len(), 2);
         for (k, (got, want)) in row.image_emb.iter().zip(&views).enumerate() {
             let d = max_diff(got, want);

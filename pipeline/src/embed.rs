@@ -124,6 +124,22 @@ impl EmbedStage {
             .collect()
     }
 
+    /// [`EmbedStage::embed_views`] over groups of views (one group per sample) in one run of
+    /// batches, returned in the same groups.
+    pub fn embed_view_groups(&self, groups: &[&[RgbImage]]) -> Result<Vec<Vec<Vec<f32>>>> {
+        let flat: Vec<&RgbImage> = groups.iter().flat_map(|g| g.iter()).collect();
+        let embs = self.embed_views(&flat)?;
+        Ok(regroup(embs, groups.iter().map(|g| g.len())))
+    }
+
+    /// [`EmbedStage::embed_texts`] over groups of texts (one group per sample) in one run of
+    /// batches, returned in the same groups.
+    pub fn embed_text_groups(&self, groups: &[Vec<&str>]) -> Result<Vec<Vec<Vec<f32>>>> {
+        let flat: Vec<&str> = groups.iter().flatten().copied().collect();
+        let embs = self.embed_texts(&flat)?;
+        Ok(regroup(embs, groups.iter().map(Vec::len)))
+    }
+
     /// Concatenated image embeddings of augmented views (any square size; each teacher
     /// resizes to its own input size if it differs, then normalises with its mean and std).
     pub fn embed_views(&self, views: &[&RgbImage]) -> Result<Vec<Vec<f32>>> {
@@ -165,6 +181,12 @@ impl EmbedStage {
         }
         Ok(out)
     }
+}
+
+/// Splits `flat` into consecutive groups of the given sizes.
+fn regroup<T>(flat: Vec<T>, sizes: impl Iterator<Item = usize>) -> Vec<Vec<T>> {
+    let mut rest = flat.into_iter();
+    sizes.map(|n| rest.by_ref().take(n).collect()).collect()
 }
 
 /// Checks that a `[[teachers]]` list is usable before any shard is touched.

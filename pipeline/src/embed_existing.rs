@@ -153,22 +153,27 @@ fn embed_shard(
                         .collect::<Result<Vec<_>>>()
                 })
                 .collect::<Result<_>>()?;
-            let flat: Vec<&RgbImage> = views.iter().flatten().collect();
-            let mut embs = stage.embed_views(&flat)?.into_iter();
-            for (row, v) in batch.iter_mut().zip(&views) {
-                row.image_emb = embs.by_ref().take(v.len()).collect();
+            let groups: Vec<&[RgbImage]> = views.iter().map(Vec::as_slice).collect();
+            for (row, embs) in batch.iter_mut().zip(stage.embed_view_groups(&groups)?) {
+                row.image_emb = embs;
             }
         }
-        // Ground-truth caption, then every synthetic caption, in one text batch.
-        let mut texts: Vec<&str> = Vec::new();
-        for row in batch.iter() {
-            texts.push(&row.caption);
-            for syn in &row.syn {
-                texts.extend(syn.texts.iter().map(String::as_str));
-            }
-        }
-        let mut embs = stage.embed_texts(&texts)?.into_iter();
-        for row in batch.iter_mut() {
+        // Per row: the ground-truth caption, then every synthetic caption.
+        let texts: Vec<Vec<&str>> = batch
+            .iter()
+            .map(|row| {
+                std::iter::once(row.caption.as_str())
+                    .chain(
+                        row.syn
+                            .iter()
+                            .flat_map(|s| s.texts.iter().map(String::as_str)),
+                    )
+                    .collect()
+            })
+            .collect();
+        let text_embs = stage.embed_text_groups(&texts)?;
+        for (row, embs) in batch.iter_mut().zip(text_embs) {
+            let mut embs = embs.into_iter();
             row.text_emb = embs.next().into_iter().collect();
             for syn in row.syn.iter_mut() {
                 syn.emb = embs.by_ref().take(syn.texts.len()).collect();

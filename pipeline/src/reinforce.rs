@@ -139,16 +139,12 @@ impl Worker {
         let Some(stage) = &self.embed else {
             return Ok(vec![(Vec::new(), Vec::new()); kept.len()]);
         };
-        let captions: Vec<&str> = kept.iter().map(|(s, _)| s.caption.as_str()).collect();
-        let mut text = stage.embed_texts(&captions)?.into_iter();
-        let views: Vec<&RgbImage> = kept.iter().flat_map(|(_, d)| d.views.iter()).collect();
-        let mut images = stage.embed_views(&views)?.into_iter();
-        Ok(kept
-            .iter()
-            .map(|(_, d)| {
-                let image_emb: Vec<Vec<f32>> = images.by_ref().take(d.views.len()).collect();
-                (image_emb, text.next().into_iter().collect())
-            })
+        let views: Vec<&[RgbImage]> = kept.iter().map(|(_, d)| d.views.as_slice()).collect();
+        let captions: Vec<Vec<&str>> = kept.iter().map(|(s, _)| vec![s.caption.as_str()]).collect();
+        Ok(stage
+            .embed_view_groups(&views)?
+            .into_iter()
+            .zip(stage.embed_text_groups(&captions)?)
             .collect())
     }
 
