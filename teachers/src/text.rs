@@ -89,6 +89,59 @@ impl TextTransformer {
         self.context_length
     }
 
+    /// The transformer stack.
+    pub fn transformer(&self) -> &Transformer {
+        &self.transformer
+    }
+
+    /// Padding id (keys after it are masked when a class token is appended).
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Whether a learned class token is appended (CoCa).
+    pub fn has_cls(&self) -> bool {
+        self.cls_emb.is_some()
+    }
+
+    /// Whether positions attend only to earlier positions.
+    pub fn is_causal(&self) -> bool {
+        self.causal
+    }
+
+    /// `token_embedding[ids[i]] + positional_embedding[positions[i]]` as `[N, W]`: the
+    /// input of one decoding step (each row's next token at its own position).
+    pub fn embed_at(&self, ids: &[u32], positions: &[usize]) -> Result<Tensor> {
+        let vocab = self.token_embedding.dim(0)?;
+        let num_pos = self.positional_embedding.dim(0)?;
+        if ids.len() != positions.len() {
+            candle_core::bail!(
+                "embed_at: {} ids for {} positions",
+                ids.len(),
+                positions.len()
+            );
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        if let Some(bad) = positions
+            .iter()
+            .find(|&&p| p >= self.context_length.min(num_pos))
+        {
+            candle_core::bail!(
+                "position {bad} is beyond the context of {}",
+                self.context_length
+            );
+        }
+        let device = self.token_embedding.device();
+        let idx = Tensor::from_vec(ids.to_vec(), ids.len(), device)?;
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let pos = Tensor::from_vec(pos, positions.len(), device)?;
+        self.token_embedding
+            .index_select(&idx, 0)?
+            .add(&self.positional_embedding.index_select(&pos, 0)?)
+    }
+
     /// Pooled, projected embeddings of token rows `ids` (`[B, L]`, `L <= context_length`).
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         Ok(self.forward_with_tokens(ids)?.pooled)

@@ -124,6 +124,43 @@ impl MultiheadAttention {
         self.attend(&packed.get(0)?, &packed.get(1)?, &packed.get(2)?, mask)
     }
 
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Width of one head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// The packed query|key|value projection of `x: [..., E]` to `[..., 3E]` (self-attention
+    /// layers only), for callers that run attention themselves (cached decoding).
+    pub fn project_qkv(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.qkv {
+            Some(qkv) => qkv.forward_fused(x),
+            None => Tensor::cat(
+                &[self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?],
+                candle_core::D::Minus1,
+            ),
+        }
+    }
+
+    /// The query projection of `x: [..., E]`.
+    pub fn project_q(&self, x: &Tensor) -> Result<Tensor> {
+        self.q.forward_fused(x)
+    }
+
+    /// The key and value projections of `kv: [..., kdim]`.
+    pub fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.k.forward_fused(kv)?, self.v.forward_fused(kv)?))
+    }
+
+    /// The output projection of merged heads `[..., E]`.
+    pub fn project_out(&self, merged: &Tensor) -> Result<Tensor> {
+        self.out_proj.forward_fused(merged)
+    }
+
     /// Attention of queries `q_in: [B, Tq, E]` over `kv_in: [B, Tk, kdim]`.
     pub fn forward(&self, q_in: &Tensor, kv_in: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let q = self.split_heads(&self.q.forward(q_in)?)?;

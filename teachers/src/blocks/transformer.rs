@@ -151,6 +151,33 @@ impl ResidualAttentionBlock {
         Self::residual(&x, mlp, &self.ls_2)
     }
 
+    /// The block with its attention branch supplied by the caller: `x + ls_1(attend(attn,
+    /// ln_1(x)))`, then the MLP branch. `attend` gets the attention layer and the normalised
+    /// input and returns the projected attention output; cached decoding uses this to run
+    /// attention over its key/value caches while the block keeps its own residual structure.
+    pub fn forward_with<F>(&self, x: &Tensor, attend: F) -> Result<Tensor>
+    where
+        F: FnOnce(&MultiheadAttention, &Tensor) -> Result<Tensor>,
+    {
+        let attn = attend(&self.attn, &self.ln_1.forward(x)?)?;
+        let x = Self::residual(x, attn, &self.ls_1)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        Self::residual(&x, mlp, &self.ls_2)
+    }
+
+    /// `ln_1_kv(kv)` of a cross-attention block (the keys/values' own normalisation).
+    pub fn norm_kv(&self, kv: &Tensor) -> Result<Tensor> {
+        match &self.ln_1_kv {
+            Some(ln) => ln.forward(kv),
+            None => candle_core::bail!("norm_kv on a block built without ln_1_kv"),
+        }
+    }
+
+    /// The attention layer.
+    pub fn attention(&self) -> &MultiheadAttention {
+        &self.attn
+    }
+
     /// Cross-attention block: queries from `x`, keys and values from `ln_1_kv(kv)`.
     pub fn forward_cross(&self, x: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let Some(ln_kv) = &self.ln_1_kv else {
@@ -178,6 +205,11 @@ impl Transformer {
             .map(|i| ResidualAttentionBlock::new(vb.pp(i), cfg, false, kernels))
             .collect::<Result<_>>()?;
         Ok(Self { resblocks })
+    }
+
+    /// The blocks, in order.
+    pub fn blocks(&self) -> &[ResidualAttentionBlock] {
+        &self.resblocks
     }
 
     /// Runs every block in order.
