@@ -103,13 +103,13 @@ fn demo_job_writes_verifiable_shards() {
     );
     assert!(
         t.contains(
-            "columns         key, source, url, caption, width, height, paug, image_emb, text_emb\n"
+            "columns         key, source, url, caption, width, height, paug, image_emb, text_emb, syn_text_coca, syn_text_coca_emb\n"
         ),
         "{t}"
     );
     assert!(
-        !t.contains("syn_text"),
-        "absent stages must have no columns: {t}"
+        t.contains("syn_text_coca ["),
+        "the demo captioner's captions: {t}"
     );
     assert!(t.contains("paug      2 view(s)"), "{t}");
     assert!(t.contains("[1] key"), "{t}");

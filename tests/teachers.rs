@@ -277,7 +277,7 @@ fn embed_adds_the_same_embeddings_to_an_existing_output() {
         .arg(&plain_out));
     assert!(o.status.success());
     assert!(
-        text(&o).contains("0 shards embedded, 2 already had"),
+        text(&o).contains("0 shards embedded, 2 were already up to date"),
         "{}",
         text(&o)
     );

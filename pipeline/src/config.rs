@@ -9,9 +9,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use dfndr_augment::params::AugConfig;
+use dfndr_captioner::CaptionerConfig;
 use dfndr_shards::format::EmbDtype;
 use dfndr_teachers::TeacherConfig;
 
+use crate::caption::CaptionSection;
 use crate::embed::EmbedSection;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,6 +35,11 @@ pub struct JobConfig {
     pub teachers: Vec<TeacherConfig>,
     /// How the embedding stage runs.
     pub embed: EmbedSection,
+    /// The CoCa captioners (`[[captioners]]`, one `syn_text_TAG` column each); none turns the
+    /// caption stage off.
+    pub captioners: Vec<CaptionerConfig>,
+    /// How the caption stage runs.
+    pub caption: CaptionSection,
 }
 
 /// `[job]`
@@ -135,6 +142,8 @@ struct Fingerprinted<'a> {
     teachers: &'a [TeacherConfig],
     #[serde(skip_serializing_if = "Option::is_none")]
     embedding_dtype: Option<EmbDtype>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    captioners: &'a [CaptionerConfig],
 }
 
 impl JobConfig {
@@ -172,6 +181,10 @@ impl JobConfig {
             bail!("embed.batch_size must be at least 1");
         }
         crate::embed::validate_teachers(&self.teachers)?;
+        if self.caption.batch_size == 0 {
+            bail!("caption.batch_size must be at least 1");
+        }
+        crate::caption::validate_captioners(&self.captioners)?;
         Ok(())
     }
 
@@ -184,6 +197,7 @@ impl JobConfig {
             augment: &self.augment,
             teachers: &self.teachers,
             embedding_dtype: (!self.teachers.is_empty()).then_some(self.embed.dtype),
+            captioners: &self.captioners,
         })
         .unwrap_or_default();
         dfndr_shards::job::hex(&Sha256::digest(&canonical))

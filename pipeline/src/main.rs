@@ -1,5 +1,7 @@
 //! `dfndr`: builds MobileCLIP2-style reinforced image-text datasets.
 
+mod caption;
+mod caption_existing;
 mod config;
 mod crash;
 mod embed;
@@ -9,6 +11,7 @@ mod inspect;
 mod paug;
 mod progress;
 mod reinforce;
+mod rewrite;
 mod show_aug;
 mod status;
 mod verify;
@@ -64,8 +67,9 @@ same command again after a crash or preemption and it resumes where the job stop
 on more machines (or with --rank/--world-size, SLURM or a Kubernetes Indexed Job) to scale out.
 
 Stages in this version: read (streaming tar), decode (RGB, bounded size), augmentation
-parameters (paug), teacher embeddings of every view and caption ([[teachers]] in the config;
-image_emb, text_emb), write.
+parameters (paug), synthetic captions ([[captioners]] in the config; syn_text_TAG), teacher
+embeddings of every view and caption ([[teachers]]; image_emb, text_emb, syn_text_TAG_emb),
+write.
 
 Exit status: 0 when every shard of the job is done, 1 when some shards failed (see `dfndr
 status`), 2 on a usage or configuration error, 130 when interrupted.")]
@@ -87,6 +91,31 @@ crash. Run it while no `dfndr reinforce` worker is writing to the same output.")
         /// Output location of the job (default: job.output of the config).
         output: Option<String>,
         /// Compute device (cpu, cuda, cuda:N), overriding embed.device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Disable progress bars even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Add synthetic captions to the shards of an existing output.
+    #[command(long_about = "\
+Add synthetic captions to the done shards of an existing output.
+
+Uses the [[captioners]] and [caption] sections of --config (and job.seed: captions are seeded by
+seed, tag, sample key and caption index, so they equal what `dfndr reinforce` would have written).
+Every row's original image (from the `image` column, else from the input shard named in `source`)
+is captioned and the syn_text_TAG column of each captioner is added or replaced; every other
+column is kept as it is. A replaced column loses its stale text embeddings: run `dfndr embed`
+afterwards to embed the new captions. Each shard is rewritten atomically with its done record
+updated; shards that already carry these captioners' columns are skipped, so the command can be
+rerun after a crash. Run it while no `dfndr reinforce` worker is writing to the same output.")]
+    Caption {
+        /// Job config with the [[captioners]] to use.
+        #[arg(long)]
+        config: PathBuf,
+        /// Output location of the job (default: job.output of the config).
+        output: Option<String>,
+        /// Compute device (cpu, cuda, cuda:N), overriding caption.device.
         #[arg(long)]
         device: Option<String>,
         /// Disable progress bars even on a terminal.
@@ -233,7 +262,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let progress = match &cli.command {
         Command::Reinforce(args) => Progress::new(!args.no_progress),
-        Command::Embed { no_progress, .. } => Progress::new(!no_progress),
+        Command::Embed { no_progress, .. } | Command::Caption { no_progress, .. } => {
+            Progress::new(!no_progress)
+        }
         _ => Progress::new(false),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -253,6 +284,12 @@ fn main() -> ExitCode {
             device,
             ..
         } => embed_command(&config, output, device.as_deref(), &progress),
+        Command::Caption {
+            config,
+            output,
+            device,
+            ..
+        } => caption_command(&config, output, device.as_deref(), &progress),
         Command::Encode(cli) => encode_command(cli).map(|_| ExitCode::SUCCESS),
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
@@ -320,6 +357,20 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         .as_ref()
         .map(embed::EmbedStage::teacher_infos)
         .unwrap_or_default();
+    let caption = if config.captioners.is_empty() {
+        None
+    } else {
+        Some(caption::CaptionStage::load(
+            &config.captioners,
+            &config.caption,
+            args.device.as_deref(),
+            config.job.seed,
+        )?)
+    };
+    let captioners = caption
+        .as_ref()
+        .map(caption::CaptionStage::infos)
+        .unwrap_or_default();
     let card = serde_json::json!({
         "format": "dfndr",
         "schema_version": SCHEMA_VERSION,
@@ -328,7 +379,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         "seed": config.job.seed,
         "config": config,
         "teachers": teachers,
-        "captioners": [],
+        "captioners": captioners,
         "augmentation": reinforce::augmentation_meta(&config),
         "created_unix": now_unix(),
     });
@@ -358,6 +409,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         retry_failed: args.retry_failed,
         interrupted: Arc::clone(&interrupted),
         embed,
+        caption,
     };
     let summary = worker.run(&shards, progress)?;
     let skipped: u64 = summary.skipped.values().sum();
@@ -409,7 +461,39 @@ fn embed_command(
     let Some(output) = output.or_else(|| config.job.output.clone()) else {
         bail!("no output location: pass OUTPUT or set job.output in the config");
     };
-    embed_existing::run(&config, &output, device, progress)
+    if config.teachers.is_empty() {
+        bail!("the config has no [[teachers]]: nothing to embed with");
+    }
+    let stage = embed::EmbedStage::load(&config.teachers, &config.embed, device)?;
+    rewrite::run(
+        &config,
+        &output,
+        &embed_existing::EmbedUpdate::new(stage),
+        progress,
+    )
+}
+
+fn caption_command(
+    config: &std::path::Path,
+    output: Option<String>,
+    device: Option<&str>,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    let config = JobConfig::load(config)?;
+    let Some(output) = output.or_else(|| config.job.output.clone()) else {
+        bail!("no output location: pass OUTPUT or set job.output in the config");
+    };
+    if config.captioners.is_empty() {
+        bail!("the config has no [[captioners]]: nothing to caption with");
+    }
+    let stage =
+        caption::CaptionStage::load(&config.captioners, &config.caption, device, config.job.seed)?;
+    rewrite::run(
+        &config,
+        &output,
+        &caption_existing::CaptionUpdate::new(stage),
+        progress,
+    )
 }
 
 fn encode_command(cli: EncodeCli) -> Result<()> {

@@ -16,7 +16,7 @@ use dfndr_augment::decode::{decode_rgb, DecodeError};
 use dfndr_augment::params::AugParams;
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{
-    FileMeta, Layout, Paug, Row, ShardWriter, WriterOptions, SCHEMA_VERSION,
+    FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, WriterOptions, SCHEMA_VERSION,
 };
 use dfndr_shards::job::{
     self, now_unix, ClaimOutcome, ClaimRecord, DoneRecord, HashingWriter, Job, Placement,
@@ -26,6 +26,7 @@ use dfndr_shards::store::open_input;
 use dfndr_shards::wds::{RawSample, ReaderLimits, SkipReason, WdsEvent, WdsReader};
 use rayon::prelude::*;
 
+use crate::caption::CaptionStage;
 use crate::config::JobConfig;
 use crate::crash::{crash_point, CrashPoint};
 use crate::embed::EmbedStage;
@@ -67,6 +68,8 @@ pub struct Worker {
     pub interrupted: Arc<AtomicBool>,
     /// The teacher stage, when the config has teachers.
     pub embed: Option<EmbedStage>,
+    /// The caption stage, when the config has captioners.
+    pub caption: Option<CaptionStage>,
 }
 
 /// A decoded sample: its size, its views' parameters and, when teachers run, the views.
@@ -75,6 +78,16 @@ struct Decoded {
     height: u32,
     params: Vec<AugParams>,
     views: Vec<RgbImage>,
+    /// Each captioner's preprocessed input, when captioners run.
+    caption_inputs: Vec<Vec<f32>>,
+}
+
+/// What the model stages produced for one kept sample.
+#[derive(Default)]
+struct Generated {
+    image_emb: Vec<Vec<f32>>,
+    text_emb: Vec<Vec<f32>>,
+    syn: Vec<SynCaptions>,
 }
 
 /// Result of one shard.
@@ -96,7 +109,11 @@ impl Worker {
             emb: self.embed.as_ref().map(EmbedStage::emb_layout),
             image_emb: paug && self.embed.is_some(),
             text_emb: self.embed.is_some(),
-            ..Layout::default()
+            syn: self
+                .caption
+                .as_ref()
+                .map(|c| c.syn_layouts(self.embed.is_some()))
+                .unwrap_or_default(),
         }
     }
 
@@ -122,30 +139,68 @@ impl Worker {
         } else {
             Vec::new()
         };
+        let caption_inputs = self
+            .caption
+            .as_ref()
+            .map(|c| c.prepare(&img))
+            .unwrap_or_default();
         Ok(Decoded {
             width: img.width,
             height: img.height,
             params,
             views,
+            caption_inputs,
         })
     }
 
-    /// Teacher embeddings of a batch: per kept sample, its views' and its caption's.
-    #[allow(clippy::type_complexity)]
-    fn embed_batch(
-        &self,
-        kept: &[(&RawSample, &Decoded)],
-    ) -> Result<Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>> {
+    /// The model stages on a batch: per kept sample, its synthetic captions, then the teacher
+    /// embeddings of its views, its caption and its synthetic captions.
+    fn generate_batch(&self, kept: &[(&RawSample, &Decoded)]) -> Result<Vec<Generated>> {
+        let mut out: Vec<Generated> = kept.iter().map(|_| Generated::default()).collect();
+        if let Some(stage) = &self.caption {
+            let keys: Vec<&str> = kept.iter().map(|(s, _)| s.key.as_str()).collect();
+            let inputs: Vec<&[Vec<f32>]> = kept
+                .iter()
+                .map(|(_, d)| d.caption_inputs.as_slice())
+                .collect();
+            for per_sample in stage.caption_batch(&keys, &inputs)? {
+                for (g, texts) in out.iter_mut().zip(per_sample) {
+                    g.syn.push(SynCaptions {
+                        texts,
+                        emb: Vec::new(),
+                    });
+                }
+            }
+        }
         let Some(stage) = &self.embed else {
-            return Ok(vec![(Vec::new(), Vec::new()); kept.len()]);
+            return Ok(out);
         };
         let views: Vec<&[RgbImage]> = kept.iter().map(|(_, d)| d.views.as_slice()).collect();
-        let captions: Vec<Vec<&str>> = kept.iter().map(|(s, _)| vec![s.caption.as_str()]).collect();
-        Ok(stage
-            .embed_view_groups(&views)?
-            .into_iter()
-            .zip(stage.embed_text_groups(&captions)?)
-            .collect())
+        // The ground-truth caption first, then every synthetic caption, in one text batch.
+        let texts: Vec<Vec<&str>> = kept
+            .iter()
+            .zip(&out)
+            .map(|((s, _), g)| {
+                std::iter::once(s.caption.as_str())
+                    .chain(
+                        g.syn
+                            .iter()
+                            .flat_map(|c| c.texts.iter().map(String::as_str)),
+                    )
+                    .collect()
+            })
+            .collect();
+        let image_embs = stage.embed_view_groups(&views)?;
+        let text_embs = stage.embed_text_groups(&texts)?;
+        for ((g, image_emb), text_emb) in out.iter_mut().zip(image_embs).zip(text_embs) {
+            let mut rest = text_emb.into_iter();
+            g.text_emb = rest.by_ref().take(1).collect();
+            for syn in &mut g.syn {
+                syn.emb = rest.by_ref().take(syn.texts.len()).collect();
+            }
+            g.image_emb = image_emb;
+        }
+        Ok(out)
     }
 
     /// Runs the worker loop until every shard is done or has failed for good.
@@ -357,6 +412,11 @@ impl Worker {
                 .as_ref()
                 .map(EmbedStage::teacher_infos)
                 .unwrap_or_default(),
+            captioners: self
+                .caption
+                .as_ref()
+                .map(CaptionStage::infos)
+                .unwrap_or_default(),
             ..FileMeta::default()
         };
         let staged = store.create_staged(&output)?;
@@ -405,14 +465,14 @@ impl Worker {
                 .zip(&decoded)
                 .filter_map(|(s, d)| d.as_ref().ok().map(|d| (s, d)))
                 .collect();
-            let mut embeddings = self
-                .embed_batch(&kept)
-                .with_context(|| format!("teacher stage failed on shard {}", shard.name))?
+            let mut generated = self
+                .generate_batch(&kept)
+                .with_context(|| format!("model stages failed on shard {}", shard.name))?
                 .into_iter();
             for (sample, result) in batch.drain(..).zip(decoded) {
                 match result {
                     Ok(d) => {
-                        let (image_emb, text_emb) = embeddings.next().unwrap_or_default();
+                        let g = generated.next().unwrap_or_default();
                         let row = Row {
                             paug: d.params.iter().map(to_stored).collect::<Vec<Paug>>(),
                             key: sample.key,
@@ -422,9 +482,9 @@ impl Worker {
                             width: d.width,
                             height: d.height,
                             image: self.config.output.embed_images.then_some(sample.image),
-                            image_emb,
-                            text_emb,
-                            ..Row::default()
+                            image_emb: g.image_emb,
+                            text_emb: g.text_emb,
+                            syn: g.syn,
                         };
                         writer.write_row(&row)?;
                         progress.samples(1);
