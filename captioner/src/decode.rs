@@ -123,6 +123,47 @@ impl<'m> DecodeSession<'m> {
         self.len == 0
     }
 
+    /// Makes each `dst` slot a copy of its `src` slot (caches, pad-mask state) as it was before
+    /// the call, for beam search's reordering; slots not named as `dst` are unchanged.
+    pub fn reorder(&mut self, moves: &[(usize, usize)]) -> Result<()> {
+        let slots = self.slot_image.len();
+        if let Some(bad) = moves.iter().find(|(d, s)| *d >= slots || *s >= slots) {
+            return Err(CaptionError::Input(format!(
+                "reorder of slot {bad:?} out of {slots}"
+            )));
+        }
+        if moves.iter().all(|(d, s)| d == s) {
+            return Ok(());
+        }
+        let block = self.heads * self.head_dim * self.capacity;
+        for cache in self
+            .text_cache
+            .iter_mut()
+            .chain(self.decoder_cache.iter_mut())
+        {
+            for buf in [&mut cache.k, &mut cache.v] {
+                let copies: Vec<Vec<f32>> = moves
+                    .iter()
+                    .map(|&(_, s)| buf[s * block..(s + 1) * block].to_vec())
+                    .collect();
+                for (&(d, _), data) in moves.iter().zip(copies) {
+                    buf[d * block..(d + 1) * block].copy_from_slice(&data);
+                }
+            }
+        }
+        let cap = self.capacity;
+        let valid: Vec<Vec<bool>> = moves
+            .iter()
+            .map(|&(_, s)| self.key_valid[s * cap..(s + 1) * cap].to_vec())
+            .collect();
+        let last: Vec<Option<u32>> = moves.iter().map(|&(_, s)| self.last_token[s]).collect();
+        for ((&(d, _), v), l) in moves.iter().zip(valid).zip(last) {
+            self.key_valid[d * cap..(d + 1) * cap].copy_from_slice(&v);
+            self.last_token[d] = l;
+        }
+        Ok(())
+    }
+
     /// Feeds `tokens[i]` at the next position of slot `active[i]` and returns the next-token
     /// logits of those rows `[active.len(), vocab]`. Slots left out of `active` are finished:
     /// they are skipped from now on (their caches are simply never read again).

@@ -1,5 +1,5 @@
 //! The generation loop with OpenCLIP `generate()`'s semantics for top-p, top-k and greedy
-//! decoding, on top of the cached decoder.
+//! decoding, on top of the cached decoder (beam search lives in [`crate::beam`]).
 //!
 //! Per row: start with start-of-text; at every step the logits of the last position go
 //! through the minimum-length and repetition-penalty processors and the strategy's filter;
@@ -10,11 +10,12 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use crate::beam::beam_search;
 use crate::decode::DecodeSession;
 use crate::error::{CaptionError, Result};
 use crate::model::{CocaModel, ImageContext};
 use crate::rng::CaptionRng;
-use crate::sampling::{choose, process, GenerationConfig};
+use crate::sampling::{choose, process, GenerationConfig, Strategy};
 
 /// Special token ids of the vocabulary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +69,20 @@ pub fn generate(
                 "special token {id} is outside the vocabulary of {vocab}"
             )));
         }
+    }
+    if cfg.strategy == Strategy::BeamSearch {
+        // Deterministic: one search per image, shared by all its rows.
+        let mut unique: Vec<usize> = rows.iter().map(|r| r.image).collect();
+        unique.sort_unstable();
+        unique.dedup();
+        let found = beam_search(model, image, &unique, cfg, special)?;
+        return Ok(rows
+            .iter()
+            .map(|r| {
+                let i = unique.binary_search(&r.image).unwrap_or(0);
+                found[i].clone()
+            })
+            .collect());
     }
     let mut out: Vec<Vec<u32>> = rows.iter().map(|_| vec![special.sot]).collect();
     if rows.is_empty() {
@@ -128,7 +143,8 @@ pub fn generate(
     Ok(out)
 }
 
-fn host_rows(logits: &Tensor, rows: usize, vocab: usize) -> Result<Vec<Vec<f32>>> {
+/// Logits `[rows, vocab]` as host rows.
+pub(crate) fn host_rows(logits: &Tensor, rows: usize, vocab: usize) -> Result<Vec<Vec<f32>>> {
     let flat = logits.flatten_all()?.to_vec1::<f32>()?;
     if flat.len() != rows * vocab {
         return Err(CaptionError::Input(format!(

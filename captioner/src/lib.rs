@@ -7,6 +7,7 @@
 //! tokens costs `L` single-position steps instead of OpenCLIP's `L` full-prefix forwards.
 
 pub mod arch;
+pub mod beam;
 pub mod captioner;
 pub mod clean;
 pub mod decode;
@@ -18,6 +19,7 @@ pub mod rng;
 pub mod sampling;
 
 pub use arch::{CocaArch, CocaConfig, MultimodalConfig};
+pub use beam::beam_search;
 pub use captioner::{Captioner, CaptionerConfig};
 pub use clean::{caption_text, clean_caption};
 pub use error::{CaptionError, Result};

@@ -19,6 +19,9 @@ pub enum Strategy {
     TopK,
     /// The most likely token (what OpenCLIP's `top_k` with `top_k = 1` amounts to).
     Greedy,
+    /// OpenCLIP's beam search (`num_beams`, `num_beam_groups`): deterministic, so every caption
+    /// of an image is the same, as when RayGen calls it once per caption.
+    BeamSearch,
 }
 
 /// Decoding settings, with OpenCLIP `generate()`'s names and MobileCLIP2's defaults.
@@ -34,6 +37,12 @@ pub struct GenerationConfig {
     /// Tokens kept by `top_k`.
     #[serde(default = "default_top_k")]
     pub top_k: usize,
+    /// Beams of `beam_search` (OpenCLIP: 6).
+    #[serde(default = "default_num_beams")]
+    pub num_beams: usize,
+    /// Beam groups of `beam_search` (OpenCLIP: 3); `num_beams` must be a multiple.
+    #[serde(default = "default_num_beam_groups")]
+    pub num_beam_groups: usize,
     /// Tokens per caption including start- and end-of-text; end-of-text is forced in the last
     /// slot (OpenCLIP: 30).
     #[serde(default = "default_seq_len")]
@@ -56,6 +65,12 @@ fn default_top_p() -> f64 {
 fn default_top_k() -> usize {
     1
 }
+fn default_num_beams() -> usize {
+    6
+}
+fn default_num_beam_groups() -> usize {
+    3
+}
 fn default_seq_len() -> usize {
     30
 }
@@ -75,6 +90,8 @@ impl Default for GenerationConfig {
             strategy: Strategy::default(),
             top_p: default_top_p(),
             top_k: default_top_k(),
+            num_beams: default_num_beams(),
+            num_beam_groups: default_num_beam_groups(),
             seq_len: default_seq_len(),
             min_seq_len: default_min_seq_len(),
             temperature: default_temperature(),
@@ -114,6 +131,16 @@ impl GenerationConfig {
         }
         if self.strategy == Strategy::TopK && self.top_k == 0 {
             return bad("top_k must be at least 1".into());
+        }
+        if self.strategy == Strategy::BeamSearch
+            && (self.num_beams < 2
+                || self.num_beam_groups == 0
+                || !self.num_beams.is_multiple_of(self.num_beam_groups))
+        {
+            return bad(format!(
+                "beam search needs num_beams >= 2 and a multiple of num_beam_groups (got {} and {})",
+                self.num_beams, self.num_beam_groups
+            ));
         }
         Ok(())
     }
@@ -249,7 +276,7 @@ pub fn kept_probs(logits: &[f32], keep: &[bool], temperature: f64) -> Vec<f64> {
 pub fn choose(logits: &[f32], cfg: &GenerationConfig, rng: &mut CaptionRng) -> u32 {
     let mut keep = vec![true; logits.len()];
     match cfg.strategy {
-        Strategy::Greedy => return argmax(logits).unwrap_or(0) as u32,
+        Strategy::Greedy | Strategy::BeamSearch => return argmax(logits).unwrap_or(0) as u32,
         Strategy::TopK => top_k_keep(logits, cfg.top_k, &mut keep),
         Strategy::TopP => top_p_keep(logits, cfg.top_p, &mut keep),
     }

@@ -338,3 +338,50 @@ fn top_p_captions_are_reproducible_in_any_batch() {
         assert!(r[end + 1..].iter().all(|&t| t == SPECIAL.pad));
     }
 }
+
+#[test]
+fn beam_search_equals_openclip() {
+    let g = json("beam.json");
+    let runs = g["runs"].as_array().unwrap();
+    assert!(runs.len() >= 6, "fixture set changed");
+    let defaults = &g["generate_defaults"];
+    for run in runs {
+        let model = match run["weights"].as_str().unwrap() {
+            "base" => &fixture().base,
+            "eos" => &fixture().eos,
+            other => panic!("weights {other}"),
+        };
+        let want: Vec<Vec<u32>> = serde_json::from_value(run["ids"].clone()).unwrap();
+        let cfg = GenerationConfig {
+            strategy: Strategy::BeamSearch,
+            seq_len: run["args"]["seq_len"].as_u64().unwrap() as usize,
+            num_beams: run["args"]["num_beams"].as_u64().unwrap() as usize,
+            num_beam_groups: run["args"]["num_beam_groups"].as_u64().unwrap() as usize,
+            min_seq_len: defaults["min_seq_len"].as_u64().unwrap() as usize,
+            ..GenerationConfig::default()
+        };
+        let ctx = context(model);
+        assert_eq!(want.len(), run["images"].as_u64().unwrap() as usize);
+        let images: Vec<usize> = (0..want.len()).collect();
+        let mut ours = dfndr_captioner::beam_search(model, &ctx, &images, &cfg, SPECIAL).unwrap();
+        // OpenCLIP's batch is as wide as its longest row (+ end-of-text); ours is seq_len.
+        let width = want[0].len();
+        for row in &mut ours {
+            assert!(row[width..].iter().all(|&t| t == SPECIAL.pad), "{row:?}");
+            row.truncate(width);
+        }
+        assert_eq!(ours, want, "{}", run["name"]);
+        // Through generate(): every caption row of an image gets the same search.
+        let mut rows: Vec<RowRequest> = [1usize, 0, 1]
+            .iter()
+            .map(|&image| RowRequest {
+                image,
+                rng: CaptionRng::for_caption(0, "t", "k", 0),
+            })
+            .collect();
+        let via = generate(model, &ctx, &mut rows, &cfg, SPECIAL).unwrap();
+        assert_eq!(via[0][..width], want[1][..]);
+        assert_eq!(via[1][..width], want[0][..]);
+        assert_eq!(via[2], via[0]);
+    }
+}

@@ -62,6 +62,14 @@ impl CaptionStage {
                     "RANDOM captioner weights: captions are gibberish (for demos and tests only)"
                 );
             }
+            if c.generation.strategy == dfndr_captioner::Strategy::BeamSearch && c.num_captions > 1
+            {
+                tracing::warn!(
+                    captioner = %c.tag,
+                    "beam search is deterministic: the {} captions of an image will be identical",
+                    c.num_captions
+                );
+            }
             tracing::info!(
                 captioner = %c.tag,
                 arch = %c.arch.label(),
