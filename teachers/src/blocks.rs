@@ -11,6 +11,7 @@ mod attention;
 mod cpu_kernels;
 mod linear;
 mod norm;
+mod small_rows;
 mod transformer;
 
 pub use act::Activation;

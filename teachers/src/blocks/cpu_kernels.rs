@@ -248,8 +248,8 @@ impl CustomOp1 for PackedSelfAttention {
 /// `x Wᵀ + b` with the bias written into the output before the product accumulates onto it
 /// (one pass fewer than a matmul followed by a broadcast add). `x: [.., in]`, `W: [out, in]`.
 pub struct BiasLinear {
-    /// The bias values, `[out]`.
-    pub bias: Vec<f32>,
+    /// The bias values, `[out]` (`None`: no bias).
+    pub bias: Option<Vec<f32>>,
 }
 
 impl CustomOp2 for BiasLinear {
@@ -268,16 +268,26 @@ impl CustomOp2 for BiasLinear {
         let w = f32_slice(s2, l2, "linear weight")?;
         let (out_dim, in_dim) = l2.shape().dims2()?;
         let dims = l1.shape().dims();
-        if dims.last() != Some(&in_dim) || self.bias.len() != out_dim || in_dim == 0 {
+        let bias_len = self.bias.as_ref().map_or(out_dim, Vec::len);
+        if dims.last() != Some(&in_dim) || bias_len != out_dim || in_dim == 0 {
             candle_core::bail!(
-                "linear: input {dims:?}, weight [{out_dim}, {in_dim}], bias {}",
-                self.bias.len()
+                "linear: input {dims:?}, weight [{out_dim}, {in_dim}], bias {bias_len}"
             );
         }
         let rows = x.len() / in_dim;
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out_dim;
+        }
+        if super::small_rows::prefer(rows, in_dim, out_dim) {
+            let out = super::small_rows::linear(x, w, self.bias.as_deref(), rows, in_dim, out_dim);
+            return Ok((CpuStorage::F32(out), Shape::from(shape)));
+        }
         let mut out = vec![0f32; rows * out_dim];
-        out.par_chunks_mut(out_dim)
-            .for_each(|row| row.copy_from_slice(&self.bias));
+        if let Some(bias) = &self.bias {
+            out.par_chunks_mut(out_dim)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
         // SAFETY: x is rows x in (row stride in), W is out x in read as Wᵀ (column stride
         // in, row stride 1), out is rows x out (row stride out); all three were checked above.
         unsafe {
@@ -302,10 +312,6 @@ impl CustomOp2 for BiasLinear {
                 false,
                 Parallelism::Rayon(rayon::current_num_threads()),
             );
-        }
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = out_dim;
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }

@@ -51,13 +51,23 @@ impl Linear {
         matmul_last_dim(x, &self.weight.t()?, None)
     }
 
+    /// [`Linear::forward_no_bias`] through the fused CPU kernel when it applies (inference
+    /// only: no backward pass); elsewhere the same.
+    pub fn forward_no_bias_fused(&self, x: &Tensor) -> Result<Tensor> {
+        if super::cpu_kernels::usable(x) && self.weight.is_contiguous() {
+            let op = super::cpu_kernels::BiasLinear { bias: None };
+            return x.contiguous()?.apply_op2_no_bwd(&self.weight, &op);
+        }
+        self.forward_no_bias(x)
+    }
+
     /// [`Linear::forward`] with the bias fused into the product on the CPU (inference only:
     /// no backward pass); elsewhere the same as `forward`.
     pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(bias) if super::cpu_kernels::usable(x) && self.weight.is_contiguous() => {
                 let op = super::cpu_kernels::BiasLinear {
-                    bias: bias.to_vec1::<f32>()?,
+                    bias: Some(bias.to_vec1::<f32>()?),
                 };
                 x.contiguous()?.apply_op2_no_bwd(&self.weight, &op)
             }

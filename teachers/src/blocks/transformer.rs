@@ -83,7 +83,7 @@ impl Mlp {
             Some(bias) if self.kernels == Kernels::Fused && cpu_kernels::usable(x) => {
                 let hidden = self
                     .c_fc
-                    .forward_no_bias(x)?
+                    .forward_no_bias_fused(x)?
                     .apply_op2_no_bwd(bias, &BiasAct(self.act))?;
                 self.c_proj.forward_fused(&hidden)
             }
