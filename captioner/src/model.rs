@@ -77,8 +77,9 @@ impl CocaModel {
     /// Every `(key, shape)` of this architecture's state dict, in construction order.
     pub fn state_dict_shapes(config: &CocaConfig) -> Result<Vec<(String, Vec<usize>)>> {
         config.validate()?;
+        // Differentiable: nothing is re-laid out, so the placeholders are never materialised.
         Ok(requested_shapes(|vb| {
-            Self::new(vb, config, Kernels::Fused)
+            Self::new(vb, config, Kernels::Differentiable)
         })?)
     }
 

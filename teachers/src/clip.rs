@@ -59,7 +59,8 @@ impl ClipModel {
     /// Every `(key, shape)` of this architecture's state dict, in construction order.
     pub fn state_dict_shapes(config: &ClipConfig) -> Result<Vec<(String, Vec<usize>)>> {
         config.validate()?;
-        requested_shapes(|vb| Self::new(vb, config, Kernels::Fused))
+        // Differentiable: nothing is re-laid out, so the placeholders are never materialised.
+        requested_shapes(|vb| Self::new(vb, config, Kernels::Differentiable))
     }
 
     /// The architecture.

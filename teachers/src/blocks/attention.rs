@@ -64,13 +64,29 @@ impl MultiheadAttention {
                     "in_proj_weight",
                     xavier(embed_dim, 3 * embed_dim),
                 )?;
-                let rows = |i: usize| w.narrow(0, i * embed_dim, embed_dim);
-                (
-                    Some(Linear::from_parts(w.clone(), Some(bias.clone()))),
-                    Linear::from_parts(rows(0)?, Some(part(0)?)),
-                    Linear::from_parts(rows(1)?, Some(part(1)?)),
-                    Linear::from_parts(rows(2)?, Some(part(2)?)),
-                )
+                let qkv = Linear::from_parts(w, Some(bias.clone())).prepared(kernels)?;
+                match qkv.weight_t().cloned() {
+                    // Prepared: q, k and v are column slices of the transposed packed weight.
+                    Some(wt) => {
+                        let cols = |i: usize| wt.narrow(1, i * embed_dim, embed_dim);
+                        (
+                            Some(qkv.clone()),
+                            Linear::from_transposed(cols(0)?, Some(part(0)?))?,
+                            Linear::from_transposed(cols(1)?, Some(part(1)?))?,
+                            Linear::from_transposed(cols(2)?, Some(part(2)?))?,
+                        )
+                    }
+                    None => {
+                        let w = qkv.weight().clone();
+                        let rows = |i: usize| w.narrow(0, i * embed_dim, embed_dim);
+                        (
+                            Some(qkv.clone()),
+                            Linear::from_parts(rows(0)?, Some(part(0)?)),
+                            Linear::from_parts(rows(1)?, Some(part(1)?)),
+                            Linear::from_parts(rows(2)?, Some(part(2)?)),
+                        )
+                    }
+                }
             }
             AttentionWeights::Separate => {
                 let get = |name: &str, in_dim: usize| {
@@ -78,13 +94,17 @@ impl MultiheadAttention {
                 };
                 (
                     None,
-                    Linear::from_parts(get("q_proj_weight", embed_dim)?, Some(part(0)?)),
-                    Linear::from_parts(get("k_proj_weight", kdim)?, Some(part(1)?)),
-                    Linear::from_parts(get("v_proj_weight", vdim)?, Some(part(2)?)),
+                    Linear::from_parts(get("q_proj_weight", embed_dim)?, Some(part(0)?))
+                        .prepared(kernels)?,
+                    Linear::from_parts(get("k_proj_weight", kdim)?, Some(part(1)?))
+                        .prepared(kernels)?,
+                    Linear::from_parts(get("v_proj_weight", vdim)?, Some(part(2)?))
+                        .prepared(kernels)?,
                 )
             }
         };
-        let out_proj = Linear::new(vb.pp("out_proj"), embed_dim, embed_dim, true)?;
+        let out_proj =
+            Linear::new(vb.pp("out_proj"), embed_dim, embed_dim, true)?.prepared(kernels)?;
         Ok(Self {
             qkv,
             q,

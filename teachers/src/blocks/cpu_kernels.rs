@@ -245,11 +245,36 @@ impl CustomOp1 for PackedSelfAttention {
     }
 }
 
-/// `x Wᵀ + b` with the bias written into the output before the product accumulates onto it
-/// (one pass fewer than a matmul followed by a broadcast add). `x: [.., in]`, `W: [out, in]`.
+/// `x W + bias` with the transposed weight `W: [in, out]` (column stride 1, any row stride:
+/// a column slice of a packed projection works without a copy) and an optional bias, the bias
+/// written into the output before the product accumulates onto it.
 pub struct BiasLinear {
     /// The bias values, `[out]` (`None`: no bias).
     pub bias: Option<Vec<f32>>,
+}
+
+/// A float32 matrix `[rows, cols]` with unit column stride: the values from its first element
+/// on, and its row stride.
+fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: fused CPU kernels take float32");
+    };
+    let (rows, cols) = l.shape().dims2()?;
+    let stride = l.stride();
+    if stride[1] != 1 && cols > 1 {
+        candle_core::bail!("{what}: fused CPU kernels need unit column stride");
+    }
+    let row_stride = if rows > 1 { stride[0] } else { cols };
+    let start = l.start_offset();
+    let needed = if rows == 0 {
+        0
+    } else {
+        (rows - 1) * row_stride + cols
+    };
+    if row_stride < cols || start + needed > v.len() {
+        candle_core::bail!("{what}: layout out of bounds");
+    }
+    Ok((&v[start..start + needed], row_stride))
 }
 
 impl CustomOp2 for BiasLinear {
@@ -265,13 +290,13 @@ impl CustomOp2 for BiasLinear {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "linear input")?;
-        let w = f32_slice(s2, l2, "linear weight")?;
-        let (out_dim, in_dim) = l2.shape().dims2()?;
+        let (w, w_stride) = f32_rows(s2, l2, "linear weight")?;
+        let (in_dim, out_dim) = l2.shape().dims2()?;
         let dims = l1.shape().dims();
         let bias_len = self.bias.as_ref().map_or(out_dim, Vec::len);
         if dims.last() != Some(&in_dim) || bias_len != out_dim || in_dim == 0 {
             candle_core::bail!(
-                "linear: input {dims:?}, weight [{out_dim}, {in_dim}], bias {bias_len}"
+                "linear: input {dims:?}, weight [{in_dim}, {out_dim}] (transposed), bias {bias_len}"
             );
         }
         let rows = x.len() / in_dim;
@@ -280,7 +305,15 @@ impl CustomOp2 for BiasLinear {
             *last = out_dim;
         }
         if super::small_rows::prefer(rows, in_dim, out_dim) {
-            let out = super::small_rows::linear(x, w, self.bias.as_deref(), rows, in_dim, out_dim);
+            let out = super::small_rows::linear(
+                x,
+                w,
+                w_stride,
+                self.bias.as_deref(),
+                rows,
+                in_dim,
+                out_dim,
+            );
             return Ok((CpuStorage::F32(out), Shape::from(shape)));
         }
         let mut out = vec![0f32; rows * out_dim];
@@ -288,8 +321,8 @@ impl CustomOp2 for BiasLinear {
             out.par_chunks_mut(out_dim)
                 .for_each(|row| row.copy_from_slice(bias));
         }
-        // SAFETY: x is rows x in (row stride in), W is out x in read as Wᵀ (column stride
-        // in, row stride 1), out is rows x out (row stride out); all three were checked above.
+        // SAFETY: x is rows x in (row stride in), W is in x out (row stride w_stride, column
+        // stride 1; f32_rows checked the extent), out is rows x out (row stride out).
         unsafe {
             gemm::gemm(
                 rows,
@@ -298,14 +331,14 @@ impl CustomOp2 for BiasLinear {
                 out.as_mut_ptr(),
                 1,
                 out_dim as isize,
-                true,
+                self.bias.is_some(),
                 x.as_ptr(),
                 1,
                 in_dim as isize,
                 w.as_ptr(),
-                in_dim as isize,
                 1,
-                1.0,
+                w_stride as isize,
+                if self.bias.is_some() { 1.0 } else { 0.0 },
                 1.0,
                 false,
                 false,

@@ -70,9 +70,9 @@ impl Mlp {
         kernels: Kernels,
     ) -> Result<Self> {
         Ok(Self {
-            c_fc: Linear::new(vb.pp("c_fc"), width, hidden, true)?,
+            c_fc: Linear::new(vb.pp("c_fc"), width, hidden, true)?.prepared(kernels)?,
             act,
-            c_proj: Linear::new(vb.pp("c_proj"), hidden, width, true)?,
+            c_proj: Linear::new(vb.pp("c_proj"), hidden, width, true)?.prepared(kernels)?,
             kernels,
         })
     }
