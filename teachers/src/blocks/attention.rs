@@ -64,29 +64,13 @@ impl MultiheadAttention {
                     "in_proj_weight",
                     xavier(embed_dim, 3 * embed_dim),
                 )?;
-                let qkv = Linear::from_parts(w, Some(bias.clone())).prepared(kernels)?;
-                match qkv.weight_t().cloned() {
-                    // Prepared: q, k and v are column slices of the transposed packed weight.
-                    Some(wt) => {
-                        let cols = |i: usize| wt.narrow(1, i * embed_dim, embed_dim);
-                        (
-                            Some(qkv.clone()),
-                            Linear::from_transposed(cols(0)?, Some(part(0)?))?,
-                            Linear::from_transposed(cols(1)?, Some(part(1)?))?,
-                            Linear::from_transposed(cols(2)?, Some(part(2)?))?,
-                        )
-                    }
-                    None => {
-                        let w = qkv.weight().clone();
-                        let rows = |i: usize| w.narrow(0, i * embed_dim, embed_dim);
-                        (
-                            Some(qkv.clone()),
-                            Linear::from_parts(rows(0)?, Some(part(0)?)),
-                            Linear::from_parts(rows(1)?, Some(part(1)?)),
-                            Linear::from_parts(rows(2)?, Some(part(2)?)),
-                        )
-                    }
-                }
+                // Widening (3E from E): kept as stored, so q, k and v stay row views of it.
+                let qkv = Linear::from_parts(w.clone(), Some(bias.clone())).prepared(kernels)?;
+                let rows = |i: usize| w.narrow(0, i * embed_dim, embed_dim);
+                let view = |i: usize| -> Result<Linear> {
+                    Ok(Linear::from_parts(rows(i)?, Some(part(i)?)).fused_as_stored(kernels))
+                };
+                (Some(qkv), view(0)?, view(1)?, view(2)?)
             }
             AttentionWeights::Separate => {
                 let get = |name: &str, in_dim: usize| {

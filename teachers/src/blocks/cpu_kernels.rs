@@ -245,12 +245,15 @@ impl CustomOp1 for PackedSelfAttention {
     }
 }
 
-/// `x W + bias` with the transposed weight `W: [in, out]` (column stride 1, any row stride:
-/// a column slice of a packed projection works without a copy) and an optional bias, the bias
-/// written into the output before the product accumulates onto it.
+/// `x Wᵀ + bias` with the weight `[out, in]` as stored, or `x W + bias` with it transposed
+/// (`[in, out]`); either with unit column stride and any row stride (slices of a packed
+/// projection work without a copy). The bias is written into the output before the product
+/// accumulates onto it.
 pub struct BiasLinear {
     /// The bias values, `[out]` (`None`: no bias).
     pub bias: Option<Vec<f32>>,
+    /// The weight is `[in, out]` rather than `[out, in]`.
+    pub transposed: bool,
 }
 
 /// A float32 matrix `[rows, cols]` with unit column stride: the values from its first element
@@ -291,12 +294,17 @@ impl CustomOp2 for BiasLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "linear input")?;
         let (w, w_stride) = f32_rows(s2, l2, "linear weight")?;
-        let (in_dim, out_dim) = l2.shape().dims2()?;
+        let (in_dim, out_dim) = if self.transposed {
+            l2.shape().dims2()?
+        } else {
+            let (o, i) = l2.shape().dims2()?;
+            (i, o)
+        };
         let dims = l1.shape().dims();
         let bias_len = self.bias.as_ref().map_or(out_dim, Vec::len);
         if dims.last() != Some(&in_dim) || bias_len != out_dim || in_dim == 0 {
             candle_core::bail!(
-                "linear: input {dims:?}, weight [{in_dim}, {out_dim}] (transposed), bias {bias_len}"
+                "linear: input {dims:?}, weight for {in_dim} -> {out_dim}, bias {bias_len}"
             );
         }
         let rows = x.len() / in_dim;
@@ -305,24 +313,35 @@ impl CustomOp2 for BiasLinear {
             *last = out_dim;
         }
         if super::small_rows::prefer(rows, in_dim, out_dim) {
-            let out = super::small_rows::linear(
-                x,
-                w,
-                w_stride,
-                self.bias.as_deref(),
-                rows,
-                in_dim,
-                out_dim,
-            );
-            return Ok((CpuStorage::F32(out), Shape::from(shape)));
+            let bias = self.bias.as_deref();
+            let out = if self.transposed {
+                Some(super::small_rows::linear(
+                    x, w, w_stride, bias, rows, in_dim, out_dim,
+                ))
+            } else if w_stride == in_dim {
+                Some(super::small_rows::linear_out_in(
+                    x, w, bias, rows, in_dim, out_dim,
+                ))
+            } else {
+                None
+            };
+            if let Some(out) = out {
+                return Ok((CpuStorage::F32(out), Shape::from(shape)));
+            }
         }
+        // gemm reads B = W (transposed) or Wᵀ (as stored) through strides.
+        let (rhs_cs, rhs_rs) = if self.transposed {
+            (1, w_stride as isize)
+        } else {
+            (w_stride as isize, 1)
+        };
         let mut out = vec![0f32; rows * out_dim];
         if let Some(bias) = &self.bias {
             out.par_chunks_mut(out_dim)
                 .for_each(|row| row.copy_from_slice(bias));
         }
-        // SAFETY: x is rows x in (row stride in), W is in x out (row stride w_stride, column
-        // stride 1; f32_rows checked the extent), out is rows x out (row stride out).
+        // SAFETY: x is rows x in (row stride in); W's extent was checked by f32_rows and B is
+        // read within it through (rhs_cs, rhs_rs); out is rows x out (row stride out).
         unsafe {
             gemm::gemm(
                 rows,
@@ -336,8 +355,8 @@ impl CustomOp2 for BiasLinear {
                 1,
                 in_dim as isize,
                 w.as_ptr(),
-                1,
-                w_stride as isize,
+                rhs_cs,
+                rhs_rs,
                 if self.bias.is_some() { 1.0 } else { 0.0 },
                 1.0,
                 false,

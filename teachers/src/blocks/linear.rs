@@ -6,16 +6,18 @@ use super::{Kernels, VarBuilder};
 
 /// `nn.Linear`: weight `[out, in]` (applied as `x Wᵀ`), optional bias `[out]`.
 ///
-/// For inference on the CPU ([`Linear::prepared`]) the weight is kept transposed, `[in, out]`
-/// with unit column stride, which the `gemm` crate multiplies 1.1-2x faster than the
-/// `[out, in]` layout (most on the MLP's down projection), and the `[out, in]` weight becomes a
-/// view of it, so nothing is stored twice.
+/// [`Linear::prepared`] readies a layer for the fused CPU kernels (inference). Layers that do
+/// not widen (`out <= in`: attention output, MLP down projection) then keep their weight
+/// transposed, `[in, out]`, which the `gemm` crate multiplies up to 2x faster; widening ones
+/// (packed q|k|v, MLP up projection) are faster as stored. The `[out, in]` weight is then a
+/// view of the transposed copy, so nothing is stored twice.
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Tensor,
-    /// `[in, out]`, column stride 1 (row stride may exceed `out`: a column slice of a packed
-    /// projection); only for the fused CPU kernels.
+    /// `[in, out]`, column stride 1, when prepared and transposed.
     weight_t: Option<Tensor>,
+    /// Prepared for the fused CPU kernels.
+    fused: bool,
     bias: Option<Tensor>,
 }
 
@@ -36,11 +38,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self {
-            weight,
-            weight_t: None,
-            bias,
-        })
+        Ok(Self::from_parts(weight, bias))
     }
 
     /// Builds the layer from tensors already loaded (e.g. slices of a packed projection).
@@ -48,37 +46,37 @@ impl Linear {
         Self {
             weight,
             weight_t: None,
+            fused: false,
             bias,
         }
     }
 
-    /// Builds the layer from a transposed weight `[in, out]` with unit column stride (e.g. a
-    /// column slice of a prepared packed projection), ready for the fused CPU kernels.
-    pub fn from_transposed(weight_t: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self {
-            weight: weight_t.t()?,
-            weight_t: Some(weight_t),
-            bias,
-        })
-    }
-
-    /// The layer laid out for `kernels` on the weight's device: with [`Kernels::Fused`] on the
-    /// CPU the weight is stored transposed for the fused kernels; otherwise unchanged.
+    /// The layer readied for `kernels` on the weight's device: with [`Kernels::Fused`] on the
+    /// CPU it takes the fused kernels, with the weight transposed when `out <= in`; otherwise
+    /// unchanged.
     pub fn prepared(self, kernels: Kernels) -> Result<Self> {
-        if kernels != Kernels::Fused || !self.weight.device().is_cpu() || self.weight_t.is_some() {
-            return Ok(self);
+        let mut layer = self.fused_as_stored(kernels);
+        if layer.fused && layer.weight_t.is_none() {
+            let (out_dim, in_dim) = layer.weight.dims2()?;
+            if out_dim <= in_dim {
+                let weight_t = layer.weight.t()?.contiguous()?;
+                layer.weight = weight_t.t()?;
+                layer.weight_t = Some(weight_t);
+            }
         }
-        Self::from_transposed(self.weight.t()?.contiguous()?, self.bias)
+        Ok(layer)
     }
 
-    /// The weight `[out, in]` (a view of the transposed copy when prepared).
+    /// The layer readied for `kernels` like [`Linear::prepared`], but with the weight left as
+    /// stored (for slices of a packed weight, which must stay views).
+    pub fn fused_as_stored(mut self, kernels: Kernels) -> Self {
+        self.fused = kernels == Kernels::Fused && self.weight.device().is_cpu();
+        self
+    }
+
+    /// The weight `[out, in]` (a view of the transposed copy when there is one).
     pub fn weight(&self) -> &Tensor {
         &self.weight
-    }
-
-    /// The weight transposed `[in, out]`, when the layer is prepared for the fused CPU kernels.
-    pub fn weight_t(&self) -> Option<&Tensor> {
-        self.weight_t.as_ref()
     }
 
     /// Output features.
@@ -110,33 +108,28 @@ impl Linear {
     }
 
     fn fused(&self, x: &Tensor, with_bias: bool) -> Result<Option<Tensor>> {
-        let Some(weight_t) = &self.weight_t else {
-            return Ok(None);
-        };
-        if !super::cpu_kernels::usable(x) {
+        if !self.fused || !super::cpu_kernels::usable(x) {
             return Ok(None);
         }
         let bias = match (&self.bias, with_bias) {
             (Some(b), true) => Some(b.to_vec1::<f32>()?),
             _ => None,
         };
-        let op = super::cpu_kernels::BiasLinear { bias };
-        x.contiguous()?.apply_op2_no_bwd(weight_t, &op).map(Some)
+        let (weight, transposed) = match &self.weight_t {
+            Some(wt) => (wt, true),
+            None => (&self.weight, false),
+        };
+        let op = super::cpu_kernels::BiasLinear { bias, transposed };
+        x.contiguous()?.apply_op2_no_bwd(weight, &op).map(Some)
     }
 
     /// Applies the layer to `[..., in]`. Leading dimensions are folded into one so the whole
-    /// batch is a single large matrix product. A prepared layer takes the fused CPU kernel
-    /// (its weight may be a strided view that candle's matmul would have to copy).
+    /// batch is a single large matrix product. A prepared layer takes the fused CPU kernel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = self.fused(x, true)? {
             return Ok(y);
         }
-        let w = if self.weight_t.is_some() {
-            self.weight.t()?.contiguous()?
-        } else {
-            self.weight.t()?
-        };
-        matmul_last_dim(x, &w, self.bias.as_ref())
+        matmul_last_dim(x, &self.weight.t()?, self.bias.as_ref())
     }
 }
 
