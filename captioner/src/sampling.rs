@@ -173,13 +173,17 @@ pub fn process(logits: &mut [f32], prefix: &[u32], eos: u32, cfg: &GenerationCon
 /// finds the cut; only the boundary bucket is sorted), because a full 49,408-entry sort per
 /// row and step would cost more than the decoder.
 pub fn top_p_keep(logits: &[f32], top_p: f64, keep: &mut [bool]) {
-    let probs = softmax(logits);
+    top_p_keep_probs(&softmax(logits), argmax(logits), top_p, keep);
+}
+
+/// [`top_p_keep`] on probabilities already computed (`best`: the most likely token).
+fn top_p_keep_probs(probs: &[f32], best: Option<usize>, top_p: f64, keep: &mut [bool]) {
     let cut = 1.0 - top_p;
     // Non-negative floats order like their bit patterns; 4096 buckets on the top bits.
     const SHIFT: u32 = 20;
     let bucket = |p: f32| (p.to_bits() >> SHIFT) as usize;
     let mut mass = vec![0f64; (u32::MAX >> SHIFT) as usize + 1];
-    for &p in &probs {
+    for &p in probs {
         mass[bucket(p)] += p as f64;
     }
     // Ascending: find the bucket where the cumulative mass first exceeds the cut.
@@ -207,7 +211,7 @@ pub fn top_p_keep(logits: &[f32], top_p: f64, keep: &mut [bool]) {
         keep[i] = cum > cut;
     }
     // The most likely token is never removed.
-    if let Some(best) = argmax(logits) {
+    if let Some(best) = best {
         keep[best] = true;
     }
 }
@@ -275,12 +279,38 @@ pub fn kept_probs(logits: &[f32], keep: &[bool], temperature: f64) -> Vec<f64> {
 /// Chooses the next token of one row from its processed logits.
 pub fn choose(logits: &[f32], cfg: &GenerationConfig, rng: &mut CaptionRng) -> u32 {
     let mut keep = vec![true; logits.len()];
-    match cfg.strategy {
+    let probs = match cfg.strategy {
         Strategy::Greedy | Strategy::BeamSearch => return argmax(logits).unwrap_or(0) as u32,
-        Strategy::TopK => top_k_keep(logits, cfg.top_k, &mut keep),
-        Strategy::TopP => top_p_keep(logits, cfg.top_p, &mut keep),
-    }
-    let probs = kept_probs(logits, &keep, cfg.temperature);
+        Strategy::TopK => {
+            top_k_keep(logits, cfg.top_k, &mut keep);
+            kept_probs(logits, &keep, cfg.temperature)
+        }
+        Strategy::TopP if cfg.temperature == 1.0 => {
+            // softmax over the kept tokens is the full softmax renormalised: one pass fewer.
+            let full = softmax(logits);
+            top_p_keep_probs(&full, argmax(logits), cfg.top_p, &mut keep);
+            let kept: f64 = full
+                .iter()
+                .zip(&keep)
+                .filter(|(_, &k)| k)
+                .map(|(&p, _)| p as f64)
+                .sum();
+            full.iter()
+                .zip(&keep)
+                .map(|(&p, &k)| {
+                    if k && kept > 0.0 {
+                        p as f64 / kept
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        }
+        Strategy::TopP => {
+            top_p_keep(logits, cfg.top_p, &mut keep);
+            kept_probs(logits, &keep, cfg.temperature)
+        }
+    };
     let u = rng.unit_f64();
     let mut cum = 0.0;
     let mut last = None;
