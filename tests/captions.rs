@@ -47,6 +47,38 @@ seq_len = 12
 batch_size = 4
 "#;
 
+/// A second captioner in the same job: greedy decoding, its own column.
+const GREEDY: &str = r#"
+[[captioners]]
+tag = "greedy"
+weights = "random:6"
+num_captions = 2
+[captioners.arch]
+embed_dim = 32
+[captioners.arch.vision]
+image_size = 32
+patch_size = 16
+width = 32
+layers = 1
+head_width = 16
+attentional_pool = true
+attn_pooler_heads = 2
+attn_pooler_queries = 4
+[captioners.arch.text]
+width = 32
+heads = 2
+layers = 1
+embed_cls = true
+context_length = 76
+[captioners.arch.multimodal]
+width = 32
+heads = 2
+layers = 1
+[captioners.generation]
+strategy = "greedy"
+seq_len = 8
+"#;
+
 const TEACHER: &str = r#"
 [[teachers]]
 name = "a"
@@ -99,18 +131,22 @@ fn reinforce_writes_seeded_captions_and_their_embeddings() {
         dir.path(),
         &shard.display().to_string(),
         &out,
-        &format!("{BASE}{CAPTIONER}{TEACHER}"),
+        &format!("{BASE}{CAPTIONER}{GREEDY}{TEACHER}"),
     );
     let o = run(&mut reinforce(&config));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("RANDOM captioner weights"));
     let (reader, rows) = rows_of(&out.join("shards/demo-00000.parquet"));
     let layout = reader.layout();
-    assert_eq!(layout.syn.len(), 1);
-    assert_eq!(layout.syn[0].tag, "coca");
-    assert!(layout.syn[0].with_emb);
+    let tags: Vec<&str> = layout.syn.iter().map(|s| s.tag.as_str()).collect();
+    assert_eq!(tags, ["coca", "greedy"]);
+    assert!(layout.syn.iter().all(|s| s.with_emb));
     let meta = reader.meta();
-    assert_eq!(meta.captioners.len(), 1);
+    assert_eq!(meta.captioners.len(), 2);
+    assert_eq!(
+        meta.captioners[1].decoding["generation"]["strategy"],
+        "greedy"
+    );
     assert_eq!(meta.captioners[0].weights_sha256, "random:5");
     assert_eq!(meta.captioners[0].decoding["generation"]["seq_len"], 12);
     let images: std::collections::BTreeMap<String, Vec<u8>> = tar_members(&shard)
@@ -124,6 +160,10 @@ fn reinforce_writes_seeded_captions_and_their_embeddings() {
         assert_eq!(syn.texts.len(), 3);
         assert_eq!(syn.emb.len(), 3);
         assert!(syn.texts.iter().all(|t| !t.contains("<start_of_text>")));
+        // Greedy decoding: both captions of an image are the same.
+        let greedy = &row.syn[1];
+        assert_eq!((greedy.texts.len(), greedy.emb.len()), (2, 2));
+        assert_eq!(greedy.texts[0], greedy.texts[1]);
     }
     // Batched with other samples in the job, alone here: the same captions.
     for row in rows.iter().take(3) {
