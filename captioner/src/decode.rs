@@ -354,72 +354,27 @@ impl CrossAttention<'_> {
             )));
         }
         let cache = self.cache;
-        // Rows of one image are consecutive (slots are image-major and stay in order): each
-        // image's keys and values are read once per head for all its rows.
-        let mut groups: Vec<(usize, usize, usize)> = Vec::new(); // (image, first row, rows)
-        for (r, &image) in self.images.iter().enumerate() {
-            match groups.last_mut() {
-                Some((img, _, len)) if *img == image => *len += 1,
-                _ => groups.push((image, r, 1)),
-            }
-        }
-        let scale = (d as f32).powf(-0.5);
-        // One task per (image, head); each returns its rows' head outputs [rows, d].
-        let tasks: Vec<(usize, usize)> = (0..groups.len())
-            .flat_map(|g| (0..heads).map(move |h| (g, h)))
-            .collect();
-        let results: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|&(g, head)| {
-                let (image, first, len) = groups[g];
-                let base = (image * heads + head) * tokens * d;
-                let keys = &cache.k[base..base + tokens * d];
-                let values = &cache.v[base..base + tokens * d];
-                let mut scores = vec![0f32; len * tokens];
-                for (j, key) in keys.chunks_exact(d).enumerate() {
-                    for i in 0..len {
-                        let qi = &q[(first + i) * w + head * d..][..d];
-                        scores[i * tokens + j] = dot(qi, key) * scale;
-                    }
-                }
-                for row in scores.chunks_exact_mut(tokens) {
-                    softmax_in_place(row);
-                }
-                let mut out = vec![0f32; len * d];
-                for (j, value) in values.chunks_exact(d).enumerate() {
-                    for (i, o) in out.chunks_exact_mut(d).enumerate() {
-                        let p = scores[i * tokens + j];
-                        for (o, &x) in o.iter_mut().zip(value) {
-                            *o = p.mul_add(x, *o);
-                        }
-                    }
-                }
-                out
-            })
-            .collect();
         let mut merged = vec![0f32; n * w];
-        for (&(g, head), out) in tasks.iter().zip(results) {
-            let (_, first, _) = groups[g];
-            for (i, o) in out.chunks_exact(d).enumerate() {
-                merged[(first + i) * w + head * d..][..d].copy_from_slice(o);
-            }
-        }
+        merged
+            .par_chunks_mut(w)
+            .zip(self.images.par_iter())
+            .enumerate()
+            .for_each(|(r, (out, &image))| {
+                let mut scores = vec![0f32; tokens];
+                for head in 0..heads {
+                    let base = (image * heads + head) * tokens * d;
+                    attend_one(
+                        &q[r * w + head * d..][..d],
+                        &cache.k[base..base + tokens * d],
+                        &cache.v[base..base + tokens * d],
+                        |_| true,
+                        &mut scores,
+                        &mut out[head * d..(head + 1) * d],
+                    );
+                }
+            });
         let merged = Tensor::from_vec(merged, (n, w), device)?;
         Ok(attn.project_out(&merged)?)
-    }
-}
-
-/// Softmax of a row of finite scores, in place.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in row.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-    for s in row.iter_mut() {
-        *s *= inv;
     }
 }
 
