@@ -451,26 +451,31 @@ fn triple(what: &str, v: &[f32]) -> Result<[f32; 3]> {
     }
 }
 
+/// The job config and output location of a command that updates an existing output.
+fn existing_output(
+    config: &std::path::Path,
+    output: Option<String>,
+) -> Result<(JobConfig, String)> {
+    let config = JobConfig::load(config)?;
+    let Some(output) = output.or_else(|| config.job.output.clone()) else {
+        bail!("no output location: pass OUTPUT or set job.output in the config");
+    };
+    Ok((config, output))
+}
+
 fn embed_command(
     config: &std::path::Path,
     output: Option<String>,
     device: Option<&str>,
     progress: &Progress,
 ) -> Result<ExitCode> {
-    let config = JobConfig::load(config)?;
-    let Some(output) = output.or_else(|| config.job.output.clone()) else {
-        bail!("no output location: pass OUTPUT or set job.output in the config");
-    };
+    let (config, output) = existing_output(config, output)?;
     if config.teachers.is_empty() {
         bail!("the config has no [[teachers]]: nothing to embed with");
     }
     let stage = embed::EmbedStage::load(&config.teachers, &config.embed, device)?;
-    rewrite::run(
-        &config,
-        &output,
-        &embed_existing::EmbedUpdate::new(stage),
-        progress,
-    )
+    let update = embed_existing::EmbedUpdate::new(stage);
+    rewrite::run(&config, &output, &update, progress)
 }
 
 fn caption_command(
@@ -479,21 +484,14 @@ fn caption_command(
     device: Option<&str>,
     progress: &Progress,
 ) -> Result<ExitCode> {
-    let config = JobConfig::load(config)?;
-    let Some(output) = output.or_else(|| config.job.output.clone()) else {
-        bail!("no output location: pass OUTPUT or set job.output in the config");
-    };
+    let (config, output) = existing_output(config, output)?;
     if config.captioners.is_empty() {
         bail!("the config has no [[captioners]]: nothing to caption with");
     }
     let stage =
         caption::CaptionStage::load(&config.captioners, &config.caption, device, config.job.seed)?;
-    rewrite::run(
-        &config,
-        &output,
-        &caption_existing::CaptionUpdate::new(stage),
-        progress,
-    )
+    let update = caption_existing::CaptionUpdate::new(stage);
+    rewrite::run(&config, &output, &update, progress)
 }
 
 fn encode_command(cli: EncodeCli) -> Result<()> {

@@ -11,6 +11,33 @@
 
 use rayon::prelude::*;
 
+/// Calls `$f(args)` (an `#[inline(always)]` loop) compiled for AVX-512 or AVX2+FMA when the
+/// CPU has them (detected at run time), else for the build's baseline.
+macro_rules! dispatch {
+    ($f:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,fma")]
+            unsafe fn avx512(f: impl FnOnce()) {
+                f()
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(f: impl FnOnce()) {
+                f()
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { avx512(|| $f($($arg),*)) };
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { avx2(|| $f($($arg),*)) };
+            }
+        }
+        $f($($arg),*)
+    }};
+}
+
 /// Output columns per parallel task: `rows x COLS` accumulators stay in L1.
 const COLS: usize = 256;
 
@@ -51,44 +78,7 @@ pub fn linear_out_in(
 const DOT_CHUNK: usize = 64;
 
 fn dot_block(x: &[f32], w: &[f32], k: usize, o0: usize, out_t: &mut [f32], rows: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { dot_block_avx512(x, w, k, o0, out_t, rows) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { dot_block_avx2(x, w, k, o0, out_t, rows) };
-        }
-    }
-    dot_block_generic(x, w, k, o0, out_t, rows)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn dot_block_avx512(
-    x: &[f32],
-    w: &[f32],
-    k: usize,
-    o0: usize,
-    out_t: &mut [f32],
-    rows: usize,
-) {
-    dot_block_generic(x, w, k, o0, out_t, rows)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_block_avx2(
-    x: &[f32],
-    w: &[f32],
-    k: usize,
-    o0: usize,
-    out_t: &mut [f32],
-    rows: usize,
-) {
-    dot_block_generic(x, w, k, o0, out_t, rows)
+    dispatch!(dot_block_generic(x, w, k, o0, out_t, rows))
 }
 
 #[inline(always)]
@@ -171,50 +161,7 @@ fn block(
     rows: usize,
     acc: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { block_avx512(x, w, stride, k, c0, width, rows, acc) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { block_avx2(x, w, stride, k, c0, width, rows, acc) };
-        }
-    }
-    block_generic(x, w, stride, k, c0, width, rows, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512(
-    x: &[f32],
-    w: &[f32],
-    stride: usize,
-    k: usize,
-    c0: usize,
-    width: usize,
-    rows: usize,
-    acc: &mut [f32],
-) {
-    block_generic(x, w, stride, k, c0, width, rows, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2(
-    x: &[f32],
-    w: &[f32],
-    stride: usize,
-    k: usize,
-    c0: usize,
-    width: usize,
-    rows: usize,
-    acc: &mut [f32],
-) {
-    block_generic(x, w, stride, k, c0, width, rows, acc)
+    dispatch!(block_generic(x, w, stride, k, c0, width, rows, acc))
 }
 
 #[inline(always)]
