@@ -13,6 +13,7 @@ mod progress;
 mod reinforce;
 mod rewrite;
 mod show_aug;
+mod stages;
 mod status;
 mod verify;
 

@@ -32,6 +32,7 @@ use crate::crash::{crash_point, CrashPoint};
 use crate::embed::EmbedStage;
 use crate::paug::to_stored;
 use crate::progress::Progress;
+use crate::stages::{self, StageBusy};
 
 /// How a worker's run ended.
 #[derive(Debug, Default)]
@@ -88,6 +89,83 @@ struct Generated {
     image_emb: Vec<Vec<f32>>,
     text_emb: Vec<Vec<f32>>,
     syn: Vec<SynCaptions>,
+}
+
+/// Consecutive input samples, and the reasons of the samples the reader skipped among them.
+struct ReadBatch {
+    samples: Vec<RawSample>,
+    skips: Vec<SkipReason>,
+}
+
+/// One input sample on its way through the stages.
+struct Item {
+    sample: RawSample,
+    /// Its decoded image and views, or why it is skipped.
+    decoded: Result<Decoded, (SkipReason, String)>,
+    /// What the model stages have added so far.
+    generated: Generated,
+}
+
+/// A batch after decoding: every sample of the [`ReadBatch`] in input order.
+struct Batch {
+    items: Vec<Item>,
+    reader_skips: Vec<SkipReason>,
+}
+
+/// The reader stage: groups the shard's samples into batches of `batch_size` and sends them
+/// downstream, then the end of input (or the read error). Stops without an end message when
+/// `stop` says so. Returns the seconds spent reading.
+fn read_stage<R: std::io::Read>(
+    events: &mut WdsReader<R>,
+    batch_size: usize,
+    uri: &str,
+    out: std::sync::mpsc::SyncSender<stages::Message<ReadBatch>>,
+    stop: &dyn Fn() -> bool,
+) -> f64 {
+    let mut busy = 0.0;
+    loop {
+        if stop() {
+            return busy;
+        }
+        let started = Instant::now();
+        let mut batch = ReadBatch {
+            samples: Vec::with_capacity(batch_size),
+            skips: Vec::new(),
+        };
+        let mut end = false;
+        let mut error = None;
+        while batch.samples.len() < batch_size {
+            match events.next() {
+                None => {
+                    end = true;
+                    break;
+                }
+                Some(Ok(WdsEvent::Sample(s))) => batch.samples.push(s),
+                Some(Ok(WdsEvent::Skip(skip))) => {
+                    tracing::debug!(shard = uri, key = %skip.key, reason = %skip.reason, detail = %skip.detail, "sample skipped");
+                    batch.skips.push(skip.reason);
+                }
+                Some(Err(e)) => {
+                    error = Some(anyhow!(e).context(format!("cannot read input shard {uri}")));
+                    break;
+                }
+            }
+        }
+        busy += started.elapsed().as_secs_f64();
+        if let Some(e) = error {
+            let _ = out.send(Err(e));
+            return busy;
+        }
+        if (!batch.samples.is_empty() || !batch.skips.is_empty())
+            && out.send(Ok(Some(batch))).is_err()
+        {
+            return busy;
+        }
+        if end {
+            let _ = out.send(Ok(None));
+            return busy;
+        }
+    }
 }
 
 /// Result of one shard.
@@ -153,37 +231,46 @@ impl Worker {
         })
     }
 
-    /// The model stages on a batch: per kept sample, its synthetic captions, then the teacher
-    /// embeddings of its views, its caption and its synthetic captions.
-    fn generate_batch(&self, kept: &[(&RawSample, &Decoded)]) -> Result<Vec<Generated>> {
-        let mut out: Vec<Generated> = kept.iter().map(|_| Generated::default()).collect();
-        if let Some(stage) = &self.caption {
-            let keys: Vec<&str> = kept.iter().map(|(s, _)| s.key.as_str()).collect();
-            let inputs: Vec<&[Vec<f32>]> = kept
-                .iter()
-                .map(|(_, d)| d.caption_inputs.as_slice())
-                .collect();
-            for per_sample in stage.caption_batch(&keys, &inputs)? {
-                for (g, texts) in out.iter_mut().zip(per_sample) {
-                    g.syn.push(SynCaptions {
-                        texts,
-                        emb: Vec::new(),
-                    });
-                }
+    /// The caption stage on a batch: every kept sample's synthetic captions, per captioner.
+    fn caption_stage(&self, stage: &CaptionStage, mut batch: Batch) -> Result<Batch> {
+        let kept: Vec<(&str, &[Vec<f32>])> = batch
+            .items
+            .iter()
+            .filter_map(|it| {
+                let d = it.decoded.as_ref().ok()?;
+                Some((it.sample.key.as_str(), d.caption_inputs.as_slice()))
+            })
+            .collect();
+        let keys: Vec<&str> = kept.iter().map(|(k, _)| *k).collect();
+        let inputs: Vec<&[Vec<f32>]> = kept.iter().map(|(_, i)| *i).collect();
+        let captions = stage.caption_batch(&keys, &inputs)?;
+        for per_sample in captions {
+            let kept_items = batch.items.iter_mut().filter(|it| it.decoded.is_ok());
+            for (item, texts) in kept_items.zip(per_sample) {
+                item.generated.syn.push(SynCaptions {
+                    texts,
+                    emb: Vec::new(),
+                });
             }
         }
-        let Some(stage) = &self.embed else {
-            return Ok(out);
-        };
-        let views: Vec<&[RgbImage]> = kept.iter().map(|(_, d)| d.views.as_slice()).collect();
-        // The ground-truth caption first, then every synthetic caption, in one text batch.
+        Ok(batch)
+    }
+
+    /// The teacher stage on a batch: every kept sample's view embeddings, then the text
+    /// embeddings of its caption and its synthetic captions (in one text batch).
+    fn teacher_stage(&self, stage: &EmbedStage, mut batch: Batch) -> Result<Batch> {
+        let kept: Vec<&Item> = batch.items.iter().filter(|it| it.decoded.is_ok()).collect();
+        let views: Vec<&[RgbImage]> = kept
+            .iter()
+            .filter_map(|it| it.decoded.as_ref().ok().map(|d| d.views.as_slice()))
+            .collect();
         let texts: Vec<Vec<&str>> = kept
             .iter()
-            .zip(&out)
-            .map(|((s, _), g)| {
-                std::iter::once(s.caption.as_str())
+            .map(|it| {
+                std::iter::once(it.sample.caption.as_str())
                     .chain(
-                        g.syn
+                        it.generated
+                            .syn
                             .iter()
                             .flat_map(|c| c.texts.iter().map(String::as_str)),
                     )
@@ -192,15 +279,63 @@ impl Worker {
             .collect();
         let image_embs = stage.embed_view_groups(&views)?;
         let text_embs = stage.embed_text_groups(&texts)?;
-        for ((g, image_emb), text_emb) in out.iter_mut().zip(image_embs).zip(text_embs) {
+        let kept_items = batch.items.iter_mut().filter(|it| it.decoded.is_ok());
+        for ((item, image_emb), text_emb) in kept_items.zip(image_embs).zip(text_embs) {
+            let g = &mut item.generated;
             let mut rest = text_emb.into_iter();
             g.text_emb = rest.by_ref().take(1).collect();
             for syn in &mut g.syn {
                 syn.emb = rest.by_ref().take(syn.texts.len()).collect();
             }
             g.image_emb = image_emb;
+            // The views are no longer needed: free them before the batch waits for the writer.
+            if let Ok(d) = &mut item.decoded {
+                d.views = Vec::new();
+            }
         }
-        Ok(out)
+        Ok(batch)
+    }
+
+    /// The writer stage on a batch: a row per kept sample, in input order; skips counted.
+    fn write_batch<W: std::io::Write + Send>(
+        &self,
+        batch: Batch,
+        uri: &str,
+        writer: &mut ShardWriter<W>,
+        skipped: &mut BTreeMap<String, u64>,
+        progress: &Progress,
+    ) -> Result<()> {
+        for reason in batch.reader_skips {
+            *skipped.entry(reason.as_str().to_string()).or_default() += 1;
+        }
+        for item in batch.items {
+            let sample = item.sample;
+            match item.decoded {
+                Ok(d) => {
+                    let g = item.generated;
+                    let row = Row {
+                        paug: d.params.iter().map(to_stored).collect::<Vec<Paug>>(),
+                        key: sample.key,
+                        source: uri.to_string(),
+                        url: sample.url,
+                        caption: sample.caption,
+                        width: d.width,
+                        height: d.height,
+                        image: self.config.output.embed_images.then_some(sample.image),
+                        image_emb: g.image_emb,
+                        text_emb: g.text_emb,
+                        syn: g.syn,
+                    };
+                    writer.write_row(&row)?;
+                    progress.samples(1);
+                }
+                Err((reason, detail)) => {
+                    tracing::debug!(shard = uri, key = %sample.key, %reason, %detail, "sample skipped");
+                    *skipped.entry(reason.as_str().to_string()).or_default() += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the worker loop until every shard is done or has failed for good.
@@ -430,71 +565,104 @@ impl Worker {
         )?;
 
         let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
-        let mut batch: Vec<RawSample> = Vec::with_capacity(self.config.job.batch_size);
-        let mut end = false;
+        let mut busy = StageBusy::default();
         progress.shard_started(&shard.name);
-        while !end {
+        let stopped = |busy_stage: &str| {
             if lost.load(Ordering::SeqCst) {
-                return Ok(ShardResult::Lost);
+                Some(ShardResult::Lost)
+            } else if self.interrupted.load(Ordering::SeqCst) {
+                tracing::debug!(shard = %shard.name, stage = busy_stage, "stopping on a signal");
+                Some(ShardResult::Interrupted)
+            } else {
+                None
             }
-            if self.interrupted.load(Ordering::SeqCst) {
-                return Ok(ShardResult::Interrupted);
-            }
-            batch.clear();
-            while batch.len() < self.config.job.batch_size {
-                match events.next() {
-                    None => {
-                        end = true;
-                        break;
+        };
+        let flow = std::thread::scope(|scope| -> Result<Option<ShardResult>> {
+            let (read_tx, read_rx) = stages::channel::<ReadBatch>();
+            let (decode_tx, decode_rx) = stages::channel::<Batch>();
+            let (caption_tx, caption_rx) = stages::channel::<Batch>();
+            let (teacher_tx, teacher_rx) = stages::channel::<Batch>();
+            let batch_size = self.config.job.batch_size;
+            let uri = shard.uri.as_str();
+            let reader = scope.spawn(move || {
+                read_stage(&mut events, batch_size, uri, read_tx, &|| {
+                    stopped("read").is_some()
+                })
+            });
+            let decode = scope.spawn(move || {
+                stages::run_stage(read_rx, decode_tx, |read: ReadBatch| {
+                    let decoded: Vec<_> = read
+                        .samples
+                        .par_iter()
+                        .map(|s| self.decode_sample(s))
+                        .collect();
+                    let items = read
+                        .samples
+                        .into_iter()
+                        .zip(decoded)
+                        .map(|(sample, decoded)| Item {
+                            sample,
+                            decoded,
+                            generated: Generated::default(),
+                        })
+                        .collect();
+                    Ok(Batch {
+                        items,
+                        reader_skips: read.skips,
+                    })
+                })
+            });
+            let caption = scope.spawn(move || match &self.caption {
+                Some(stage) => {
+                    stages::run_stage(decode_rx, caption_tx, |b| self.caption_stage(stage, b))
+                }
+                None => stages::run_stage(decode_rx, caption_tx, Ok),
+            });
+            let teachers = scope.spawn(move || match &self.embed {
+                Some(stage) => {
+                    stages::run_stage(caption_rx, teacher_tx, |b| self.teacher_stage(stage, b))
+                }
+                None => stages::run_stage(caption_rx, teacher_tx, Ok),
+            });
+            let mut write_s = 0.0;
+            let result = loop {
+                if let Some(stop) = stopped("write") {
+                    break Ok(Some(stop));
+                }
+                let batch = match teacher_rx.recv() {
+                    Ok(Ok(Some(batch))) => batch,
+                    Ok(Ok(None)) => break Ok(None),
+                    Ok(Err(e)) => {
+                        break Err(e.context(format!("shard {} failed", shard.name)));
                     }
-                    Some(Ok(WdsEvent::Sample(s))) => batch.push(s),
-                    Some(Ok(WdsEvent::Skip(skip))) => {
-                        tracing::debug!(shard = %shard.name, key = %skip.key, reason = %skip.reason, detail = %skip.detail, "sample skipped");
-                        *skipped.entry(skip.reason.as_str().to_string()).or_default() += 1;
-                    }
-                    Some(Err(e)) => {
-                        return Err(anyhow!(e))
-                            .with_context(|| format!("cannot read input shard {}", shard.uri));
+                    // Every stage exits without a message only when it was told to stop.
+                    Err(_) => break Ok(Some(stopped("write").unwrap_or(ShardResult::Interrupted))),
+                };
+                let started = Instant::now();
+                if let Err(e) =
+                    self.write_batch(batch, &shard.uri, &mut writer, &mut skipped, progress)
+                {
+                    break Err(e);
+                }
+                write_s += started.elapsed().as_secs_f64();
+            };
+            // Unblocks the stages if the writer stopped early; then collects their timings.
+            drop(teacher_rx);
+            let stage_names = ["read", "decode", "caption", "teachers"];
+            let handles = [reader, decode, caption, teachers];
+            for (name, handle) in stage_names.into_iter().zip(handles) {
+                match handle.join() {
+                    Ok(seconds) => busy.add(name, seconds),
+                    Err(_) => {
+                        return Err(anyhow!("the {name} stage of shard {} panicked", shard.name))
                     }
                 }
             }
-            let decoded: Vec<Result<Decoded, (SkipReason, String)>> =
-                batch.par_iter().map(|s| self.decode_sample(s)).collect();
-            let kept: Vec<(&RawSample, &Decoded)> = batch
-                .iter()
-                .zip(&decoded)
-                .filter_map(|(s, d)| d.as_ref().ok().map(|d| (s, d)))
-                .collect();
-            let mut generated = self
-                .generate_batch(&kept)
-                .with_context(|| format!("model stages failed on shard {}", shard.name))?
-                .into_iter();
-            for (sample, result) in batch.drain(..).zip(decoded) {
-                match result {
-                    Ok(d) => {
-                        let g = generated.next().unwrap_or_default();
-                        let row = Row {
-                            paug: d.params.iter().map(to_stored).collect::<Vec<Paug>>(),
-                            key: sample.key,
-                            source: shard.uri.clone(),
-                            url: sample.url,
-                            caption: sample.caption,
-                            width: d.width,
-                            height: d.height,
-                            image: self.config.output.embed_images.then_some(sample.image),
-                            image_emb: g.image_emb,
-                            text_emb: g.text_emb,
-                            syn: g.syn,
-                        };
-                        writer.write_row(&row)?;
-                        progress.samples(1);
-                    }
-                    Err((reason, detail)) => {
-                        tracing::debug!(shard = %shard.name, key = %sample.key, %reason, %detail, "sample skipped");
-                        *skipped.entry(reason.as_str().to_string()).or_default() += 1;
-                    }
-                }
-            }
+            busy.add("write", write_s);
+            result
+        })?;
+        if let Some(stop) = flow {
+            return Ok(stop);
         }
 
         let (rows, hashing) = writer.into_inner()?;
@@ -519,6 +687,7 @@ impl Worker {
             worker: self.job.identity().worker.clone(),
             finished_unix: now_unix(),
             config_fingerprint: self.fingerprint.clone(),
+            stage_seconds: busy.0,
         };
         self.job.write_done(&shard.name, &record)?;
         crash_point(CrashPoint::DoneWritten, &shard.name);

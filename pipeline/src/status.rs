@@ -46,6 +46,9 @@ struct Status {
     samples_per_worker_second: f64,
     wall_seconds: f64,
     samples_per_second: f64,
+    /// Per stage, its working seconds as a share of the shards' wall seconds (stages run
+    /// concurrently, so the shares do not add up to 1; the largest is the bottleneck).
+    stage_busy_share: BTreeMap<String, f64>,
     in_progress: Vec<InProgress>,
     failed: Vec<Failed>,
     input_error: Option<String>,
@@ -109,6 +112,7 @@ pub fn run(output: &str, json: bool) -> Result<()> {
         .collect();
 
     let mut skipped = BTreeMap::new();
+    let mut stage_seconds: BTreeMap<&str, f64> = BTreeMap::new();
     let (mut rows, mut bytes, mut worker_seconds) = (0u64, 0u64, 0f64);
     let (mut first_start, mut last_end) = (f64::INFINITY, 0f64);
     for rec in done.values() {
@@ -120,7 +124,21 @@ pub fn run(output: &str, json: bool) -> Result<()> {
         for (reason, n) in &rec.skipped {
             *skipped.entry(reason.clone()).or_insert(0) += n;
         }
+        for (stage, seconds) in &rec.stage_seconds {
+            *stage_seconds.entry(stage.as_str()).or_insert(0.0) += seconds;
+        }
     }
+    // Only records that carry stage timings count towards the shares' denominator.
+    let timed_seconds: f64 = done
+        .values()
+        .filter(|r| !r.stage_seconds.is_empty())
+        .map(|r| r.seconds)
+        .sum();
+    let stage_busy_share = stage_seconds
+        .into_iter()
+        .filter(|_| timed_seconds > 0.0)
+        .map(|(stage, seconds)| (stage.to_string(), seconds / timed_seconds))
+        .collect();
     let wall_seconds = if done.is_empty() {
         0.0
     } else {
@@ -163,6 +181,7 @@ pub fn run(output: &str, json: bool) -> Result<()> {
         } else {
             0.0
         },
+        stage_busy_share,
         in_progress,
         failed: failed_list,
         input_error,
@@ -213,6 +232,19 @@ fn print_text(s: &Status) {
             "throughput {:.1} samples/s over {:.1} s of wall time ({:.1} samples/s per worker)",
             s.samples_per_second, s.wall_seconds, s.samples_per_worker_second
         );
+    }
+    if !s.stage_busy_share.is_empty() {
+        // In pipeline order, not alphabetical.
+        let order = ["read", "decode", "caption", "teachers", "write"];
+        let shares: Vec<String> = order
+            .iter()
+            .filter_map(|st| {
+                s.stage_busy_share
+                    .get(*st)
+                    .map(|v| format!("{st} {:.0}%", v * 100.0))
+            })
+            .collect();
+        println!("stages     busy share of shard time: {}", shares.join(", "));
     }
     if let Some(e) = &s.input_error {
         println!("inputs     cannot list the job's inputs ({e}); pending count unknown");

@@ -175,6 +175,10 @@ pub struct DoneRecord {
     pub finished_unix: f64,
     /// Fingerprint of the config the shard was produced with.
     pub config_fingerprint: String,
+    /// Seconds each stage of the producing job spent working on the shard (not waiting), by
+    /// stage name; empty in records of other producers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stage_seconds: BTreeMap<String, f64>,
 }
 
 /// The content of `_progress/failed/NAME.json`.
@@ -928,6 +932,7 @@ mod tests {
             worker: "a".into(),
             finished_unix: now_unix(),
             config_fingerprint: "fp".into(),
+            stage_seconds: BTreeMap::new(),
         };
         j.write_failed("s0", "in/s0.tar", "boom").unwrap();
         j.write_done("s0", &rec).unwrap();
