@@ -16,49 +16,12 @@ use dfndr_teachers::tokenizer::Tokenizer;
 use dfndr_teachers::weights::WeightSource;
 use dfndr_teachers::{l2_normalize, ClipConfig, ClipModel, Device, Tensor};
 
-/// Two tiny random teachers: one at the view size, one that needs the views resized.
-const TEACHERS: &str = r#"
-[[teachers]]
-name = "a"
-weights = "random:11"
-logit_scale = 70.0
-[teachers.arch]
-embed_dim = 24
-quick_gelu = true
-[teachers.arch.vision]
-image_size = 64
-patch_size = 16
-width = 32
-layers = 2
-head_width = 16
-[teachers.arch.text]
-width = 32
-heads = 2
-layers = 2
-
-[[teachers]]
-name = "b"
-weights = "random:12"
-[teachers.arch]
-embed_dim = 16
-[teachers.arch.vision]
-image_size = 32
-patch_size = 8
-width = 32
-layers = 1
-head_width = 16
-[teachers.arch.text]
-width = 32
-heads = 4
-layers = 1
-"#;
-
 /// Views at 64 px keep the test fast; f32 storage makes the comparison exact up to the
 /// matmul's summation order.
 const AUG_AND_EMBED: &str = "[augment]\nsize = 64\n[embed]\ndtype = \"f32\"\nbatch_size = 5\n";
 
 fn arch(name: &str) -> ClipConfig {
-    let full: toml::Value = toml::from_str(TEACHERS).unwrap();
+    let full: toml::Value = toml::from_str(TINY_TEACHERS).unwrap();
     let t = full["teachers"]
         .as_array()
         .unwrap()
@@ -105,7 +68,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// What the teachers say about one row, computed here from scratch.
-/// The two teachers of [`TEACHERS`], built directly.
+/// The two teachers of [`TINY_TEACHERS`], built directly.
 fn teacher_models() -> Vec<(ClipConfig, ClipModel)> {
     [("a", 11), ("b", 12)]
         .into_iter()
@@ -166,7 +129,7 @@ fn reinforce_stores_the_teachers_embeddings_of_every_view_and_caption() {
         dir.path(),
         &shard.display().to_string(),
         &out,
-        &format!("{AUG_AND_EMBED}{TEACHERS}"),
+        &format!("{AUG_AND_EMBED}{TINY_TEACHERS}"),
     );
     let o = run(&mut reinforce(&config));
     assert!(o.status.success());
@@ -239,7 +202,7 @@ fn embed_adds_the_same_embeddings_to_an_existing_output() {
         &full_dir,
         &input,
         &full_out,
-        &format!("{AUG_AND_EMBED}{TEACHERS}"),
+        &format!("{AUG_AND_EMBED}{TINY_TEACHERS}"),
     );
     assert!(run(&mut reinforce(&full)).status.success());
 
@@ -287,7 +250,7 @@ fn embed_adds_the_same_embeddings_to_an_existing_output() {
 fn encode_prints_json_or_npy_and_explains_mistakes() {
     let dir = tempfile::tempdir().unwrap();
     let arch_file = dir.path().join("a.toml");
-    let full: toml::Value = toml::from_str(TEACHERS).unwrap();
+    let full: toml::Value = toml::from_str(TINY_TEACHERS).unwrap();
     std::fs::write(
         &arch_file,
         toml::to_string(&full["teachers"][0]["arch"]).unwrap(),

@@ -421,6 +421,9 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
     for (reason, n) in &summary.skipped {
         eprintln!("  skipped {n:>8}  {reason}");
     }
+    if let Some(kib) = peak_resident_kib() {
+        eprintln!("peak resident memory {:.1} MiB", kib as f64 / 1024.0);
+    }
     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
         eprintln!("interrupted: claims released; run the same command again to resume");
         return Ok(ExitCode::from(130));
@@ -511,4 +514,11 @@ fn encode_command(cli: EncodeCli) -> Result<()> {
             Interp::Bilinear => dfndr_teachers::Resample::Bilinear,
         },
     })
+}
+
+/// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).
+fn peak_resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -200,3 +200,40 @@ pub fn reinforce(config: &Path) -> Command {
         .arg(config);
     cmd
 }
+
+/// Two tiny random teachers: one at the view size, one that needs the views resized.
+pub const TINY_TEACHERS: &str = r#"
+[[teachers]]
+name = "a"
+weights = "random:11"
+logit_scale = 70.0
+[teachers.arch]
+embed_dim = 24
+quick_gelu = true
+[teachers.arch.vision]
+image_size = 64
+patch_size = 16
+width = 32
+layers = 2
+head_width = 16
+[teachers.arch.text]
+width = 32
+heads = 2
+layers = 2
+
+[[teachers]]
+name = "b"
+weights = "random:12"
+[teachers.arch]
+embed_dim = 16
+[teachers.arch.vision]
+image_size = 32
+patch_size = 8
+width = 32
+layers = 1
+head_width = 16
+[teachers.arch.text]
+width = 32
+heads = 4
+layers = 1
+"#;
