@@ -372,3 +372,92 @@ fn sigterm_releases_the_claim_and_the_job_resumes() {
         .sum();
     assert_eq!(rows, 40 * 30);
 }
+
+/// A small deterministic generator for the kill moments (xorshift64*), so a failure can be
+/// replayed from the printed seed.
+struct Moments(u64);
+
+impl Moments {
+    /// Uniform in [0, 1).
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[test]
+fn kill_9_at_20_random_moments_then_restart_equals_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = make_shards(&tmp.path().join("in"), 12, 16);
+    let names: Vec<String> = shards
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let input = format!("{}/shard-*.tar", tmp.path().join("in").display());
+    let extra = format!("batch_size = 8\n[augment]\nsize = 64\n{TINY_TEACHERS}");
+
+    let reference_out = tmp.path().join("reference-out");
+    let reference_cfg = tmp.path().join("reference-cfg");
+    std::fs::create_dir_all(&reference_cfg).unwrap();
+    let config = write_config(&reference_cfg, &input, &reference_out, &extra);
+    let started = Instant::now();
+    run_ok(&config, &[]);
+    let full = started.elapsed();
+    let reference = shard_hashes(&reference_out);
+    assert_eq!(reference.len(), names.len());
+
+    let out = tmp.path().join("out");
+    let config = write_config(tmp.path(), &input, &out, &extra);
+    let seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut moments = Moments(seed);
+    let mut mid_job = 0;
+    let mut done_counts = std::collections::BTreeSet::new();
+    for kill in 0..20 {
+        // Moments spread over the time of the first few shards of a run (start-up, reading,
+        // the stages, publishing), so that most kills land in the middle of the job and the
+        // job still advances from restart to restart.
+        let after = full.mul_f64(4.0 / names.len() as f64 * moments.next());
+        let mut child = reinforce(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(after);
+        let finished_first = child.try_wait().unwrap().is_some();
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let done = done_records(&out).len();
+        if !finished_first && done < names.len() {
+            mid_job += 1;
+            done_counts.insert(done);
+        }
+        eprintln!(
+            "kill {kill} (seed {seed:#x}) after {:.3} s: {done} of {} shards done",
+            after.as_secs_f64(),
+            names.len()
+        );
+    }
+    // The restart after the last kill.
+    run_ok(&config, &[]);
+    assert!(
+        mid_job >= 10 && done_counts.len() >= 2,
+        "only {mid_job} of 20 kills hit an unfinished job, at {} stages of progress (run of \
+         {:.2} s)",
+        done_counts.len(),
+        full.as_secs_f64()
+    );
+    assert_eq!(
+        shard_hashes(&out),
+        reference,
+        "output after 20 kills differs from an uninterrupted run"
+    );
+    assert_clean_finished(&out, &name_refs);
+    let rows: u64 = done_records(&out)
+        .values()
+        .map(|r| r["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, 12 * 16);
+}
