@@ -461,3 +461,108 @@ fn kill_9_at_20_random_moments_then_restart_equals_an_uninterrupted_run() {
         .sum();
     assert_eq!(rows, 12 * 16);
 }
+
+/// The dfndr flags a cluster template passes: the `--flag` words of its dfndr command.
+fn template_flags(template: &str) -> Vec<String> {
+    let body = std::fs::read_to_string(demo_dir().join("../../configs").join(template)).unwrap();
+    let command: String = if template.ends_with(".yaml") {
+        let args = body.split("args:").nth(1).expect("the template has args");
+        args.lines()
+            .skip(1)
+            .take_while(|l| l.trim_start().starts_with("- "))
+            .collect::<Vec<_>>()
+            .join(" ")
+    } else {
+        let at = body
+            .find("\"$DFNDR\" reinforce")
+            .expect("the template runs dfndr");
+        body[at..]
+            .lines()
+            .scan(true, |go_on, l| {
+                let line = (*go_on).then(|| l.to_string());
+                *go_on = l.trim_end().ends_with('\\');
+                line
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    command
+        .split_whitespace()
+        .map(|w| w.trim_start_matches("- "))
+        .filter(|w| w.starts_with("--"))
+        .map(|w| w.split('=').next().unwrap_or(w).to_string())
+        .collect()
+}
+
+#[test]
+fn cluster_templates_pass_existing_flags_and_place_workers() {
+    let help = text(&run(dfndr().args(["reinforce", "--help"])));
+    for template in ["slurm/reinforce.sbatch", "kubernetes/reinforce-job.yaml"] {
+        let flags = template_flags(template);
+        assert!(
+            flags.contains(&"--config".to_string()),
+            "{template}: {flags:?}"
+        );
+        for flag in &flags {
+            assert!(
+                help.contains(flag.as_str()),
+                "{template} passes unknown flag {flag}"
+            );
+        }
+    }
+    let yaml =
+        std::fs::read_to_string(demo_dir().join("../../configs/kubernetes/reinforce-job.yaml"))
+            .unwrap();
+    let value = |key: &str| -> String {
+        let at = yaml.find(key).unwrap() + key.len();
+        let rest = yaml[at..].trim_start_matches([':', ' ', '\n']);
+        let rest = rest.trim_start_matches("value:").trim_start();
+        rest.split_whitespace()
+            .next()
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
+    };
+    assert_eq!(value("completions:"), value("parallelism:"));
+    assert_eq!(value("completions:"), value("name: DFNDR_WORLD_SIZE"));
+
+    // The variables the schedulers set place the worker where the templates say.
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("{}/demo-00000.tar", demo_dir().display());
+    let config = write_config(tmp.path(), &input, &tmp.path().join("out"), "");
+    let cases: [(&[(&str, &str)], &str); 2] = [
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "1"),
+                ("SLURM_ARRAY_TASK_COUNT", "16"),
+                ("SLURM_PROCID", "2"),
+                ("SLURM_NTASKS", "8"),
+            ],
+            "rank=10 world_size=128",
+        ),
+        (
+            &[("JOB_COMPLETION_INDEX", "3"), ("DFNDR_WORLD_SIZE", "16")],
+            "rank=3 world_size=16",
+        ),
+    ];
+    for (env, want) in cases {
+        let mut cmd = reinforce(&config);
+        for var in [
+            "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_TASK_COUNT",
+            "SLURM_ARRAY_TASK_MIN",
+        ] {
+            cmd.env_remove(var);
+        }
+        for var in [
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            "JOB_COMPLETION_INDEX",
+            "DFNDR_WORLD_SIZE",
+        ] {
+            cmd.env_remove(var);
+        }
+        let log = text(&run(cmd.envs(env.iter().copied())));
+        assert!(log.contains(want), "{env:?}: expected {want} in\n{log}");
+    }
+}

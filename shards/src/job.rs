@@ -271,8 +271,9 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Rank and world size from the flags, else `SLURM_PROCID`/`SLURM_NTASKS`,
-    /// `SLURM_ARRAY_TASK_ID`/`SLURM_ARRAY_TASK_COUNT`, `JOB_COMPLETION_INDEX` (Kubernetes
+    /// Rank and world size from the flags, else `SLURM_ARRAY_TASK_ID`/`SLURM_ARRAY_TASK_COUNT`
+    /// (combined with `SLURM_PROCID`/`SLURM_NTASKS` when an array task runs several tasks),
+    /// else `SLURM_PROCID`/`SLURM_NTASKS`, else `JOB_COMPLETION_INDEX` (Kubernetes
     /// Indexed Job, with the world size from `DFNDR_WORLD_SIZE` or the `--world-size` flag),
     /// else a single worker. `env` looks a variable up (the process environment in
     /// production, a map in tests).
@@ -301,9 +302,16 @@ impl Placement {
         } else if let (Some(r), Some(w)) =
             (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?)
         {
-            // An array job: one worker per array task (array indices may start above 0).
+            // An array job: array indices may start above 0. Each array task may itself run
+            // several tasks (one per GPU of its node): rank = index x tasks + task.
             let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-            (r.saturating_sub(min), w, "SLURM array")
+            let index = r.saturating_sub(min);
+            match (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
+                (Some(task), Some(tasks)) if tasks > 1 => {
+                    (index * tasks + task, w * tasks, "SLURM array x tasks")
+                }
+                _ => (index, w, "SLURM array"),
+            }
         } else if let (Some(r), Some(w)) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
             (r, w, "SLURM tasks")
         } else if let Some(r) = num("JOB_COMPLETION_INDEX")? {
@@ -990,6 +998,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.rank, p.world_size, p.source), (3, 4, "SLURM array"));
+        // Array task 2 (of 4, from index 0) running 8 tasks, one per GPU: this is its 6th.
+        let p = Placement::resolve(
+            None,
+            None,
+            env(&[
+                ("SLURM_ARRAY_TASK_ID", "2"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ("SLURM_PROCID", "5"),
+                ("SLURM_NTASKS", "8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((p.rank, p.world_size), (21, 32));
         let p = Placement::resolve(
             None,
             None,
