@@ -566,3 +566,117 @@ fn cluster_templates_pass_existing_flags_and_place_workers() {
         assert!(log.contains(want), "{env:?}: expected {want} in\n{log}");
     }
 }
+
+/// The real user id of this process (from /proc; 0 = root, whom permissions do not stop).
+fn uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `dfndr reinforce` as an unprivileged user when the tests run as root (so that a read-only
+/// directory is read-only for it), with `shell_setup` run first (`ulimit`, `trap`).
+fn reinforce_restricted(config: &Path, shell_setup: &str) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let script = format!("{shell_setup}; exec \"$0\" reinforce --no-progress --config \"$1\"");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_dfndr"))
+        .arg(config);
+    if uid() == 0 {
+        cmd.uid(65534).gid(65534);
+    }
+    run(&mut cmd)
+}
+
+#[test]
+fn write_failures_give_a_clear_error_and_no_done_record() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // Everything readable by the unprivileged user; the outputs writable by it.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let input_dir = tmp.path().join("in");
+    make_shards(&input_dir, 2, 40);
+    std::fs::set_permissions(&input_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let input = format!("{}/shard-*.tar", input_dir.display());
+
+    // A read-only output directory: refused before any work, with the path in the message.
+    let read_only = tmp.path().join("read-only");
+    std::fs::create_dir(&read_only).unwrap();
+    std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let cfg_dir = tmp.path().join("cfg-ro");
+    std::fs::create_dir(&cfg_dir).unwrap();
+    let config = write_config(&cfg_dir, &input, &read_only.join("out"), "");
+    std::fs::set_permissions(&cfg_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let res = reinforce_restricted(&config, "true");
+    let log = text(&res);
+    assert_eq!(res.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("Permission denied") && log.contains("read-only/out"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(done_records(&read_only.join("out")).is_empty());
+
+    // An output that became read-only after the job started: no claim, no done record.
+    let started = tmp.path().join("started");
+    std::fs::create_dir(&started).unwrap();
+    std::fs::set_permissions(&started, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cfg_dir = tmp.path().join("cfg-started");
+    std::fs::create_dir(&cfg_dir).unwrap();
+    let out = started.join("out");
+    let config = write_config(&cfg_dir, &input, &out, "");
+    std::fs::set_permissions(&cfg_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let res = reinforce_restricted(&config, "true");
+    assert!(res.status.success(), "{}", text(&res));
+    for dir in [
+        "",
+        "_progress",
+        "_progress/claims",
+        "_progress/done",
+        "shards",
+    ] {
+        let path = out.join(dir);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    // The test process may delete as the owner (or root) what the worker may not.
+    std::fs::remove_file(out.join("_progress/done/shard-00001.json")).unwrap();
+    let res = reinforce_restricted(&config, "true");
+    let log = text(&res);
+    assert!(!res.status.success(), "{log}");
+    assert!(log.contains("Permission denied"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(done_records(&out).len(), 1, "{log}");
+
+    // A full disk: every file is limited to 64 KiB (ulimit -f), so the parquet outputs cannot
+    // be written while the small records can. Each shard fails with the write error.
+    let full = tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cfg_dir = tmp.path().join("cfg-full");
+    std::fs::create_dir(&cfg_dir).unwrap();
+    // Stored original images make the outputs large.
+    let config = write_config(
+        &cfg_dir,
+        &input,
+        &full.join("out"),
+        "[output]\nembed_images = true",
+    );
+    std::fs::set_permissions(&cfg_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let res = reinforce_restricted(&config, "ulimit -f 64");
+    let log = text(&res);
+    assert_eq!(res.status.code(), Some(1), "{log}");
+    assert!(log.contains("2 shards failed"), "{log}");
+    assert!(
+        log.contains("cannot write ") && log.contains("shards/shard-00000.parquet: File too large"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(done_records(&full.join("out")).is_empty(), "{log}");
+    let status = text(&run(dfndr().args(["status"]).arg(full.join("out"))));
+    assert!(
+        status.contains("2 failed") && status.contains("File too large"),
+        "{status}"
+    );
+}

@@ -166,9 +166,9 @@ fn embed_images_stores_the_original_bytes() {
     );
 }
 
-#[test]
-fn every_bad_sample_is_a_counted_skip_and_good_ones_survive() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A shard holding every kind of bad sample of SPEC section 2 (with `max_member_bytes =
+/// 120000`), between two good samples ("a good sample", "another good sample").
+fn bad_samples_tar() -> Vec<u8> {
     let images = demo_images();
     let small = images
         .iter()
@@ -198,9 +198,27 @@ fn every_bad_sample_is_a_counted_skip_and_good_ones_survive() {
         m("008.jpg", &small),
         m("008.txt", b"another good sample"),
     ];
+    build_tar(&members)
+}
+
+/// The skip reasons of [`bad_samples_tar`], one sample each.
+const BAD_SAMPLE_REASONS: [&str; 8] = [
+    "no_caption",
+    "no_image",
+    "empty_image",
+    "undecodable_image",
+    "image_too_large",
+    "invalid_caption",
+    "duplicate_key",
+    "member_too_large",
+];
+
+#[test]
+fn every_bad_sample_is_a_counted_skip_and_good_ones_survive() {
+    let tmp = tempfile::tempdir().unwrap();
     let input_dir = tmp.path().join("in");
     std::fs::create_dir_all(&input_dir).unwrap();
-    std::fs::write(input_dir.join("bad.tar"), build_tar(&members)).unwrap();
+    std::fs::write(input_dir.join("bad.tar"), bad_samples_tar()).unwrap();
     let out = tmp.path().join("out");
     let config = write_config(
         tmp.path(),
@@ -215,19 +233,10 @@ fn every_bad_sample_is_a_counted_skip_and_good_ones_survive() {
     assert_eq!(record["rows"], 2);
     let skipped: std::collections::BTreeMap<String, u64> =
         serde_json::from_value(record["skipped"].clone()).unwrap();
-    let expected: std::collections::BTreeMap<String, u64> = [
-        "no_caption",
-        "no_image",
-        "empty_image",
-        "undecodable_image",
-        "image_too_large",
-        "invalid_caption",
-        "duplicate_key",
-        "member_too_large",
-    ]
-    .iter()
-    .map(|r| (r.to_string(), 1))
-    .collect();
+    let expected: std::collections::BTreeMap<String, u64> = BAD_SAMPLE_REASONS
+        .iter()
+        .map(|r| (r.to_string(), 1))
+        .collect();
     assert_eq!(skipped, expected);
     let status = status_json(&out);
     assert_eq!(status["skipped"]["image_too_large"], 1);
@@ -238,6 +247,72 @@ fn every_bad_sample_is_a_counted_skip_and_good_ones_survive() {
     assert!(
         t.contains("a good sample") && t.contains("another good sample"),
         "{t}"
+    );
+}
+
+#[test]
+fn a_job_over_good_and_bad_shards_completes_and_status_reports_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input_dir = tmp.path().join("in");
+    make_shards(&input_dir, 2, 5); // shard-00000, shard-00001: good
+    std::fs::write(input_dir.join("shard-00002.tar"), bad_samples_tar()).unwrap();
+    let good = std::fs::read(input_dir.join("shard-00000.tar")).unwrap();
+    // A tar cut inside a member's data, one cut inside a header, and a file that is no tar.
+    std::fs::write(
+        input_dir.join("shard-00003.tar"),
+        &good[..good.len() / 2 + 700],
+    )
+    .unwrap();
+    std::fs::write(input_dir.join("shard-00004.tar"), &good[..1100]).unwrap();
+    std::fs::write(
+        input_dir.join("shard-00005.tar"),
+        b"<html>404 not found</html>",
+    )
+    .unwrap();
+    // shard-00006.tar is missing.
+    let input = format!("{}/shard-{{00000..00006}}.tar", input_dir.display());
+    let out = tmp.path().join("out");
+    let config = write_config(
+        tmp.path(),
+        &input,
+        &out,
+        "[reader]\nmax_member_bytes = 120000",
+    );
+    let res = run(&mut reinforce(&config));
+    let log = text(&res);
+    assert_eq!(res.status.code(), Some(1), "{log}");
+    assert!(log.contains("4 shards failed"), "{log}");
+
+    let status = status_json(&out);
+    assert_eq!(status["shards_total"], 7);
+    assert_eq!(status["shards_done"], 3);
+    assert_eq!(status["shards_failed"], 4);
+    assert_eq!(status["rows"], 5 + 5 + 2);
+    for reason in BAD_SAMPLE_REASONS {
+        assert_eq!(status["skipped"][reason], 1, "{reason}: {status}");
+    }
+    let failed: std::collections::BTreeMap<String, String> = status["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["shard-00003", "shard-00004", "shard-00005", "shard-00006"]
+    );
+    for (name, error) in &failed {
+        assert!(error.contains(&format!("{name}.tar")), "{name}: {error}");
+    }
+    let human = text(&run(dfndr().arg("status").arg(&out)));
+    assert!(
+        human.contains("4 failed") && human.contains("duplicate_key"),
+        "{human}"
     );
 }
 

@@ -260,6 +260,12 @@ struct ReinforceArgs {
 }
 
 fn main() -> ExitCode {
+    // A write past the file-size limit (ulimit -f, some batch schedulers) then fails with an
+    // error that names the file, instead of SIGXFSZ killing the process without a word.
+    let _ = signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(AtomicBool::new(false)),
+    );
     let cli = Cli::parse();
     let progress = match &cli.command {
         Command::Reinforce(args) => Progress::new(!args.no_progress),

@@ -528,6 +528,7 @@ impl Worker {
         let started = Instant::now();
         let store = self.job.store();
         let output = job::output_path(&shard.name);
+        let output_uri = store.uri_of(&output);
         store.discard_abandoned_staged(&output)?;
 
         let input = open_input(&shard.uri)
@@ -665,9 +666,13 @@ impl Worker {
             return Ok(stop);
         }
 
-        let (rows, hashing) = writer.into_inner()?;
+        let (rows, hashing) = writer
+            .into_inner()
+            .with_context(|| format!("cannot write {output_uri}"))?;
         let (mut staged, bytes, sha256) = hashing.finish();
-        staged.flush().context("cannot flush the output")?;
+        staged
+            .flush()
+            .with_context(|| format!("cannot write {output_uri}"))?;
         crash_point(CrashPoint::TempWritten, &shard.name);
         // Publishing after losing the claim would race the new holder; its output is the same,
         // so leaving it the work is always safe.

@@ -142,7 +142,9 @@ fn update_shard(
     }
     let (n, hashing) = writer.into_inner()?;
     let (mut staged, bytes, sha256) = hashing.finish();
-    staged.flush().context("cannot flush the output")?;
+    staged
+        .flush()
+        .with_context(|| format!("cannot write {}", store.uri_of(&record.output)))?;
     staged.commit()?;
     job.write_done(
         name,

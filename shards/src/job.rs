@@ -44,13 +44,12 @@ pub enum JobError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A record could not be parsed.
-    #[error("{path}: corrupt record: {source}")]
+    #[error("{path}: corrupt record: {error}")]
     CorruptRecord {
         /// Location of the record.
         path: String,
-        /// The parse error.
-        #[source]
-        source: serde_json::Error,
+        /// The parse error (in the message, hence not also `source()`).
+        error: serde_json::Error,
     },
     /// The output belongs to a job with another configuration.
     #[error("{output} was created by a job with config fingerprint {existing}, but this config has fingerprint {current}.\nChanging the config of a started job would mix incompatible shards. Use a new output location, or pass --force to adopt the new config (done shards are kept as they are).")]
@@ -440,9 +439,9 @@ impl Job {
         };
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|source| JobError::CorruptRecord {
+            .map_err(|error| JobError::CorruptRecord {
                 path: self.store.uri_of(path),
-                source,
+                error,
             })
     }
 

@@ -20,14 +20,14 @@ pub enum StoreError {
     /// The object does not exist.
     #[error("{0}: not found")]
     NotFound(String),
-    /// An I/O error at a location.
-    #[error("{path}: {source}")]
+    /// An I/O error at a location. (The message includes the cause, so it is not also
+    /// exposed as `source()`: error reports would print it twice.)
+    #[error("{path}: {error}")]
     Io {
         /// Full location (root plus relative path).
         path: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// A relative path that would escape the store root or is otherwise unusable.
     #[error("invalid storage path {0:?}: paths are relative, '/'-separated and contain no '..'")]
@@ -66,9 +66,9 @@ pub trait Store: Send + Sync {
         let mut out = Vec::new();
         self.open_read(path)?
             .read_to_end(&mut out)
-            .map_err(|source| StoreError::Io {
+            .map_err(|error| StoreError::Io {
                 path: self.uri_of(path),
-                source,
+                error,
             })?;
         Ok(out)
     }
@@ -126,7 +126,7 @@ fn io_error(path: &Path, source: io::Error) -> StoreError {
     } else {
         StoreError::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         }
     }
 }
@@ -255,7 +255,7 @@ impl Store for LocalStore {
         let mut w = self.create_staged(path)?;
         w.write_all(data).map_err(|e| StoreError::Io {
             path: self.uri_of(path),
-            source: e,
+            error: e,
         })?;
         w.commit().map(|_| ())
     }
