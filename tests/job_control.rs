@@ -575,15 +575,18 @@ fn uid() -> u32 {
 }
 
 /// `dfndr reinforce` as an unprivileged user when the tests run as root (so that a read-only
-/// directory is read-only for it), with `shell_setup` run first (`ulimit`, `trap`).
-fn reinforce_restricted(config: &Path, shell_setup: &str) -> std::process::Output {
+/// directory is read-only for it), with `shell_setup` run first (`ulimit`). The binary is
+/// copied into `bin_dir`, a directory that user can read (the build directory may not be
+/// reachable for it).
+fn reinforce_restricted(bin_dir: &Path, config: &Path, shell_setup: &str) -> std::process::Output {
     use std::os::unix::process::CommandExt;
+    let bin = bin_dir.join("dfndr");
+    if !bin.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_dfndr"), &bin).unwrap();
+    }
     let script = format!("{shell_setup}; exec \"$0\" reinforce --no-progress --config \"$1\"");
     let mut cmd = std::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(script)
-        .arg(env!("CARGO_BIN_EXE_dfndr"))
-        .arg(config);
+    cmd.arg("-c").arg(script).arg(&bin).arg(config);
     if uid() == 0 {
         cmd.uid(65534).gid(65534);
     }
@@ -609,7 +612,7 @@ fn write_failures_give_a_clear_error_and_no_done_record() {
     std::fs::create_dir(&cfg_dir).unwrap();
     let config = write_config(&cfg_dir, &input, &read_only.join("out"), "");
     std::fs::set_permissions(&cfg_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let res = reinforce_restricted(&config, "true");
+    let res = reinforce_restricted(tmp.path(), &config, "true");
     let log = text(&res);
     assert_eq!(res.status.code(), Some(2), "{log}");
     assert!(
@@ -628,7 +631,7 @@ fn write_failures_give_a_clear_error_and_no_done_record() {
     let out = started.join("out");
     let config = write_config(&cfg_dir, &input, &out, "");
     std::fs::set_permissions(&cfg_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let res = reinforce_restricted(&config, "true");
+    let res = reinforce_restricted(tmp.path(), &config, "true");
     assert!(res.status.success(), "{}", text(&res));
     for dir in [
         "",
@@ -642,7 +645,7 @@ fn write_failures_give_a_clear_error_and_no_done_record() {
     }
     // The test process may delete as the owner (or root) what the worker may not.
     std::fs::remove_file(out.join("_progress/done/shard-00001.json")).unwrap();
-    let res = reinforce_restricted(&config, "true");
+    let res = reinforce_restricted(tmp.path(), &config, "true");
     let log = text(&res);
     assert!(!res.status.success(), "{log}");
     assert!(log.contains("Permission denied"), "{log}");
@@ -664,7 +667,7 @@ fn write_failures_give_a_clear_error_and_no_done_record() {
         "[output]\nembed_images = true",
     );
     std::fs::set_permissions(&cfg_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let res = reinforce_restricted(&config, "ulimit -f 64");
+    let res = reinforce_restricted(tmp.path(), &config, "ulimit -f 64");
     let log = text(&res);
     assert_eq!(res.status.code(), Some(1), "{log}");
     assert!(log.contains("2 shards failed"), "{log}");
