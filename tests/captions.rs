@@ -249,3 +249,154 @@ fn caption_adds_the_same_captions_to_an_existing_output_and_embed_completes_it()
         }
     }
 }
+
+/// A key and its members as (extension, bytes), in archive order.
+type KeyGroup = (String, Vec<(String, Vec<u8>)>);
+
+/// Members of a tar grouped by key.
+fn tar_groups(path: &Path) -> Vec<KeyGroup> {
+    let mut groups: Vec<KeyGroup> = Vec::new();
+    for (name, data) in tar_members(path) {
+        let (key, ext) = name.split_once('.').unwrap();
+        if groups.last().is_none_or(|(k, _)| k != key) {
+            groups.push((key.to_string(), Vec::new()));
+        }
+        groups.last_mut().unwrap().1.push((ext.to_string(), data));
+    }
+    groups
+}
+
+#[test]
+fn export_wds_writes_apples_layout_for_the_training_patch() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Samples with a JPEG, a PNG, a WebP and a GIF image.
+    let images = demo_images();
+    let pick = |ext: &str| images.iter().find(|(e, _)| e == ext).unwrap().1.clone();
+    let gif = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/decode/synthetic/gif_p.gif"),
+    )
+    .unwrap();
+    let sources = [
+        ("jpg", pick("jpg")),
+        ("png", pick("png")),
+        ("webp", pick("webp")),
+        ("gif", gif),
+    ];
+    let mut members = Vec::new();
+    for (i, (ext, data)) in sources.iter().enumerate() {
+        members.push((format!("s{i}.{ext}"), data.clone()));
+        members.push((format!("s{i}.txt"), format!("caption {i}").into_bytes()));
+        members.push((
+            format!("s{i}.json"),
+            format!("{{\"url\": \"https://example.com/{i}\"}}").into_bytes(),
+        ));
+    }
+    let input = tmp.path().join("mixed.tar");
+    std::fs::write(&input, build_tar(&members)).unwrap();
+    let out = tmp.path().join("out");
+    for captioners in [1, 2] {
+        let out = out.with_extension(captioners.to_string());
+        let extra = if captioners == 1 {
+            format!("{BASE}{TEACHER}{CAPTIONER}")
+        } else {
+            format!("{BASE}{TEACHER}{CAPTIONER}{GREEDY}")
+        };
+        let config = write_config(tmp.path(), &input.display().to_string(), &out, &extra);
+        let res = run(&mut reinforce(&config));
+        assert!(res.status.success(), "{}", text(&res));
+        let dest = tmp.path().join(format!("apple-{captioners}"));
+        let res = run(dfndr()
+            .args(["export-wds", "--no-progress"])
+            .arg(&out)
+            .arg(&dest));
+        assert!(res.status.success(), "{}", text(&res));
+        assert!(text(&res).contains("exported 4 samples"), "{}", text(&res));
+
+        let (reader, rows) = rows_of(&out.join("shards/mixed.parquet"));
+        let dim: usize = reader.meta().teachers.iter().map(|t| t.dim).sum();
+        let groups = tar_groups(&dest.join("mixed.tar"));
+        assert_eq!(groups.len(), rows.len());
+        for ((key, group), (row, (ext, original))) in groups.iter().zip(rows.iter().zip(&sources)) {
+            assert_eq!(key, &row.key);
+            let exts: Vec<&str> = group.iter().map(|(e, _)| e.as_str()).collect();
+            let image_ext = if *ext == "gif" { "png" } else { ext };
+            assert_eq!(
+                exts,
+                [image_ext, "txt", "syn.json", "paug.json", "npz", "json"]
+            );
+            let member = |e: &str| &group.iter().find(|(x, _)| x == e).unwrap().1;
+            if *ext == "gif" {
+                // The first frame as PNG: the same pixels.
+                let a = dfndr_augment::decode::decode_rgb(member("png"), u64::MAX).unwrap();
+                let b = dfndr_augment::decode::decode_rgb(original, u64::MAX).unwrap();
+                assert_eq!(a, b);
+            } else {
+                assert_eq!(member(image_ext), original, "{key}: image bytes");
+            }
+            assert_eq!(member("txt"), row.caption.as_bytes());
+            let syn: serde_json::Value = serde_json::from_slice(member("syn.json")).unwrap();
+            assert_eq!(syn.as_object().unwrap().len(), captioners);
+            for (layout, s) in reader.layout().syn.iter().zip(&row.syn) {
+                assert_eq!(
+                    syn[format!("syn_text_{}", layout.tag)],
+                    serde_json::json!(s.texts)
+                );
+            }
+            let paug: serde_json::Value = serde_json::from_slice(member("paug.json")).unwrap();
+            let views = paug["param_aug"].as_array().unwrap();
+            assert_eq!(views.len(), row.paug.len());
+            for (view, p) in views.iter().zip(&row.paug) {
+                assert_eq!(view[0], serde_json::json!(p.crop));
+                let ops: Vec<(u64, f64)> = view[1]
+                    .as_array()
+                    .map(|ops| {
+                        ops.iter()
+                            .map(|o| (o[0].as_u64().unwrap(), o[1].as_f64().unwrap()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let want: Vec<(u64, f64)> = p
+                    .ops
+                    .iter()
+                    .map(|o| (u64::from(o.op), f64::from(o.magnitude)))
+                    .collect();
+                assert_eq!(ops, want);
+            }
+            let arrays = dfndr_shards::apple::npz_decode(member("npz")).unwrap();
+            let array = |name: &str| {
+                let (_, m) = arrays.iter().find(|(n, _)| n == name).unwrap();
+                assert_eq!(m.cols, dim);
+                m.to_rows()
+            };
+            assert_eq!(array("image_emb"), row.image_emb);
+            if captioners == 1 {
+                let want: Vec<Vec<f32>> = row
+                    .text_emb
+                    .iter()
+                    .chain(&row.syn[0].emb)
+                    .cloned()
+                    .collect();
+                assert_eq!(array("text_emb"), want);
+                assert_eq!(arrays.len(), 2);
+            } else {
+                assert_eq!(array("text_emb"), row.text_emb);
+                assert_eq!(array("syn_text_coca_emb"), row.syn[0].emb);
+                assert_eq!(array("syn_text_greedy_emb"), row.syn[1].emb);
+            }
+            let meta: serde_json::Value = serde_json::from_slice(member("json")).unwrap();
+            assert_eq!(meta["url"], serde_json::json!(row.url));
+            assert_eq!(meta["width"], row.width);
+        }
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dest.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["num_samples"], 1);
+        assert_eq!(
+            config["reinforce"]["image_augmentation"]["random_resized_crop"]["size"],
+            64
+        );
+        assert_eq!(
+            config["reinforce"]["image_augmentation"]["rand_augment"]["p"],
+            1.0
+        );
+    }
+}

@@ -39,9 +39,11 @@
 use std::cell::Cell;
 use std::io::{BufRead, Cursor, Read};
 
-use image::{ImageDecoder, ImageFormat, ImageReader, Limits};
+use image::{ImageDecoder, ImageReader, Limits};
 
 pub use crate::rgb::RgbImage;
+/// The format [`probe`] reports.
+pub use image::ImageFormat;
 
 /// PIL's `Image.MAX_IMAGE_PIXELS`, the threshold Python pipelines are used to.
 pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;

@@ -43,6 +43,21 @@ impl RgbImage {
 }
 
 impl RgbImage {
+    /// The image encoded as PNG.
+    pub fn encode_png(&self) -> std::io::Result<Vec<u8>> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::write_buffer_with_format(
+            &mut out,
+            &self.data,
+            self.width,
+            self.height,
+            image::ExtendedColorType::Rgb8,
+            image::ImageFormat::Png,
+        )
+        .map_err(std::io::Error::other)?;
+        Ok(out.into_inner())
+    }
+
     /// Writes the image as a PNG file.
     pub fn write_png(&self, path: &std::path::Path) -> std::io::Result<()> {
         image::save_buffer(

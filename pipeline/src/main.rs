@@ -7,6 +7,7 @@ mod crash;
 mod embed;
 mod embed_existing;
 mod encode;
+mod export;
 mod inspect;
 mod paug;
 mod progress;
@@ -175,6 +176,33 @@ each view's crop box drawn in that view's colour, then the views) into --out.")]
         #[arg(long)]
         size: Option<u32>,
     },
+    /// Write a DFNDR output as webdataset tars in Apple's DataCompDR/DFNDR layout.
+    #[command(long_about = "\
+Write the done shards of a DFNDR output as webdataset tars in Apple's layout, which the OpenCLIP
+training patch of apple/ml-mobileclip reads with --dataset-reinforcement.
+
+Each shard NAME becomes DEST/NAME.tar with, per sample: KEY.jpg|png|webp (the original image,
+from the `image` column or read back from the input shard; a GIF becomes a PNG of its first
+frame), KEY.txt (caption), KEY.syn.json ({\"syn_text_TAG\": [...]} per captioner),
+KEY.paug.json ({\"param_aug\": [...]}, Apple's compressed augmentation parameters), KEY.npz
+(float32 image_emb [K, D] and text_emb [1+N, D]: the ground truth, then the synthetic captions;
+with several captioners text_emb [1, D] and syn_text_TAG_emb [N, D] each) and KEY.json (key,
+url, source, width, height). DEST/config.json holds the augmentation config in the form of
+--dataset-reinforcement-config, the teachers' architectures, dimensions and logit scales.
+
+Example:
+  dfndr export-wds out/ apple-wds/
+  # then, in the patched OpenCLIP: --train-data 'apple-wds/{...}.tar' --dataset-reinforcement \\
+  #   --dataset-reinforcement-config apple-wds/config.json")]
+    ExportWds {
+        /// The DFNDR output to export.
+        output: String,
+        /// Directory for the tars and config.json (created if missing).
+        dest: PathBuf,
+        /// Disable progress bars even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Show what a webdataset tar or a DFNDR parquet file contains.
     Inspect {
         /// A `.tar` shard or a `.parquet` DFNDR shard.
@@ -269,9 +297,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let progress = match &cli.command {
         Command::Reinforce(args) => Progress::new(!args.no_progress),
-        Command::Embed { no_progress, .. } | Command::Caption { no_progress, .. } => {
-            Progress::new(!no_progress)
-        }
+        Command::Embed { no_progress, .. }
+        | Command::Caption { no_progress, .. }
+        | Command::ExportWds { no_progress, .. } => Progress::new(!no_progress),
         _ => Progress::new(false),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -301,6 +329,12 @@ fn main() -> ExitCode {
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => inspect::run(&file, rows).map(|_| ExitCode::SUCCESS),
+        Command::ExportWds { output, dest, .. } => {
+            export::run(&output, &dest, &progress).map(|samples| {
+                eprintln!("exported {samples} samples to {}", dest.display());
+                ExitCode::SUCCESS
+            })
+        }
         Command::ShowAug {
             shard,
             key,

@@ -189,7 +189,7 @@ pub struct Originals {
 
 impl Originals {
     /// Reads what the rows do not carry themselves (one pass per source shard).
-    fn read(rows: &[Row], max_pixels: u64) -> Result<Self> {
+    pub fn read(rows: &[Row], max_pixels: u64) -> Result<Self> {
         let mut wanted: HashMap<&str, HashSet<&str>> = HashMap::new();
         for row in rows.iter().filter(|r| r.image.is_none()) {
             wanted
@@ -223,12 +223,17 @@ impl Originals {
         })
     }
 
-    /// Decodes the original image of `row`.
-    pub fn decode(&self, row: &Row) -> Result<RgbImage> {
-        let bytes = row
-            .image
+    /// The original encoded image of `row`.
+    pub fn bytes<'a>(&'a self, row: &'a Row) -> Option<&'a [u8]> {
+        row.image
             .as_deref()
             .or_else(|| self.from_sources.get(&row.key).map(Vec::as_slice))
+    }
+
+    /// Decodes the original image of `row`.
+    pub fn decode(&self, row: &Row) -> Result<RgbImage> {
+        let bytes = self
+            .bytes(row)
             .ok_or_else(|| anyhow!("no image for key {}", row.key))?;
         decode_rgb(bytes, self.max_pixels)
             .with_context(|| format!("cannot decode the image of {}", row.key))

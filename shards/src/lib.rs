@@ -5,8 +5,10 @@
 //! - [`store`]: the storage interface (read, list, atomic put, put-if-absent, delete) and its
 //!   local file-system implementation.
 //! - [`mod@format`]: the DFNDR v1 parquet format (writer, reader, metadata).
+//! - [`apple`]: Apple's reinforced webdataset layout (export and import), `.npy` / `.npz`.
 //! - [`job`]: claims, heartbeats, done and failed records, manifest, config fingerprint.
 
+pub mod apple;
 pub mod format;
 pub mod job;
 pub mod shardlist;

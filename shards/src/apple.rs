@@ -1,0 +1,373 @@
+//! Apple's reinforced webdataset layout (DataCompDR, DFNDR as RayGen writes it), read by the
+//! OpenCLIP training patch of apple/ml-mobileclip.
+//!
+//! One sample is a group of tar members sharing a key:
+//!
+//! | member | content |
+//! |---|---|
+//! | `KEY.jpg` / `.png` / `.webp` | the original encoded image |
+//! | `KEY.txt` | the ground-truth caption |
+//! | `KEY.json` | metadata (`url`, ...) |
+//! | `KEY.syn.json` | `{"syn_text...": [captions]}`, one list per captioner |
+//! | `KEY.paug.json` | `{"param_aug": [view, ...]}`, each view in Apple's compressed form |
+//! | `KEY.npz` | `image_emb` [K, D], `text_emb` [1 + N, D] (ground truth, then the synthetic captions), or `text_emb` [1, D] plus `syn_text..._emb` [N, D] per captioner |
+//!
+//! This module knows the members and the `.npy` / `.npz` encodings; what goes into the JSON
+//! values is decided by the caller (the augmentation parameters' compressed form belongs to
+//! the augment crate).
+
+use std::io::{Cursor, Read, Write};
+
+/// Errors of reading or writing the layout.
+#[derive(Debug, thiserror::Error)]
+pub enum AppleError {
+    /// A `.npy` array that is not a 2-D (or 1-D) little-endian float array.
+    #[error("{name}: {detail}")]
+    Npy {
+        /// Array name.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A `.npz` archive that cannot be read.
+    #[error("npz archive: {0}")]
+    Npz(String),
+    /// Writing the tar failed.
+    #[error("cannot write the tar: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A row-major float matrix `[rows, cols]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    /// Number of rows.
+    pub rows: usize,
+    /// Number of columns.
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+impl Matrix {
+    /// Stacks equally long rows (an empty list gives `[0, cols]`).
+    pub fn from_rows(rows: &[Vec<f32>], cols: usize) -> Matrix {
+        Matrix {
+            rows: rows.len(),
+            cols,
+            data: rows.iter().flatten().copied().collect(),
+        }
+    }
+
+    /// The rows as vectors.
+    pub fn to_rows(&self) -> Vec<Vec<f32>> {
+        if self.cols == 0 {
+            return vec![Vec::new(); self.rows];
+        }
+        self.data.chunks(self.cols).map(<[f32]>::to_vec).collect()
+    }
+}
+
+/// One sample of the layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppleSample {
+    /// Webdataset key.
+    pub key: String,
+    /// Image member extension (`jpg`, `png`, `webp`).
+    pub image_ext: String,
+    /// Encoded image.
+    pub image: Vec<u8>,
+    /// Ground-truth caption.
+    pub caption: String,
+    /// `KEY.json`.
+    pub meta: serde_json::Value,
+    /// `KEY.syn.json` (an object of caption lists).
+    pub syn: serde_json::Value,
+    /// `KEY.paug.json` (an object with `param_aug`).
+    pub paug: serde_json::Value,
+    /// `KEY.npz` arrays by name, in order (no member when empty: a job without teachers).
+    pub arrays: Vec<(String, Matrix)>,
+}
+
+/// Encodes a `.npy` file (format 1.0, little-endian float32, C order).
+pub fn npy_encode(m: &Matrix) -> Vec<u8> {
+    let dict = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
+        m.rows, m.cols
+    );
+    // Magic (6) + version (2) + header length (2) + dict + padding + '\n', a multiple of 64.
+    let unpadded = 10 + dict.len() + 1;
+    let total = unpadded.div_ceil(64) * 64;
+    let header_len = total - 10;
+    let mut out = Vec::with_capacity(total + m.data.len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header_len as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out.resize(total - 1, b' ');
+    out.push(b'\n');
+    for v in &m.data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a `.npy` file holding a 1-D (one row) or 2-D little-endian float array of
+/// float16, float32 or float64 in C order.
+pub fn npy_decode(name: &str, bytes: &[u8]) -> Result<Matrix, AppleError> {
+    let bad = |detail: String| AppleError::Npy {
+        name: name.to_string(),
+        detail,
+    };
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy array".into()));
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return Err(bad(format!("unsupported .npy version {v}"))),
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header".into()))?;
+    let field = |key: &str| -> Option<&str> {
+        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+        Some(header[at..].trim_start_matches([':', ' ']))
+    };
+    let descr = field("descr")
+        .and_then(|v| v.strip_prefix('\''))
+        .and_then(|v| v.split('\'').next())
+        .ok_or_else(|| bad(format!("no dtype in header {header:?}")))?;
+    if field("fortran_order").is_some_and(|v| v.starts_with("True")) {
+        return Err(bad("Fortran-ordered arrays are not supported".into()));
+    }
+    let shape_text = field("shape")
+        .and_then(|v| v.strip_prefix('('))
+        .and_then(|v| v.split(')').next())
+        .ok_or_else(|| bad(format!("no shape in header {header:?}")))?;
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|_| bad(format!("bad shape ({shape_text})")))
+        })
+        .collect::<Result<_, _>>()?;
+    let (rows, cols) = match shape[..] {
+        [n] => (1, n),
+        [r, c] => (r, c),
+        _ => {
+            return Err(bad(format!(
+                "expected a 1-D or 2-D array, shape ({shape_text})"
+            )))
+        }
+    };
+    let width = match descr {
+        "<f2" => 2,
+        "<f4" => 4,
+        "<f8" => 8,
+        other => {
+            return Err(bad(format!(
+                "unsupported dtype {other:?} (float16/32/64 only)"
+            )))
+        }
+    };
+    let count = rows
+        .checked_mul(cols)
+        .ok_or_else(|| bad(format!("shape ({shape_text}) too large")))?;
+    let data = &bytes[start + header_len..];
+    if data.len() != count * width {
+        return Err(bad(format!(
+            "shape ({shape_text}) needs {} bytes of data, found {}",
+            count * width,
+            data.len()
+        )));
+    }
+    let values = match width {
+        2 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        4 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        _ => data
+            .chunks_exact(8)
+            .map(|b| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                f64::from_le_bytes(a) as f32
+            })
+            .collect(),
+    };
+    Ok(Matrix {
+        rows,
+        cols,
+        data: values,
+    })
+}
+
+/// Encodes arrays as a `.npz` archive (uncompressed, as `numpy.savez` writes).
+pub fn npz_encode(arrays: &[(String, Matrix)]) -> Result<Vec<u8>, AppleError> {
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        // A fixed time keeps exports byte-for-byte reproducible.
+        .last_modified_time(zip::DateTime::default());
+    for (name, m) in arrays {
+        zip.start_file(format!("{name}.npy"), options)
+            .map_err(|e| AppleError::Npz(e.to_string()))?;
+        zip.write_all(&npy_encode(m))?;
+    }
+    let cursor = zip.finish().map_err(|e| AppleError::Npz(e.to_string()))?;
+    Ok(cursor.into_inner())
+}
+
+/// Decodes a `.npz` archive (stored or deflated members) into its arrays, by name without
+/// the `.npy` suffix, in archive order.
+pub fn npz_decode(bytes: &[u8]) -> Result<Vec<(String, Matrix)>, AppleError> {
+    let mut zip =
+        zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| AppleError::Npz(e.to_string()))?;
+    let mut out = Vec::with_capacity(zip.len());
+    for i in 0..zip.len() {
+        let mut file = zip
+            .by_index(i)
+            .map_err(|e| AppleError::Npz(e.to_string()))?;
+        let name = file
+            .name()
+            .map_err(|e| AppleError::Npz(e.to_string()))?
+            .trim_end_matches(".npy")
+            .to_string();
+        // The declared size is only a hint: a hostile archive may lie about it.
+        let mut data = Vec::with_capacity(file.size().min(1 << 24) as usize);
+        file.read_to_end(&mut data)
+            .map_err(|e| AppleError::Npz(format!("{name}: {e}")))?;
+        out.push((name.clone(), npy_decode(&name, &data)?));
+    }
+    Ok(out)
+}
+
+/// Appends one file to a tar with fixed metadata (reproducible archives).
+fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut header, name, data)
+}
+
+/// Writes samples as a tar in Apple's layout.
+pub struct AppleTarWriter<W: Write> {
+    tar: tar::Builder<W>,
+}
+
+impl<W: Write> AppleTarWriter<W> {
+    /// A writer over `inner`.
+    pub fn new(inner: W) -> Self {
+        Self {
+            tar: tar::Builder::new(inner),
+        }
+    }
+
+    /// Appends the members of `sample`, in the order RayGen writes them.
+    pub fn write_sample(&mut self, sample: &AppleSample) -> Result<(), AppleError> {
+        let key = &sample.key;
+        let json = |v: &serde_json::Value| serde_json::to_vec(v).unwrap_or_default();
+        let tar = &mut self.tar;
+        append(tar, &format!("{key}.{}", sample.image_ext), &sample.image)?;
+        append(tar, &format!("{key}.txt"), sample.caption.as_bytes())?;
+        append(tar, &format!("{key}.syn.json"), &json(&sample.syn))?;
+        append(tar, &format!("{key}.paug.json"), &json(&sample.paug))?;
+        if !sample.arrays.is_empty() {
+            append(tar, &format!("{key}.npz"), &npz_encode(&sample.arrays)?)?;
+        }
+        append(tar, &format!("{key}.json"), &json(&sample.meta))?;
+        Ok(())
+    }
+
+    /// Writes the end-of-archive blocks and returns the inner writer.
+    pub fn finish(self) -> Result<W, AppleError> {
+        Ok(self.tar.into_inner()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(rows: usize, cols: usize) -> Matrix {
+        Matrix {
+            rows,
+            cols,
+            data: (0..rows * cols).map(|i| i as f32 * 0.25 - 1.0).collect(),
+        }
+    }
+
+    #[test]
+    fn npy_round_trips_and_has_numpys_header() {
+        for (r, c) in [(0, 4), (1, 1), (3, 768), (7, 33)] {
+            let a = m(r, c);
+            let bytes = npy_encode(&a);
+            assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+            let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+            assert_eq!((10 + header_len) % 64, 0);
+            assert_eq!(bytes[9 + header_len], b'\n');
+            assert_eq!(npy_decode("a", &bytes).unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn npy_reads_float16_and_float64_and_rejects_the_rest() {
+        // As numpy writes them: np.save of np.array([[1, -2]], dtype=np.float16) etc.
+        let with = |descr: &str, shape: &str, data: &[u8]| {
+            let dict =
+                format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+            let mut b = b"\x93NUMPY\x01\x00".to_vec();
+            b.extend_from_slice(&(dict.len() as u16 + 1).to_le_bytes());
+            b.extend_from_slice(dict.as_bytes());
+            b.push(b'\n');
+            b.extend_from_slice(data);
+            b
+        };
+        let f16: Vec<u8> = [1.0f32, -2.0]
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let got = npy_decode("x", &with("<f2", "(1, 2)", &f16)).unwrap();
+        assert_eq!(got.data, vec![1.0, -2.0]);
+        let f64s: Vec<u8> = [0.5f64, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let got = npy_decode("x", &with("<f8", "(3,)", &f64s)).unwrap();
+        assert_eq!((got.rows, got.cols, got.data), (1, 3, vec![0.5, 3.0, 4.0]));
+        for (descr, shape, data, want) in [
+            ("<i4", "(1,)", vec![0u8; 4], "unsupported dtype"),
+            ("<f4", "(2, 2)", vec![0u8; 12], "needs 16 bytes"),
+            ("<f4", "(1, 1, 1)", vec![0u8; 4], "1-D or 2-D"),
+        ] {
+            let err = npy_decode("x", &with(descr, shape, &data))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        assert!(npy_decode("x", b"not numpy").is_err());
+    }
+
+    #[test]
+    fn npz_round_trips_in_order() {
+        let arrays = vec![
+            ("image_emb".to_string(), m(2, 5)),
+            ("text_emb".to_string(), m(6, 5)),
+        ];
+        let bytes = npz_encode(&arrays).unwrap();
+        assert_eq!(npz_decode(&bytes).unwrap(), arrays);
+        assert_eq!(npz_encode(&arrays).unwrap(), bytes, "reproducible");
+        assert!(npz_decode(b"PK\x03\x04 truncated").is_err());
+    }
+}
