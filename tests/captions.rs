@@ -387,6 +387,56 @@ fn export_wds_writes_apples_layout_for_the_training_patch() {
             assert_eq!(meta["url"], serde_json::json!(row.url));
             assert_eq!(meta["width"], row.width);
         }
+
+        // And back: import-wds with the job's config reads the same rows (the source now
+        // names the Apple tar; embeddings survive float16 -> float32 -> float16 exactly).
+        let imported = tmp.path().join(format!("imported-{captioners}"));
+        let import_config = tmp.path().join(format!("import-{captioners}.toml"));
+        let with_scale = extra.replace(
+            "weights = \"random:11\"",
+            "weights = \"random:11\"\nlogit_scale = 50.0",
+        );
+        std::fs::write(
+            &import_config,
+            format!(
+                "[job]\ninput = [\"{}/*.tar\"]\n{with_scale}",
+                dest.display()
+            ),
+        )
+        .unwrap();
+        for attempt in 0..2 {
+            let res = run(dfndr()
+                .args(["import-wds", "--no-progress", "--config"])
+                .arg(&import_config)
+                .arg("--output")
+                .arg(&imported));
+            let log = text(&res);
+            assert!(res.status.success(), "{log}");
+            let want = if attempt == 0 {
+                "1 shards imported, 0 were already done"
+            } else {
+                "0 shards imported, 1 were already done"
+            };
+            assert!(log.contains(want), "{log}");
+        }
+        let (_, back) = rows_of(&imported.join("shards/mixed.parquet"));
+        assert_eq!(back.len(), rows.len());
+        for (b, r) in back.iter().zip(&rows) {
+            assert_eq!(b.source, dest.join("mixed.tar").display().to_string());
+            let b = Row {
+                source: r.source.clone(),
+                ..b.clone()
+            };
+            assert_eq!(&b, r);
+        }
+        let verify = run(dfndr().arg("verify").arg(&imported));
+        assert!(verify.status.success(), "{}", text(&verify));
+        assert!(
+            text(&verify).contains("1 of 1 done shards verified, 0 failed"),
+            "{}",
+            text(&verify)
+        );
+
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dest.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["num_samples"], 1);

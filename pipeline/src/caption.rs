@@ -152,18 +152,23 @@ impl CaptionStage {
 pub fn infos(captioners: &[Captioner]) -> Vec<CaptionerInfo> {
     captioners
         .iter()
-        .map(|c| CaptionerInfo {
-            tag: c.config.tag.clone(),
-            model: c.config.arch.label(),
-            weights_sha256: c.weights_id.clone(),
-            decoding: as_read_back(serde_json::json!({
-                "num_captions": c.config.num_captions,
-                "raw": c.config.raw,
-                "generation": c.config.generation,
-                "preprocess": c.config.preprocess,
-            })),
-        })
+        .map(|c| config_info(&c.config, &c.weights_id))
         .collect()
+}
+
+/// The metadata record of a configured captioner whose weights are identified by `weights_id`.
+pub fn config_info(config: &CaptionerConfig, weights_id: &str) -> CaptionerInfo {
+    CaptionerInfo {
+        tag: config.tag.clone(),
+        model: config.arch.label(),
+        weights_sha256: weights_id.to_string(),
+        decoding: as_read_back(serde_json::json!({
+            "num_captions": config.num_captions,
+            "raw": config.raw,
+            "generation": config.generation,
+            "preprocess": config.preprocess,
+        })),
+    }
 }
 
 /// `value` as a reader of the shard metadata will see it: through its JSON text, whose float

@@ -8,6 +8,7 @@ mod embed;
 mod embed_existing;
 mod encode;
 mod export;
+mod import;
 mod inspect;
 mod paug;
 mod progress;
@@ -203,6 +204,40 @@ Example:
         #[arg(long)]
         no_progress: bool,
     },
+    /// Read webdataset tars in Apple's layout (DataCompDR, RayGen) into a DFNDR output.
+    #[command(long_about = "\
+Read webdataset tars in Apple's reinforced layout (DataCompDR, RayGen's DFNDR, `dfndr export-wds`)
+into a DFNDR output: one parquet shard per tar, with done records, manifest and resume as for
+`dfndr reinforce` (done shards are skipped when run again).
+
+Apple's tars carry no metadata, so --config describes them: [augment] (num_augmentations = the
+views per sample, and the transforms, which fix the paug.json layout), [[teachers]] in
+embedding order with their arch and logit_scale (no weights are loaded; `weights` is recorded
+as given), [[captioners]] whose tags name the syn.json lists (syn_text_TAG, or DataCompDR's
+syn_text when there is one captioner), [embed].dtype and [output]. Samples need KEY.paug.json,
+KEY.syn.json when captioners are configured, and KEY.npz (image_emb [K, D]; text_emb [1+N, D],
+or text_emb [1, D] plus syn_text_TAG_emb) when teachers are.
+
+Example:
+  dfndr import-wds --config datacompdr12m.toml --input 'datacompdr/{00000000..00001023}.tar' \\
+      --output dr-parquet/")]
+    ImportWds {
+        /// Job config describing the shards (see above).
+        #[arg(long)]
+        config: PathBuf,
+        /// Input tars, overriding job.input (brace patterns, globs, list files). Repeatable.
+        #[arg(long)]
+        input: Vec<String>,
+        /// Output location, overriding job.output.
+        #[arg(long)]
+        output: Option<String>,
+        /// Adopt this config even if the output was started with a different one.
+        #[arg(long)]
+        force: bool,
+        /// Disable progress bars even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Show what a webdataset tar or a DFNDR parquet file contains.
     Inspect {
         /// A `.tar` shard or a `.parquet` DFNDR shard.
@@ -329,6 +364,13 @@ fn main() -> ExitCode {
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => inspect::run(&file, rows).map(|_| ExitCode::SUCCESS),
+        Command::ImportWds {
+            config,
+            input,
+            output,
+            force,
+            ..
+        } => import_command(&config, input, output, force, &progress),
         Command::ExportWds { output, dest, .. } => {
             export::run(&output, &dest, &progress).map(|samples| {
                 eprintln!("exported {samples} samples to {}", dest.display());
@@ -350,6 +392,50 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn import_command(
+    config: &std::path::Path,
+    input: Vec<String>,
+    output: Option<String>,
+    force: bool,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    let mut config = JobConfig::load(config)?;
+    if !input.is_empty() {
+        config.job.input = input;
+    }
+    if output.is_some() {
+        config.job.output = output;
+    }
+    let Some(output) = config.job.output.clone() else {
+        bail!("no output location: set job.output in the config or pass --output");
+    };
+    let shards = resolve_inputs(&config.job.input).context("cannot resolve the input shards")?;
+    if shards.is_empty() {
+        bail!("the input patterns {:?} name no shards", config.job.input);
+    }
+    let spec = import::ImportSpec::new(config)?;
+    let job = Job::new(
+        open_store(&output)?,
+        WorkerIdentity::current(0),
+        Duration::from_secs_f64(spec.config.job.lease_seconds),
+    );
+    let card = serde_json::json!({
+        "format": "dfndr",
+        "schema_version": SCHEMA_VERSION,
+        "dfndr_version": env!("CARGO_PKG_VERSION"),
+        "config_fingerprint": spec.fingerprint,
+        "seed": spec.config.job.seed,
+        "config": spec.config,
+        "teachers": spec.teachers,
+        "captioners": spec.captioners,
+        "augmentation": reinforce::augmentation_meta(&spec.config),
+        "imported_from": "webdataset tars in Apple's layout",
+        "created_unix": now_unix(),
+    });
+    job.init_card(&card, &spec.fingerprint, force)?;
+    import::run(&spec, &job, &shards, progress)
 }
 
 fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {

@@ -152,6 +152,9 @@ pub struct RawSample {
     pub url: Option<String>,
     /// Raw bytes of the json member, when present and within the size limit (even if invalid).
     pub meta: Option<Vec<u8>>,
+    /// Members with the extensions asked for by [`WdsReader::with_extra_members`] (e.g.
+    /// `syn.json`, `npz`), as (extension, bytes) in archive order; oversized ones are left out.
+    pub extras: Vec<(String, Vec<u8>)>,
 }
 
 /// A sample group that was not turned into a [`RawSample`].
@@ -258,6 +261,8 @@ enum Role {
     Image,
     Caption,
     Meta,
+    /// A member kept because the reader was asked for its extension.
+    Extra,
 }
 
 impl Role {
@@ -278,6 +283,7 @@ impl Role {
             Role::Image => "image",
             Role::Caption => "caption",
             Role::Meta => "json",
+            Role::Extra => "extra",
         }
     }
 }
@@ -387,6 +393,8 @@ struct Group {
     image: Option<Part>,
     caption: Option<Part>,
     meta: Option<Part>,
+    /// Extra members; the last one is the slot being filled.
+    extras: Vec<Option<Part>>,
     /// Set once the group is known to be skipped; later members are then not read.
     problem: Option<(SkipReason, String)>,
 }
@@ -404,6 +412,7 @@ impl Group {
             image: None,
             caption: None,
             meta: None,
+            extras: Vec::new(),
             problem,
         }
     }
@@ -413,6 +422,13 @@ impl Group {
             Role::Image => &mut self.image,
             Role::Caption => &mut self.caption,
             Role::Meta => &mut self.meta,
+            Role::Extra => {
+                if self.extras.is_empty() {
+                    self.extras.push(None);
+                }
+                let last = self.extras.len() - 1;
+                &mut self.extras[last]
+            }
         }
     }
 
@@ -497,6 +513,15 @@ impl Group {
             _ => None,
         };
         let url = meta.as_deref().and_then(json_url);
+        let extras = self
+            .extras
+            .into_iter()
+            .flatten()
+            .filter_map(|p| match p.payload {
+                Payload::Data(d) => Some((p.ext, d)),
+                Payload::Oversized => None,
+            })
+            .collect();
         WdsEvent::Sample(RawSample {
             key,
             image: image_bytes,
@@ -504,6 +529,7 @@ impl Group {
             caption,
             url,
             meta,
+            extras,
         })
     }
 }
@@ -639,9 +665,19 @@ pub struct WdsReader<R: Read> {
     ready: Option<WdsEvent>,
     failed: Option<ShardError>,
     finished: bool,
+    /// Extensions of members kept in [`RawSample::extras`].
+    extra_members: Vec<String>,
 }
 
 impl<R: Read> WdsReader<R> {
+    /// Also keeps the members with these (lowercase, full) extensions, e.g. `syn.json`, in
+    /// [`RawSample::extras`]: for reading layouts with more per-sample members than
+    /// img2dataset's (Apple's reinforced shards).
+    pub fn with_extra_members(mut self, extensions: &[&str]) -> Self {
+        self.extra_members = extensions.iter().map(|e| e.to_string()).collect();
+        self
+    }
+
     /// Starts reading a shard from `reader` (positioned at the start of the archive).
     pub fn new(reader: R, limits: ReaderLimits) -> Self {
         Self {
@@ -652,6 +688,7 @@ impl<R: Read> WdsReader<R> {
             ready: None,
             failed: None,
             finished: false,
+            extra_members: Vec::new(),
         }
     }
 
@@ -758,7 +795,9 @@ impl<R: Read> WdsReader<R> {
                     self.ready = Some(done.finish());
                 }
             }
-            if let (Some(role), Some(group)) = (Role::of(&ext), self.group.as_mut()) {
+            let role =
+                Role::of(&ext).or_else(|| self.extra_members.contains(&ext).then_some(Role::Extra));
+            if let (Some(role), Some(group)) = (role, self.group.as_mut()) {
                 let declared = entry.size();
                 if let Some(data) = add_member(group, role, &path, ext, declared, self.limits) {
                     let bytes = read_member(&mut entry, declared)
@@ -869,7 +908,14 @@ fn add_member(
     if group.problem.is_some() {
         return None;
     }
-    if let Some(first) = group.slot(role) {
+    if role == Role::Extra {
+        if let Some(first) = group.extras.iter().flatten().find(|p| p.ext == ext) {
+            let detail = format!("two {ext} members for one key: {} and {path}", first.member);
+            group.problem = Some((SkipReason::DuplicateKey, detail));
+            return None;
+        }
+        group.extras.push(None);
+    } else if let Some(first) = group.slot(role) {
         let detail = format!(
             "two {} members for one key: {} and {path}",
             role.name(),
@@ -887,7 +933,7 @@ fn add_member(
     if !oversized {
         return Some(Payload::Data);
     }
-    if role == Role::Meta {
+    if matches!(role, Role::Meta | Role::Extra) {
         tracing::debug!(
             member = path,
             declared,

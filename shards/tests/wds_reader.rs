@@ -421,6 +421,7 @@ proptest! {
                 caption: g.caption.trim().to_owned(),
                 url: if json.is_some() { g.url.clone() } else { None },
                 meta: json.map(String::into_bytes),
+                extras: Vec::new(),
             });
         }
         let refs: Vec<(&str, &[u8])> = members.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
@@ -1060,5 +1061,39 @@ proptest! {
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..3000)) {
         let (_events, err) = read(&bytes);
         prop_assert!(!bytes.is_empty() || matches!(err, Some(ShardError::Empty)));
+    }
+}
+
+#[test]
+fn extra_members_are_kept_only_when_asked_for() {
+    let tar = tar_of(&[
+        ("a.jpg", b"img-a"),
+        ("a.txt", b"caption a"),
+        ("a.syn.json", b"{}"),
+        ("a.npz", b"PK"),
+        ("a.paug.json", b"[]"),
+        ("b.jpg", b"img-b"),
+        ("b.txt", b"caption b"),
+        ("b.npz", b"one"),
+        ("b.npz", b"two"),
+    ]);
+    let plain: Vec<WdsEvent> = WdsReader::new(&tar[..], ReaderLimits::default())
+        .map(Result::unwrap)
+        .collect();
+    assert!(sample(&plain[0]).extras.is_empty());
+    let events: Vec<WdsEvent> = WdsReader::new(&tar[..], ReaderLimits::default())
+        .with_extra_members(&["syn.json", "npz"])
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        sample(&events[0]).extras,
+        vec![
+            ("syn.json".to_string(), b"{}".to_vec()),
+            ("npz".to_string(), b"PK".to_vec())
+        ]
+    );
+    match &events[1] {
+        WdsEvent::Skip(skip) => assert_eq!(skip.reason, SkipReason::DuplicateKey),
+        other => panic!("expected a duplicate skip, got {other:?}"),
     }
 }

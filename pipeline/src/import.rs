@@ -1,0 +1,380 @@
+//! `dfndr import-wds`: webdataset tars in Apple's reinforced layout (DataCompDR, RayGen's
+//! DFNDR, `dfndr export-wds`) into a DFNDR output, with the same done records, manifest and
+//! resume behaviour as `dfndr reinforce`.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use dfndr_augment::decode::probe;
+use dfndr_augment::params::{from_apple, AppleLayout};
+use dfndr_shards::apple::{npz_decode, Matrix};
+use dfndr_shards::format::{
+    CaptionerInfo, EmbLayout, FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, SynLayout,
+    TeacherInfo, WriterOptions, SCHEMA_VERSION,
+};
+use dfndr_shards::job::{self, now_unix, ClaimOutcome, DoneRecord, HashingWriter, Job};
+use dfndr_shards::shardlist::ShardRef;
+use dfndr_shards::store::open_input;
+use dfndr_shards::wds::{RawSample, ReaderLimits, WdsEvent, WdsReader};
+use serde_json::Value;
+
+use crate::config::JobConfig;
+use crate::paug::to_stored;
+use crate::progress::Progress;
+
+/// The members of Apple's layout besides image, caption and json.
+const APPLE_MEMBERS: [&str; 3] = ["syn.json", "paug.json", "npz"];
+
+/// How the imported shards are described: from the job config, since Apple's shards carry no
+/// metadata of their own.
+pub struct ImportSpec {
+    /// The config (augment, teachers, captioners, output options).
+    pub config: JobConfig,
+    /// Its fingerprint.
+    pub fingerprint: String,
+    /// Teachers as recorded in the shard metadata.
+    pub teachers: Vec<TeacherInfo>,
+    /// Captioners as recorded in the shard metadata.
+    pub captioners: Vec<CaptionerInfo>,
+}
+
+impl ImportSpec {
+    /// Builds the spec; teachers need an explicit `logit_scale` (no weights are loaded).
+    pub fn new(config: JobConfig) -> Result<ImportSpec> {
+        if config.augment.num_augmentations == 0 {
+            bail!("augment.num_augmentations must be the number of views in the shards (Apple's layout always has them)");
+        }
+        let teachers = config
+            .teachers
+            .iter()
+            .map(|t| -> Result<TeacherInfo> {
+                let arch = t
+                    .arch
+                    .resolve()
+                    .with_context(|| format!("teacher {}", t.name))?;
+                let logit_scale = t.logit_scale.ok_or_else(|| {
+                    anyhow!(
+                        "teacher {}: set logit_scale (import loads no weights to read it from)",
+                        t.name
+                    )
+                })?;
+                Ok(TeacherInfo {
+                    name: t.name.clone(),
+                    architecture: t.arch.label(),
+                    dim: arch.embed_dim,
+                    logit_scale,
+                    weights_sha256: t.weights.clone(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let captioners = config
+            .captioners
+            .iter()
+            .map(|c| crate::caption::config_info(c, &c.weights))
+            .collect();
+        let fingerprint = config.fingerprint();
+        Ok(ImportSpec {
+            config,
+            fingerprint,
+            teachers,
+            captioners,
+        })
+    }
+
+    fn dim(&self) -> usize {
+        self.teachers.iter().map(|t| t.dim).sum()
+    }
+
+    fn layout(&self) -> Layout {
+        let with_emb = !self.teachers.is_empty();
+        Layout {
+            embed_images: self.config.output.embed_images,
+            paug: true,
+            emb: with_emb.then_some(EmbLayout {
+                dim: self.dim(),
+                dtype: self.config.embed.dtype,
+            }),
+            image_emb: with_emb,
+            text_emb: with_emb,
+            syn: self
+                .config
+                .captioners
+                .iter()
+                .map(|c| SynLayout {
+                    tag: c.tag.clone(),
+                    with_emb,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Imports every input shard that is not done yet; returns the exit status (1 when some
+/// shards failed).
+pub fn run(
+    spec: &ImportSpec,
+    job: &Job,
+    shards: &[ShardRef],
+    progress: &Progress,
+) -> Result<ExitCode> {
+    progress.set_total(shards.len());
+    let mut failed = BTreeMap::new();
+    let (mut imported, mut already) = (0usize, 0usize);
+    for shard in shards {
+        progress.shard_started(&shard.name);
+        if job.is_done(&shard.name)? {
+            already += 1;
+            progress.shard_finished(0);
+            continue;
+        }
+        let claim = match job.claim(&shard.name)? {
+            ClaimOutcome::Claimed { claim, .. } => claim,
+            ClaimOutcome::HeldByOther(other) => {
+                tracing::warn!(shard = %shard.name, holder = %other.identity.worker, "claimed by another worker; skipped");
+                continue;
+            }
+        };
+        match import_shard(spec, job, shard, progress) {
+            Ok(record) => {
+                job.write_done(&shard.name, &record)?;
+                imported += 1;
+                progress.shard_finished(record.rows);
+                tracing::info!(shard = %shard.name, rows = record.rows, "imported");
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                job.write_failed(&shard.name, &shard.uri, &message)?;
+                tracing::error!(shard = %shard.name, error = %message, "import failed");
+                failed.insert(shard.name.clone(), message);
+                progress.shard_finished(0);
+            }
+        }
+        job.release(&shard.name, &claim)?;
+    }
+    progress.finish();
+    job.rebuild_manifest(SCHEMA_VERSION)?;
+    eprintln!(
+        "{imported} shards imported, {already} were already done, {} failed",
+        failed.len()
+    );
+    for (name, error) in &failed {
+        eprintln!("  {name}: {error}");
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn import_shard(
+    spec: &ImportSpec,
+    job: &Job,
+    shard: &ShardRef,
+    progress: &Progress,
+) -> Result<DoneRecord> {
+    let started = Instant::now();
+    let store = job.store();
+    let output = job::output_path(&shard.name);
+    let output_uri = store.uri_of(&output);
+    store.discard_abandoned_staged(&output)?;
+    let input = open_input(&shard.uri).with_context(|| format!("cannot open {}", shard.uri))?;
+    let limits = ReaderLimits {
+        max_member_bytes: spec.config.reader.max_member_bytes,
+    };
+    let events = WdsReader::new(input, limits).with_extra_members(&APPLE_MEMBERS);
+    let meta = FileMeta {
+        source: shard.uri.clone(),
+        config_fingerprint: spec.fingerprint.clone(),
+        augmentation: crate::reinforce::augmentation_meta(&spec.config),
+        teachers: spec.teachers.clone(),
+        captioners: spec.captioners.clone(),
+        ..FileMeta::default()
+    };
+    let staged = store.create_staged(&output)?;
+    let mut writer = ShardWriter::new(
+        HashingWriter::new(staged),
+        spec.layout(),
+        &meta,
+        WriterOptions {
+            row_group_rows: spec.config.output.row_group_rows,
+        },
+    )?;
+    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+    for event in events {
+        match event.with_context(|| format!("cannot read {}", shard.uri))? {
+            WdsEvent::Sample(sample) => {
+                let row = to_row(spec, &shard.uri, sample)?;
+                writer
+                    .write_row(&row)
+                    .with_context(|| format!("cannot write {output_uri}"))?;
+                progress.samples(1);
+            }
+            WdsEvent::Skip(skip) => {
+                *skipped.entry(skip.reason.as_str().to_string()).or_default() += 1;
+            }
+        }
+    }
+    let (rows, hashing) = writer
+        .into_inner()
+        .with_context(|| format!("cannot write {output_uri}"))?;
+    let (mut staged, bytes, sha256) = hashing.finish();
+    staged
+        .flush()
+        .with_context(|| format!("cannot write {output_uri}"))?;
+    staged.commit()?;
+    Ok(DoneRecord {
+        input: shard.uri.clone(),
+        output,
+        rows,
+        skipped,
+        bytes,
+        sha256,
+        seconds: started.elapsed().as_secs_f64(),
+        worker: job.identity().worker.clone(),
+        finished_unix: now_unix(),
+        config_fingerprint: spec.fingerprint.clone(),
+        stage_seconds: BTreeMap::new(),
+    })
+}
+
+/// One sample of Apple's layout as a DFNDR row.
+fn to_row(spec: &ImportSpec, uri: &str, sample: RawSample) -> Result<Row> {
+    let key = sample.key.clone();
+    let member = |ext: &str| {
+        sample
+            .extras
+            .iter()
+            .find(|(e, _)| e == ext)
+            .map(|(_, d)| d.as_slice())
+    };
+    let json = |ext: &str| -> Result<Value> {
+        let bytes = member(ext).ok_or_else(|| anyhow!("key {key}: no {ext} member"))?;
+        serde_json::from_slice(bytes).with_context(|| format!("key {key}: {ext} is not JSON"))
+    };
+    let paug_json = json("paug.json")?;
+    let views = paug_json
+        .get("param_aug")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("key {key}: paug.json has no param_aug list"))?;
+    let k = spec.config.augment.num_augmentations as usize;
+    if views.len() != k {
+        bail!(
+            "key {key}: {} augmentations stored, the config says num_augmentations = {k}",
+            views.len()
+        );
+    }
+    let apple = AppleLayout::of(&spec.config.augment);
+    let paug: Vec<Paug> = views
+        .iter()
+        .map(|v| from_apple(v, apple).map(|p| to_stored(&p)))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("key {key}: paug.json"))?;
+
+    let tags: Vec<&str> = spec
+        .config
+        .captioners
+        .iter()
+        .map(|c| c.tag.as_str())
+        .collect();
+    let syn_json = if tags.is_empty() {
+        Value::Null
+    } else {
+        json("syn.json")?
+    };
+    // DataCompDR names its single list `syn_text`; dfndr's export `syn_text_TAG`.
+    let syn_key = |tag: &str| -> Option<String> {
+        let tagged = format!("syn_text_{tag}");
+        if syn_json.get(&tagged).is_some() {
+            Some(tagged)
+        } else if tags.len() == 1 && syn_json.get("syn_text").is_some() {
+            Some("syn_text".into())
+        } else {
+            None
+        }
+    };
+    let mut syn = Vec::with_capacity(tags.len());
+    for tag in &tags {
+        let name =
+            syn_key(tag).ok_or_else(|| anyhow!("key {key}: syn.json has no syn_text_{tag}"))?;
+        let texts: Vec<String> = serde_json::from_value(syn_json[&name].clone())
+            .with_context(|| format!("key {key}: {name} is not a list of strings"))?;
+        syn.push((name, texts));
+    }
+
+    let (mut image_emb, mut text_emb) = (Vec::new(), Vec::new());
+    let mut syn_emb: Vec<Vec<Vec<f32>>> = vec![Vec::new(); syn.len()];
+    if !spec.teachers.is_empty() {
+        let npz = member("npz").ok_or_else(|| anyhow!("key {key}: no npz member (embeddings)"))?;
+        let arrays = npz_decode(npz).with_context(|| format!("key {key}: npz"))?;
+        let dim = spec.dim();
+        let array = |name: &str| -> Option<Result<&Matrix>> {
+            let (_, m) = arrays.iter().find(|(n, _)| n == name)?;
+            Some(if m.cols == dim {
+                Ok(m)
+            } else {
+                Err(anyhow!(
+                    "key {key}: {name} has {} columns, the teachers give {dim}",
+                    m.cols
+                ))
+            })
+        };
+        let need = |name: &str| {
+            array(name).unwrap_or_else(|| Err(anyhow!("key {key}: npz has no {name}")))
+        };
+        let images = need("image_emb")?;
+        if images.rows != k {
+            bail!(
+                "key {key}: image_emb has {} rows for {k} augmentations",
+                images.rows
+            );
+        }
+        image_emb = images.to_rows();
+        let texts = need("text_emb")?.to_rows();
+        if texts.is_empty() {
+            bail!("key {key}: text_emb is empty");
+        }
+        let mut rest = texts.into_iter();
+        text_emb = rest.by_ref().take(1).collect();
+        let rest: Vec<Vec<f32>> = rest.collect();
+        if syn.len() == 1 && !rest.is_empty() {
+            // DataCompDR's layout: the synthetic captions follow the ground truth.
+            syn_emb[0] = rest;
+        } else {
+            for ((name, _), emb) in syn.iter().zip(&mut syn_emb) {
+                *emb = need(&format!("{name}_emb"))?.to_rows();
+            }
+        }
+        for ((name, texts), emb) in syn.iter().zip(&syn_emb) {
+            if emb.len() != texts.len() {
+                bail!(
+                    "key {key}: {} embeddings for {} {name} captions",
+                    emb.len(),
+                    texts.len()
+                );
+            }
+        }
+    }
+    let (_, width, height) =
+        probe(&sample.image).with_context(|| format!("key {key}: unreadable image"))?;
+    Ok(Row {
+        key: sample.key,
+        source: uri.to_string(),
+        url: sample.url,
+        caption: sample.caption,
+        width,
+        height,
+        image: spec.config.output.embed_images.then_some(sample.image),
+        paug,
+        image_emb,
+        text_emb,
+        syn: syn
+            .into_iter()
+            .zip(syn_emb)
+            .map(|((_, texts), emb)| SynCaptions { texts, emb })
+            .collect(),
+    })
+}
