@@ -282,20 +282,46 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 2);
-        let prod = JobConfig::load(&dir.join("dfndr2b.toml")).unwrap();
-        let names: Vec<_> = prod
-            .teachers
-            .iter()
-            .map(|t| (t.name.as_str(), t.logit_scale))
-            .collect();
-        assert_eq!(names, [("dfn2b", Some(70.0)), ("dfn2b_s39b", Some(60.0))]);
-        let archs: Vec<_> = prod
-            .teachers
-            .iter()
-            .map(|t| t.arch.resolve().unwrap().quick_gelu)
-            .collect();
-        assert_eq!(archs, [true, false]);
+        assert!(n >= 3);
+        // MobileCLIP2's recipes: the DFN2B teacher pair at 70 / 60, 5 top-p captions of the
+        // MSCOCO-38k CoCa, 2 (DFNDR-2B) or 30 (DFNDR-2B12M) augmentations.
+        for (file, views) in [("dfndr2b.toml", 2), ("dfndr12m.toml", 30)] {
+            let prod = JobConfig::load(&dir.join(file)).unwrap();
+            assert_eq!(prod.augment.num_augmentations, views, "{file}");
+            let names: Vec<_> = prod
+                .teachers
+                .iter()
+                .map(|t| (t.name.as_str(), t.logit_scale, t.weights.as_str()))
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    ("dfn2b", Some(70.0), "hf-hub:apple/DFN2B-CLIP-ViT-L-14"),
+                    ("dfn2b_s39b", Some(60.0), "hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B")
+                ],
+                "{file}"
+            );
+            let archs: Vec<_> = prod
+                .teachers
+                .iter()
+                .map(|t| t.arch.resolve().unwrap().quick_gelu)
+                .collect();
+            assert_eq!(archs, [true, false]);
+            let captioners: Vec<_> = prod
+                .captioners
+                .iter()
+                .map(|c| (c.tag.as_str(), c.num_captions, c.weights.as_str()))
+                .collect();
+            assert_eq!(
+                captioners,
+                [(
+                    "dfn_mscoco38k",
+                    5,
+                    "hf-hub:apple/mobileclip2_coca_dfn2b_s13b_mscoco38k_s12m_context77"
+                )],
+                "{file}"
+            );
+        }
     }
 
     #[test]
