@@ -178,41 +178,126 @@ pub fn top_p_keep(logits: &[f32], top_p: f64, keep: &mut [bool]) {
 
 /// [`top_p_keep`] on probabilities already computed (`best`: the most likely token).
 fn top_p_keep_probs(probs: &[f32], best: Option<usize>, top_p: f64, keep: &mut [bool]) {
-    let cut = 1.0 - top_p;
-    // Non-negative floats order like their bit patterns; 4096 buckets on the top bits.
-    const SHIFT: u32 = 20;
-    let bucket = |p: f32| (p.to_bits() >> SHIFT) as usize;
-    let mut mass = vec![0f64; (u32::MAX >> SHIFT) as usize + 1];
-    for &p in probs {
-        mass[bucket(p)] += p as f64;
+    let cut = TopPCut::new(probs, best, top_p);
+    for (i, (&p, k)) in probs.iter().zip(keep.iter_mut()).enumerate() {
+        *k = cut.keeps(i, p);
     }
-    // Ascending: find the bucket where the cumulative mass first exceeds the cut.
-    let mut below = 0f64;
-    let mut boundary = mass.len();
+}
+
+/// Zeroes the probabilities [`top_p_keep`] removes, in place.
+fn top_p_filter(probs: &mut [f32], best: Option<usize>, top_p: f64) {
+    let cut = TopPCut::new(probs, best, top_p);
+    // Branch-free (it vectorises): everything above the boundary sub-bucket stays, the rest
+    // is zeroed, then the kept tokens of the boundary sub-bucket and the best one come back.
+    let restore: Vec<(usize, f32)> = cut
+        .inside_kept
+        .iter()
+        .copied()
+        .chain(best)
+        .filter_map(|i| probs.get(i).map(|&p| (i, p)))
+        .collect();
+    let boundary = ((cut.bucket as u32) << 12) | cut.sub as u32;
+    for p in probs.iter_mut() {
+        *p = if (p.to_bits() >> SUB_BITS_SHIFT) > boundary {
+            *p
+        } else {
+            0.0
+        };
+    }
+    for (i, p) in restore {
+        probs[i] = p;
+    }
+}
+
+/// Where `TopPLogitsWarper` cuts a row, found without sorting the row: non-negative floats
+/// order like their bit patterns, so a histogram of the probability mass over the top 12 bits
+/// finds the bucket holding the cut, a second one over the next 12 bits the sub-bucket, and
+/// only the few tokens of that sub-bucket are sorted (ascending probability, ties by
+/// descending index, as a stable ascending sort of HF's descending order leaves them).
+struct TopPCut {
+    /// Tokens in higher buckets stay, in lower ones go.
+    bucket: usize,
+    sub: usize,
+    /// Tokens of the boundary sub-bucket that stay.
+    inside_kept: Vec<usize>,
+    best: Option<usize>,
+}
+
+const TOP_BITS_SHIFT: u32 = 20;
+const SUB_BITS_SHIFT: u32 = 8;
+
+fn top_bucket(p: f32) -> usize {
+    (p.to_bits() >> TOP_BITS_SHIFT) as usize
+}
+
+fn sub_bucket(p: f32) -> usize {
+    ((p.to_bits() >> SUB_BITS_SHIFT) & 0xfff) as usize
+}
+
+/// The first bucket whose mass takes the cumulative sum (from `below`) past `cut`, and the
+/// mass below it; `mass.len()` when none does.
+fn first_past(mass: &[f64], below: f64, cut: f64) -> (usize, f64) {
+    let mut below = below;
     for (b, &m) in mass.iter().enumerate() {
         if below + m > cut {
-            boundary = b;
-            break;
+            return (b, below);
         }
         below += m;
     }
-    let mut inside: Vec<(f32, usize)> = Vec::new();
-    for (i, (&p, k)) in probs.iter().zip(keep.iter_mut()).enumerate() {
-        let b = bucket(p);
-        *k = b > boundary;
-        if b == boundary {
-            inside.push((p, i));
+    (mass.len(), below)
+}
+
+impl TopPCut {
+    fn new(probs: &[f32], best: Option<usize>, top_p: f64) -> TopPCut {
+        let cut = 1.0 - top_p;
+        let mut mass = vec![0f64; (u32::MAX >> TOP_BITS_SHIFT) as usize + 1];
+        for &p in probs {
+            mass[top_bucket(p)] += p as f64;
+        }
+        let (bucket, below) = first_past(&mass, 0.0, cut);
+        let mut sub_mass = vec![0f64; 1 << 12];
+        for &p in probs {
+            if top_bucket(p) == bucket {
+                sub_mass[sub_bucket(p)] += p as f64;
+            }
+        }
+        let (sub, below) = first_past(&sub_mass, below, cut);
+        let mut inside: Vec<(f32, usize)> = probs
+            .iter()
+            .enumerate()
+            .filter(|(_, &p)| top_bucket(p) == bucket && sub_bucket(p) == sub)
+            .map(|(i, &p)| (p, i))
+            .collect();
+        inside.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+        let mut cum = below;
+        let mut inside_kept = Vec::new();
+        for &(p, i) in &inside {
+            cum += p as f64;
+            if cum > cut {
+                inside_kept.push(i);
+            }
+        }
+        inside_kept.sort_unstable();
+        TopPCut {
+            bucket,
+            sub,
+            inside_kept,
+            best,
         }
     }
-    inside.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
-    let mut cum = below;
-    for &(p, i) in &inside {
-        cum += p as f64;
-        keep[i] = cum > cut;
-    }
-    // The most likely token is never removed.
-    if let Some(best) = best {
-        keep[best] = true;
+
+    /// Whether token `i` of probability `p` stays.
+    #[inline]
+    fn keeps(&self, i: usize, p: f32) -> bool {
+        let b = top_bucket(p);
+        if b != self.bucket {
+            return b > self.bucket || Some(i) == self.best;
+        }
+        let s = sub_bucket(p);
+        if s != self.sub {
+            return s > self.sub || Some(i) == self.best;
+        }
+        Some(i) == self.best || self.inside_kept.binary_search(&i).is_ok()
     }
 }
 
@@ -243,6 +328,69 @@ pub fn argmax(x: &[f32]) -> Option<usize> {
     best
 }
 
+/// `e^x` for `x <= 0` to within about one unit in the last place of float64, in plain
+/// arithmetic so the softmax loop vectorises (libm's `exp` is a call per value, and a
+/// vocabulary of 49,408 logits per row and step made it a large part of decoding). Inputs
+/// below -708 give 0 (their float32 probabilities underflow anyway).
+#[inline(always)]
+fn exp_nonpositive(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = 0.693_147_180_369_123_8;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    // Adding 1.5 * 2^52 rounds to an integer kept in the low mantissa bits.
+    const SHIFTER: f64 = 6_755_399_441_055_744.0;
+    let xc = x.max(-708.0);
+    let shifted = xc * LOG2E + SHIFTER;
+    let n = shifted - SHIFTER;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    // Taylor series to r^12 / 12!: |r| <= ln2 / 2 leaves a relative error below 2e-16.
+    let mut p = 1.0 / 479_001_600.0;
+    for d in [
+        39_916_800.0,
+        3_628_800.0,
+        362_880.0,
+        40_320.0,
+        5_040.0,
+        720.0,
+        120.0,
+        24.0,
+        6.0,
+        2.0,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + 1.0 / d;
+    }
+    let bits = (shifted.to_bits().wrapping_sub(SHIFTER.to_bits()) as i64 + 1023) << 52;
+    let scaled = p * f64::from_bits(bits as u64);
+    if x < -708.0 {
+        0.0
+    } else {
+        scaled
+    }
+}
+
+/// `out = softmax(x)` given `max(x)`, with `exps` as scratch: exponentials and their sum in
+/// float64, the quotients rounded to float32.
+fn softmax_into(x: &[f32], max: f32, exps: &mut [f64], out: &mut [f32]) {
+    dfndr_teachers::simd_dispatch!(softmax_into_generic(x, max, exps, out))
+}
+
+#[inline(always)]
+fn softmax_into_generic(x: &[f32], max: f32, exps: &mut [f64], out: &mut [f32]) {
+    let mut acc = [0f64; 8];
+    for (chunk_e, chunk_x) in exps.chunks_mut(8).zip(x.chunks(8)) {
+        for ((e, &v), a) in chunk_e.iter_mut().zip(chunk_x).zip(acc.iter_mut()) {
+            *e = exp_nonpositive((v - max) as f64);
+            *a += *e;
+        }
+    }
+    let sum: f64 = acc.iter().sum();
+    for (o, &e) in out.iter_mut().zip(exps.iter()) {
+        *o = (e / sum) as f32;
+    }
+}
+
 /// `softmax(x)` in float32 with float64 accumulation (`-inf` entries get 0).
 pub fn softmax(x: &[f32]) -> Vec<f32> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -250,9 +398,10 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
         let n = x.len().max(1) as f32;
         return vec![1.0 / n; x.len()];
     }
-    let exps: Vec<f64> = x.iter().map(|&v| ((v - max) as f64).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter().map(|&e| (e / sum) as f32).collect()
+    let mut exps = vec![0f64; x.len()];
+    let mut out = vec![0f32; x.len()];
+    softmax_into(x, max, &mut exps, &mut out);
+    out
 }
 
 /// Probabilities `softmax(filtered / temperature)` over the kept tokens (0 elsewhere).
@@ -278,43 +427,89 @@ pub fn kept_probs(logits: &[f32], keep: &[bool], temperature: f64) -> Vec<f64> {
 
 /// Chooses the next token of one row from its processed logits.
 pub fn choose(logits: &[f32], cfg: &GenerationConfig, rng: &mut CaptionRng) -> u32 {
-    let mut keep = vec![true; logits.len()];
-    let probs = match cfg.strategy {
-        Strategy::Greedy | Strategy::BeamSearch => return argmax(logits).unwrap_or(0) as u32,
+    let keep = || vec![true; logits.len()];
+    match cfg.strategy {
+        Strategy::Greedy | Strategy::BeamSearch => argmax(logits).unwrap_or(0) as u32,
         Strategy::TopK => {
+            let mut keep = keep();
             top_k_keep(logits, cfg.top_k, &mut keep);
-            kept_probs(logits, &keep, cfg.temperature)
+            let probs = kept_probs(logits, &keep, cfg.temperature);
+            sample(probs.iter().copied(), logits, rng)
         }
         Strategy::TopP if cfg.temperature == 1.0 => {
-            // softmax over the kept tokens is the full softmax renormalised: one pass fewer.
-            let full = softmax(logits);
-            top_p_keep_probs(&full, argmax(logits), cfg.top_p, &mut keep);
-            let kept: f64 = full
-                .iter()
-                .zip(&keep)
-                .filter(|(_, &k)| k)
-                .map(|(&p, _)| p as f64)
-                .sum();
-            full.iter()
-                .zip(&keep)
-                .map(|(&p, &k)| {
-                    if k && kept > 0.0 {
-                        p as f64 / kept
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
+            // softmax over the kept tokens is the full softmax renormalised: one pass fewer,
+            // and no renormalisation: the kept mass scales the uniform draw instead.
+            let mut full = softmax(logits);
+            top_p_filter(&mut full, argmax(logits), cfg.top_p);
+            sample_unnormalised(&full, logits, rng)
         }
         Strategy::TopP => {
+            let mut keep = keep();
             top_p_keep(logits, cfg.top_p, &mut keep);
-            kept_probs(logits, &keep, cfg.temperature)
+            let probs = kept_probs(logits, &keep, cfg.temperature);
+            sample(probs.iter().copied(), logits, rng)
         }
-    };
+    }
+}
+
+/// Tokens per block of [`sample_unnormalised`]'s scan.
+const BLOCK: usize = 256;
+
+/// Inverse-CDF sampling of one token from non-negative weights in token order (zero weight:
+/// never chosen). A large vocabulary is scanned a block at a time: whole blocks are skipped on
+/// their sums (vectorised), and only the block holding the draw is walked token by token.
+fn sample_unnormalised(weights: &[f32], logits: &[f32], rng: &mut CaptionRng) -> u32 {
+    let block_sums: Vec<f64> = weights.chunks(BLOCK).map(sum_f64).collect();
+    let total: f64 = block_sums.iter().sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return argmax(logits).unwrap_or(0) as u32;
+    }
+    let target = rng.unit_f64() * total;
+    let mut cum = 0.0;
+    let mut last = None;
+    for (b, (block, &sum)) in weights.chunks(BLOCK).zip(&block_sums).enumerate() {
+        if sum <= 0.0 {
+            continue;
+        }
+        if cum + sum <= target {
+            cum += sum;
+            last = block.iter().rposition(|&w| w > 0.0).map(|i| b * BLOCK + i);
+            continue;
+        }
+        for (i, &w) in block.iter().enumerate() {
+            if w > 0.0 {
+                cum += w as f64;
+                last = Some(b * BLOCK + i);
+                if target < cum {
+                    return (b * BLOCK + i) as u32;
+                }
+            }
+        }
+    }
+    // Rounding left the walked sum a hair below the total: the last possible token.
+    last.or_else(|| argmax(logits)).unwrap_or(0) as u32
+}
+
+/// Sum in float64 with eight independent accumulators (vectorises; the order differs from a
+/// sequential sum by a few units in the last place at most).
+fn sum_f64(values: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>()
+}
+
+/// Inverse-CDF sampling of one token from probabilities in token order.
+fn sample(probs: impl Iterator<Item = f64>, logits: &[f32], rng: &mut CaptionRng) -> u32 {
     let u = rng.unit_f64();
     let mut cum = 0.0;
     let mut last = None;
-    for (i, &p) in probs.iter().enumerate() {
+    for (i, p) in probs.enumerate() {
         if p > 0.0 {
             cum += p;
             last = Some(i);
@@ -330,6 +525,59 @@ pub fn choose(logits: &[f32], cfg: &GenerationConfig, rng: &mut CaptionRng) -> u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp_of_libm() {
+        let mut x = -750.0f64;
+        let mut worst = 0f64;
+        while x <= 0.0 {
+            let want = x.exp();
+            let got = exp_nonpositive(x);
+            if want > 1e-300 {
+                worst = worst.max(((got - want) / want).abs());
+            } else {
+                assert!(got <= 1e-300, "{x}: {got}");
+            }
+            x += 0.000_917;
+        }
+        assert!(worst < 4.5e-16, "worst relative error {worst:e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(f64::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn blocked_sampling_follows_the_weights() {
+        // Weights over 1,000 tokens with two heavy ones; draws land in proportion.
+        let mut w = vec![0f32; 1000];
+        w[3] = 1.0;
+        w[700] = 3.0;
+        w[999] = 1e-9;
+        let logits = vec![0f32; 1000];
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..4000 {
+            let mut rng = CaptionRng::for_caption(7, "t", "k", i);
+            *counts
+                .entry(sample_unnormalised(&w, &logits, &mut rng))
+                .or_insert(0) += 1;
+        }
+        let (a, b) = (counts[&3], counts[&700]);
+        assert!(
+            counts.keys().all(|k| [3, 700, 999].contains(k)),
+            "{counts:?}"
+        );
+        assert!(
+            (2700..3300).contains(&b) && (700..1300).contains(&a),
+            "{counts:?}"
+        );
+        assert_eq!(
+            sample_unnormalised(
+                &[0.0; 8],
+                &[0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                &mut CaptionRng::for_caption(1, "t", "k", 0)
+            ),
+            1
+        );
+    }
 
     #[test]
     fn top_p_keeps_the_nucleus_and_at_least_the_best_token() {

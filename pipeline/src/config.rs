@@ -297,7 +297,11 @@ mod tests {
                 names,
                 [
                     ("dfn2b", Some(70.0), "hf-hub:apple/DFN2B-CLIP-ViT-L-14"),
-                    ("dfn2b_s39b", Some(60.0), "hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B")
+                    (
+                        "dfn2b_s39b",
+                        Some(60.0),
+                        "hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B"
+                    )
                 ],
                 "{file}"
             );

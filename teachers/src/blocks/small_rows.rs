@@ -11,33 +11,6 @@
 
 use rayon::prelude::*;
 
-/// Calls `$f(args)` (an `#[inline(always)]` loop) compiled for AVX-512 or AVX2+FMA when the
-/// CPU has them (detected at run time), else for the build's baseline.
-macro_rules! dispatch {
-    ($f:ident($($arg:expr),* $(,)?)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,fma")]
-            unsafe fn avx512(f: impl FnOnce()) {
-                f()
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2(f: impl FnOnce()) {
-                f()
-            }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                return unsafe { avx512(|| $f($($arg),*)) };
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the features were just detected.
-                return unsafe { avx2(|| $f($($arg),*)) };
-            }
-        }
-        $f($($arg),*)
-    }};
-}
-
 /// Output columns per parallel task: `rows x COLS` accumulators stay in L1.
 const COLS: usize = 256;
 
@@ -78,7 +51,7 @@ pub fn linear_out_in(
 const DOT_CHUNK: usize = 64;
 
 fn dot_block(x: &[f32], w: &[f32], k: usize, o0: usize, out_t: &mut [f32], rows: usize) {
-    dispatch!(dot_block_generic(x, w, k, o0, out_t, rows))
+    crate::simd_dispatch!(dot_block_generic(x, w, k, o0, out_t, rows))
 }
 
 #[inline(always)]
@@ -161,7 +134,7 @@ fn block(
     rows: usize,
     acc: &mut [f32],
 ) {
-    dispatch!(block_generic(x, w, stride, k, c0, width, rows, acc))
+    crate::simd_dispatch!(block_generic(x, w, stride, k, c0, width, rows, acc))
 }
 
 #[inline(always)]
