@@ -69,10 +69,10 @@ time, writes it to a temporary name, publishes it atomically and records it as d
 same command again after a crash or preemption and it resumes where the job stopped; start it
 on more machines (or with --rank/--world-size, SLURM or a Kubernetes Indexed Job) to scale out.
 
-Stages in this version: read (streaming tar), decode (RGB, bounded size), augmentation
-parameters (paug), synthetic captions ([[captioners]] in the config; syn_text_TAG), teacher
-embeddings of every view and caption ([[teachers]]; image_emb, text_emb, syn_text_TAG_emb),
-write.
+Stages, each on its own thread and overlapping the others: read (streaming tar), decode (RGB,
+bounded size) and augmentation parameters (paug), synthetic captions ([[captioners]] in the
+config; syn_text_TAG), teacher embeddings of every view and caption ([[teachers]]; image_emb,
+text_emb, syn_text_TAG_emb), write. `dfndr status` shows how busy each stage was.
 
 Exit status: 0 when every shard of the job is done, 1 when some shards failed (see `dfndr
 status`), 2 on a usage or configuration error, 130 when interrupted.")]

@@ -1,9 +1,10 @@
 //! `dfndr reinforce`: the worker loop over the shard list and the processing of one shard.
 //!
-//! Stages that exist today: read (streaming tar), decode (RGB, bounded) and augmentation
-//! parameters (`paug`), teacher embeddings of every view and caption (`image_emb`,
-//! `text_emb`, batched across the samples of a batch), write (parquet with `key source url
-//! caption width height`, with `embed_images` also `image`).
+//! A shard runs through the staged executor of [`crate::stages`]: read (streaming tar, in
+//! batches of `job.batch_size`), decode and augmentation parameters (`paug`, rendered views
+//! and captioner inputs, in the rayon pool), synthetic captions (`syn_text_TAG`), teacher
+//! embeddings of every view and caption (`image_emb`, `text_emb`, `syn_text_TAG_emb`), write
+//! (parquet), each stage on its own thread; then publish (output, then done record).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
