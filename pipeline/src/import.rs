@@ -3,7 +3,6 @@
 //! resume behaviour as `dfndr reinforce`.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -12,16 +11,17 @@ use dfndr_augment::decode::probe;
 use dfndr_augment::params::{from_apple, AppleLayout};
 use dfndr_shards::apple::{npz_decode, Matrix};
 use dfndr_shards::format::{
-    CaptionerInfo, EmbLayout, FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, SynLayout,
-    TeacherInfo, WriterOptions, SCHEMA_VERSION,
+    CaptionerInfo, EmbLayout, FileMeta, Layout, Paug, Row, SynCaptions, SynLayout, TeacherInfo,
+    SCHEMA_VERSION,
 };
-use dfndr_shards::job::{self, now_unix, ClaimOutcome, DoneRecord, HashingWriter, Job};
+use dfndr_shards::job::{self, now_unix, ClaimOutcome, DoneRecord, Job};
 use dfndr_shards::shardlist::ShardRef;
 use dfndr_shards::store::open_input;
 use dfndr_shards::wds::{RawSample, ReaderLimits, WdsEvent, WdsReader};
 use serde_json::Value;
 
 use crate::config::JobConfig;
+use crate::output;
 use crate::paug::to_stored;
 use crate::progress::Progress;
 
@@ -194,14 +194,12 @@ fn import_shard(
         captioners: spec.captioners.clone(),
         ..FileMeta::default()
     };
-    let staged = store.create_staged(&output)?;
-    let mut writer = ShardWriter::new(
-        HashingWriter::new(staged),
+    let mut writer = output::open(
+        store.as_ref(),
+        &output,
         spec.layout(),
         &meta,
-        WriterOptions {
-            row_group_rows: spec.config.output.row_group_rows,
-        },
+        spec.config.output.row_group_rows,
     )?;
     let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
     for event in events {
@@ -218,21 +216,15 @@ fn import_shard(
             }
         }
     }
-    let (rows, hashing) = writer
-        .into_inner()
-        .with_context(|| format!("cannot write {output_uri}"))?;
-    let (mut staged, bytes, sha256) = hashing.finish();
-    staged
-        .flush()
-        .with_context(|| format!("cannot write {output_uri}"))?;
-    staged.commit()?;
+    let finished = output::finish(writer, &output_uri)?;
+    finished.staged.commit()?;
     Ok(DoneRecord {
         input: shard.uri.clone(),
         output,
-        rows,
+        rows: finished.rows,
         skipped,
-        bytes,
-        sha256,
+        bytes: finished.bytes,
+        sha256: finished.sha256,
         seconds: started.elapsed().as_secs_f64(),
         worker: job.identity().worker.clone(),
         finished_unix: now_unix(),

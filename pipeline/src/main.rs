@@ -10,6 +10,7 @@ mod encode;
 mod export;
 mod import;
 mod inspect;
+mod output;
 mod paug;
 mod progress;
 mod reinforce;
@@ -29,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dfndr_shards::format::SCHEMA_VERSION;
 use dfndr_shards::job::{now_unix, Job, Placement, WorkerIdentity};
-use dfndr_shards::shardlist::resolve_inputs;
+use dfndr_shards::shardlist::{resolve_inputs, ShardRef};
 use dfndr_shards::store::open_store;
 
 use crate::config::JobConfig;
@@ -394,14 +395,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn import_command(
-    config: &std::path::Path,
+/// Applies the `--input` / `--output` overrides to `config` and resolves the job's output
+/// location and input shards, refusing a job without either.
+fn job_inputs_and_output(
+    config: &mut JobConfig,
     input: Vec<String>,
     output: Option<String>,
-    force: bool,
-    progress: &Progress,
-) -> Result<ExitCode> {
-    let mut config = JobConfig::load(config)?;
+) -> Result<(String, Vec<ShardRef>)> {
     if !input.is_empty() {
         config.job.input = input;
     }
@@ -411,10 +411,25 @@ fn import_command(
     let Some(output) = config.job.output.clone() else {
         bail!("no output location: set job.output in the config or pass --output");
     };
+    if config.job.input.is_empty() {
+        bail!("no input shards: set job.input in the config or pass --input");
+    }
     let shards = resolve_inputs(&config.job.input).context("cannot resolve the input shards")?;
     if shards.is_empty() {
         bail!("the input patterns {:?} name no shards", config.job.input);
     }
+    Ok((output, shards))
+}
+
+fn import_command(
+    config: &std::path::Path,
+    input: Vec<String>,
+    output: Option<String>,
+    force: bool,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    let mut config = JobConfig::load(config)?;
+    let (output, shards) = job_inputs_and_output(&mut config, input, output)?;
     let spec = import::ImportSpec::new(config)?;
     let job = Job::new(
         open_store(&output)?,
@@ -440,27 +455,13 @@ fn import_command(
 
 fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
     let mut config = JobConfig::load(&args.config)?;
-    if !args.input.is_empty() {
-        config.job.input = args.input.clone();
-    }
-    if let Some(out) = &args.output {
-        config.job.output = Some(out.clone());
-    }
-    let Some(output) = config.job.output.clone() else {
-        bail!("no output location: set job.output in the config or pass --output");
-    };
-    if config.job.input.is_empty() {
-        bail!("no input shards: set job.input in the config or pass --input");
-    }
+    let (output, shards) =
+        job_inputs_and_output(&mut config, args.input.clone(), args.output.clone())?;
     if config.job.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(config.job.threads)
             .build_global()
             .context("cannot start the decoding threads")?;
-    }
-    let shards = resolve_inputs(&config.job.input).context("cannot resolve the input shards")?;
-    if shards.is_empty() {
-        bail!("the input patterns {:?} name no shards", config.job.input);
     }
     let placement = Placement::resolve(args.rank, args.world_size, |k| std::env::var(k).ok())?;
     let store = open_store(&output)?;

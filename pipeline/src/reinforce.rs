@@ -7,7 +7,6 @@
 //! (parquet), each stage on its own thread; then publish (output, then done record).
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -16,12 +15,8 @@ use anyhow::{anyhow, Context, Result};
 use dfndr_augment::decode::{decode_rgb, DecodeError};
 use dfndr_augment::params::AugParams;
 use dfndr_augment::rgb::RgbImage;
-use dfndr_shards::format::{
-    FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, WriterOptions, SCHEMA_VERSION,
-};
-use dfndr_shards::job::{
-    self, now_unix, ClaimOutcome, ClaimRecord, DoneRecord, HashingWriter, Job, Placement,
-};
+use dfndr_shards::format::{FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, SCHEMA_VERSION};
+use dfndr_shards::job::{self, now_unix, ClaimOutcome, ClaimRecord, DoneRecord, Job, Placement};
 use dfndr_shards::shardlist::ShardRef;
 use dfndr_shards::store::open_input;
 use dfndr_shards::wds::{RawSample, ReaderLimits, SkipReason, WdsEvent, WdsReader};
@@ -31,6 +26,7 @@ use crate::caption::CaptionStage;
 use crate::config::JobConfig;
 use crate::crash::{crash_point, CrashPoint};
 use crate::embed::EmbedStage;
+use crate::output;
 use crate::paug::to_stored;
 use crate::progress::Progress;
 use crate::stages::{self, StageBusy};
@@ -556,14 +552,12 @@ impl Worker {
                 .unwrap_or_default(),
             ..FileMeta::default()
         };
-        let staged = store.create_staged(&output)?;
-        let mut writer = ShardWriter::new(
-            HashingWriter::new(staged),
+        let mut writer = output::open(
+            store.as_ref(),
+            &output,
             layout,
             &meta,
-            WriterOptions {
-                row_group_rows: self.config.output.row_group_rows,
-            },
+            self.config.output.row_group_rows,
         )?;
 
         let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
@@ -667,28 +661,22 @@ impl Worker {
             return Ok(stop);
         }
 
-        let (rows, hashing) = writer
-            .into_inner()
-            .with_context(|| format!("cannot write {output_uri}"))?;
-        let (mut staged, bytes, sha256) = hashing.finish();
-        staged
-            .flush()
-            .with_context(|| format!("cannot write {output_uri}"))?;
+        let finished = output::finish(writer, &output_uri)?;
         crash_point(CrashPoint::TempWritten, &shard.name);
         // Publishing after losing the claim would race the new holder; its output is the same,
         // so leaving it the work is always safe.
         if lost.load(Ordering::SeqCst) || !self.job.still_holds(&shard.name, claim)? {
             return Ok(ShardResult::Lost);
         }
-        staged.commit()?;
+        finished.staged.commit()?;
         crash_point(CrashPoint::Renamed, &shard.name);
         let record = DoneRecord {
             input: shard.uri.clone(),
             output,
-            rows,
+            rows: finished.rows,
             skipped,
-            bytes,
-            sha256,
+            bytes: finished.bytes,
+            sha256: finished.sha256,
             seconds: started.elapsed().as_secs_f64(),
             worker: self.job.identity().worker.clone(),
             finished_unix: now_unix(),

@@ -6,7 +6,6 @@
 //! so the commands can simply be run again after an interruption.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -14,15 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use dfndr_augment::decode::decode_rgb;
 use dfndr_augment::rgb::RgbImage;
-use dfndr_shards::format::{
-    FileMeta, Layout, Row, ShardReader, ShardWriter, WriterOptions, SCHEMA_VERSION,
-};
-use dfndr_shards::job::{sha256_of, DoneRecord, HashingWriter, Job, WorkerIdentity};
+use dfndr_shards::format::{FileMeta, Layout, Row, ShardReader, SCHEMA_VERSION};
+use dfndr_shards::job::{sha256_of, DoneRecord, Job, WorkerIdentity};
 use dfndr_shards::store::{local_path_of, open_input, open_store};
 use dfndr_shards::wds::{ReaderLimits, WdsEvent, WdsReader};
 use rayon::prelude::*;
 
 use crate::config::JobConfig;
+use crate::output;
 use crate::progress::Progress;
 
 /// One kind of column update.
@@ -128,34 +126,28 @@ fn update_shard(
 
     let store = job.store();
     store.discard_abandoned_staged(&record.output)?;
-    let staged = store.create_staged(&record.output)?;
-    let mut writer = ShardWriter::new(
-        HashingWriter::new(staged),
+    let mut writer = output::open(
+        store.as_ref(),
+        &record.output,
         layout,
         &new_meta,
-        WriterOptions {
-            row_group_rows: config.output.row_group_rows,
-        },
+        config.output.row_group_rows,
     )?;
     for row in &rows {
         writer.write_row(row)?;
     }
-    let (n, hashing) = writer.into_inner()?;
-    let (mut staged, bytes, sha256) = hashing.finish();
-    staged
-        .flush()
-        .with_context(|| format!("cannot write {}", store.uri_of(&record.output)))?;
-    staged.commit()?;
+    let finished = output::finish(writer, &store.uri_of(&record.output))?;
+    finished.staged.commit()?;
     job.write_done(
         name,
         &DoneRecord {
-            bytes,
-            sha256,
-            rows: n,
+            bytes: finished.bytes,
+            sha256: finished.sha256,
+            rows: finished.rows,
             ..record.clone()
         },
     )?;
-    Ok(Some(n))
+    Ok(Some(finished.rows))
 }
 
 /// Makes the done record describe the file again after a crash between publish and record.
