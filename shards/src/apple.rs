@@ -227,9 +227,17 @@ pub fn npz_encode(arrays: &[(String, Matrix)]) -> Result<Vec<u8>, AppleError> {
     Ok(cursor.into_inner())
 }
 
+/// Largest array [`npz_decode`] reads (uncompressed): 30 views and 6 captions of a 1536-wide
+/// float32 embedding take 0.2 MiB, so this only stops decompression bombs.
+pub const MAX_NPY_BYTES: u64 = 256 << 20;
+
 /// Decodes a `.npz` archive (stored or deflated members) into its arrays, by name without
 /// the `.npy` suffix, in archive order.
 pub fn npz_decode(bytes: &[u8]) -> Result<Vec<(String, Matrix)>, AppleError> {
+    npz_decode_limited(bytes, MAX_NPY_BYTES)
+}
+
+fn npz_decode_limited(bytes: &[u8], limit: u64) -> Result<Vec<(String, Matrix)>, AppleError> {
     let mut zip =
         zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| AppleError::Npz(e.to_string()))?;
     let mut out = Vec::with_capacity(zip.len());
@@ -242,10 +250,18 @@ pub fn npz_decode(bytes: &[u8]) -> Result<Vec<(String, Matrix)>, AppleError> {
             .map_err(|e| AppleError::Npz(e.to_string()))?
             .trim_end_matches(".npy")
             .to_string();
-        // The declared size is only a hint: a hostile archive may lie about it.
+        // The declared size is only a hint: a hostile archive may lie about it, and a
+        // deflated member may expand a thousandfold; reading stops past the limit.
         let mut data = Vec::with_capacity(file.size().min(1 << 24) as usize);
-        file.read_to_end(&mut data)
+        (&mut file)
+            .take(limit + 1)
+            .read_to_end(&mut data)
             .map_err(|e| AppleError::Npz(format!("{name}: {e}")))?;
+        if data.len() as u64 > limit {
+            return Err(AppleError::Npz(format!(
+                "{name}: more than {limit} bytes once decompressed"
+            )));
+        }
         out.push((name.clone(), npy_decode(&name, &data)?));
     }
     Ok(out)
@@ -369,5 +385,25 @@ mod tests {
         assert_eq!(npz_decode(&bytes).unwrap(), arrays);
         assert_eq!(npz_encode(&arrays).unwrap(), bytes, "reproducible");
         assert!(npz_decode(b"PK\x03\x04 truncated").is_err());
+    }
+
+    #[test]
+    fn npz_refuses_arrays_that_decompress_past_the_limit() {
+        // A deflated member of zeros: small on disk, past the limit once inflated.
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        zip.start_file("image_emb.npy", options).unwrap();
+        zip.write_all(&vec![0u8; 4 << 20]).unwrap();
+        let bytes = zip.finish().unwrap().into_inner();
+        assert!(bytes.len() < 64 << 10, "{} bytes", bytes.len());
+        let err = npz_decode_limited(&bytes, 1 << 20).unwrap_err().to_string();
+        assert!(
+            err.contains("more than 1048576 bytes once decompressed"),
+            "{err}"
+        );
+        // Within the limit the same archive is read (and then refused as no .npy).
+        let err = npz_decode_limited(&bytes, 8 << 20).unwrap_err().to_string();
+        assert!(err.contains("not a .npy array"), "{err}");
     }
 }
