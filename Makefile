@@ -30,6 +30,7 @@ demo: deps release
 	./target/release/dfndr show-aug $(DEMO_OUT)/shards/demo-00000.parquet --key 000000000 --out $(DEMO_OUT)/show-aug
 	./target/release/dfndr encode --model ViT-B-32 --weights random:0 --text "a photo of an astronaut" \
 	    --out $(DEMO_OUT)/encode.npy
+	./target/release/dfndr export-wds $(DEMO_OUT) $(DEMO_OUT)/apple-wds --no-progress
 
 ## Every test: unit, property, format, reader and end-to-end job-control tests; plus lints.
 test:
