@@ -132,10 +132,7 @@ fn run_workers(config: &Path, n: usize) -> Vec<String> {
 fn concurrent_workers_process_every_shard_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = make_shards(&tmp.path().join("in"), 12, 6);
-    let names: Vec<String> = shards
-        .iter()
-        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let names = shard_names(&shards);
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let input = format!("{}/shard-*.tar", tmp.path().join("in").display());
     let reference = reference_hashes(tmp.path(), &input);
@@ -391,10 +388,7 @@ impl Moments {
 fn kill_9_at_20_random_moments_then_restart_equals_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = make_shards(&tmp.path().join("in"), 12, 16);
-    let names: Vec<String> = shards
-        .iter()
-        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
-        .collect();
+    let names = shard_names(&shards);
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let input = format!("{}/shard-*.tar", tmp.path().join("in").display());
     let extra = format!("batch_size = 8\n[augment]\nsize = 64\n{TINY_TEACHERS}");

@@ -14,7 +14,7 @@ use dfndr_shards::format::{
     CaptionerInfo, EmbLayout, FileMeta, Layout, Paug, Row, SynCaptions, SynLayout, TeacherInfo,
     SCHEMA_VERSION,
 };
-use dfndr_shards::job::{self, now_unix, ClaimOutcome, DoneRecord, Job};
+use dfndr_shards::job::{self, ClaimOutcome, DoneRecord, Job};
 use dfndr_shards::shardlist::ShardRef;
 use dfndr_shards::store::open_input;
 use dfndr_shards::wds::{RawSample, ReaderLimits, WdsEvent, WdsReader};
@@ -216,19 +216,13 @@ fn import_shard(
             }
         }
     }
-    let finished = output::finish(writer, &output_uri)?;
-    finished.staged.commit()?;
-    Ok(DoneRecord {
-        input: shard.uri.clone(),
-        output,
-        rows: finished.rows,
+    output::finish(writer, &output_uri)?.commit(output::Producer {
+        input: &shard.uri,
+        output: &output,
         skipped,
-        bytes: finished.bytes,
-        sha256: finished.sha256,
-        seconds: started.elapsed().as_secs_f64(),
-        worker: job.identity().worker.clone(),
-        finished_unix: now_unix(),
-        config_fingerprint: spec.fingerprint.clone(),
+        started,
+        worker: &job.identity().worker,
+        fingerprint: &spec.fingerprint,
         stage_seconds: BTreeMap::new(),
     })
 }

@@ -223,18 +223,8 @@ Example:
   dfndr import-wds --config datacompdr12m.toml --input 'datacompdr/{00000000..00001023}.tar' \\
       --output dr-parquet/")]
     ImportWds {
-        /// Job config describing the shards (see above).
-        #[arg(long)]
-        config: PathBuf,
-        /// Input tars, overriding job.input (brace patterns, globs, list files). Repeatable.
-        #[arg(long)]
-        input: Vec<String>,
-        /// Output location, overriding job.output.
-        #[arg(long)]
-        output: Option<String>,
-        /// Adopt this config even if the output was started with a different one.
-        #[arg(long)]
-        force: bool,
+        #[command(flatten)]
+        job: JobArgs,
         /// Disable progress bars even on a terminal.
         #[arg(long)]
         no_progress: bool,
@@ -291,8 +281,10 @@ struct EncodeCli {
     std: Vec<f32>,
 }
 
+/// The job a command works on: its config, the overrides of its inputs and output, and
+/// whether a different config may adopt an existing output.
 #[derive(clap::Args)]
-struct ReinforceArgs {
+struct JobArgs {
     /// Job config (TOML); see configs/demo.toml for every field and its default.
     #[arg(long)]
     config: PathBuf,
@@ -303,15 +295,21 @@ struct ReinforceArgs {
     /// Output location, overriding job.output.
     #[arg(long)]
     output: Option<String>,
+    /// Adopt this config even if the output was started with a different one.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct ReinforceArgs {
+    #[command(flatten)]
+    job: JobArgs,
     /// This worker's rank (default: from SLURM or Kubernetes, else 0).
     #[arg(long)]
     rank: Option<usize>,
     /// Number of workers (default: from SLURM or Kubernetes, else 1).
     #[arg(long)]
     world_size: Option<usize>,
-    /// Adopt this config even if the output was started with a different one.
-    #[arg(long)]
-    force: bool,
     /// Retry shards that already failed job.max_attempts times.
     #[arg(long)]
     retry_failed: bool,
@@ -365,13 +363,7 @@ fn main() -> ExitCode {
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => inspect::run(&file, rows).map(|_| ExitCode::SUCCESS),
-        Command::ImportWds {
-            config,
-            input,
-            output,
-            force,
-            ..
-        } => import_command(&config, input, output, force, &progress),
+        Command::ImportWds { job, .. } => import_command(&job, &progress),
         Command::ExportWds { output, dest, .. } => {
             export::run(&output, &dest, &progress).map(|samples| {
                 eprintln!("exported {samples} samples to {}", dest.display());
@@ -395,18 +387,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Applies the `--input` / `--output` overrides to `config` and resolves the job's output
-/// location and input shards, refusing a job without either.
-fn job_inputs_and_output(
-    config: &mut JobConfig,
-    input: Vec<String>,
-    output: Option<String>,
-) -> Result<(String, Vec<ShardRef>)> {
-    if !input.is_empty() {
-        config.job.input = input;
+/// Loads the job's config with the `--input` / `--output` overrides applied, and resolves its
+/// output location and input shards, refusing a job without either.
+fn load_job(args: &JobArgs) -> Result<(JobConfig, String, Vec<ShardRef>)> {
+    let mut config = JobConfig::load(&args.config)?;
+    if !args.input.is_empty() {
+        config.job.input = args.input.clone();
     }
-    if output.is_some() {
-        config.job.output = output;
+    if args.output.is_some() {
+        config.job.output = args.output.clone();
     }
     let Some(output) = config.job.output.clone() else {
         bail!("no output location: set job.output in the config or pass --output");
@@ -418,18 +407,11 @@ fn job_inputs_and_output(
     if shards.is_empty() {
         bail!("the input patterns {:?} name no shards", config.job.input);
     }
-    Ok((output, shards))
+    Ok((config, output, shards))
 }
 
-fn import_command(
-    config: &std::path::Path,
-    input: Vec<String>,
-    output: Option<String>,
-    force: bool,
-    progress: &Progress,
-) -> Result<ExitCode> {
-    let mut config = JobConfig::load(config)?;
-    let (output, shards) = job_inputs_and_output(&mut config, input, output)?;
+fn import_command(args: &JobArgs, progress: &Progress) -> Result<ExitCode> {
+    let (config, output, shards) = load_job(args)?;
     let spec = import::ImportSpec::new(config)?;
     let job = Job::new(
         open_store(&output)?,
@@ -449,14 +431,12 @@ fn import_command(
         "imported_from": "webdataset tars in Apple's layout",
         "created_unix": now_unix(),
     });
-    job.init_card(&card, &spec.fingerprint, force)?;
+    job.init_card(&card, &spec.fingerprint, args.force)?;
     import::run(&spec, &job, &shards, progress)
 }
 
 fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
-    let mut config = JobConfig::load(&args.config)?;
-    let (output, shards) =
-        job_inputs_and_output(&mut config, args.input.clone(), args.output.clone())?;
+    let (config, output, shards) = load_job(&args.job)?;
     if config.job.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(config.job.threads)
@@ -511,7 +491,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         "augmentation": reinforce::augmentation_meta(&config),
         "created_unix": now_unix(),
     });
-    if job.init_card(&card, &fingerprint, args.force)? {
+    if job.init_card(&card, &fingerprint, args.job.force)? {
         tracing::info!(output = %output, "started a new job");
     }
     tracing::info!(

@@ -16,7 +16,7 @@ use dfndr_augment::decode::{decode_rgb, DecodeError};
 use dfndr_augment::params::AugParams;
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, SCHEMA_VERSION};
-use dfndr_shards::job::{self, now_unix, ClaimOutcome, ClaimRecord, DoneRecord, Job, Placement};
+use dfndr_shards::job::{self, ClaimOutcome, ClaimRecord, DoneRecord, Job, Placement};
 use dfndr_shards::shardlist::ShardRef;
 use dfndr_shards::store::open_input;
 use dfndr_shards::wds::{RawSample, ReaderLimits, SkipReason, WdsEvent, WdsReader};
@@ -668,21 +668,16 @@ impl Worker {
         if lost.load(Ordering::SeqCst) || !self.job.still_holds(&shard.name, claim)? {
             return Ok(ShardResult::Lost);
         }
-        finished.staged.commit()?;
-        crash_point(CrashPoint::Renamed, &shard.name);
-        let record = DoneRecord {
-            input: shard.uri.clone(),
-            output,
-            rows: finished.rows,
+        let record = finished.commit(output::Producer {
+            input: &shard.uri,
+            output: &output,
             skipped,
-            bytes: finished.bytes,
-            sha256: finished.sha256,
-            seconds: started.elapsed().as_secs_f64(),
-            worker: self.job.identity().worker.clone(),
-            finished_unix: now_unix(),
-            config_fingerprint: self.fingerprint.clone(),
+            started,
+            worker: &self.job.identity().worker,
+            fingerprint: &self.fingerprint,
             stage_seconds: busy.0,
-        };
+        })?;
+        crash_point(CrashPoint::Renamed, &shard.name);
         self.job.write_done(&shard.name, &record)?;
         crash_point(CrashPoint::DoneWritten, &shard.name);
         Ok(ShardResult::Done(record))

@@ -117,6 +117,14 @@ pub fn make_shards(dir: &Path, n: usize, per_shard: usize) -> Vec<PathBuf> {
     paths
 }
 
+/// The shard names (file stems) of shard paths.
+pub fn shard_names(paths: &[PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Writes a job config with `input`, `output` and extra TOML lines.
 pub fn write_config(dir: &Path, input: &str, output: &Path, extra: &str) -> PathBuf {
     let path = dir.join("job.toml");
