@@ -2,7 +2,9 @@
 CARGO ?= cargo
 DEMO_OUT ?= demo-out
 
-.PHONY: all deps build release demo test lint fmt clean
+MOTO_VENV ?= target/moto-venv
+
+.PHONY: all deps build release demo test lint fmt clean s3-server
 
 all: build
 
@@ -32,8 +34,18 @@ demo: deps release
 	    --out $(DEMO_OUT)/encode.npy
 	./target/release/dfndr export-wds $(DEMO_OUT) $(DEMO_OUT)/apple-wds --no-progress
 
-## Every test: unit, property, format, reader and end-to-end job-control tests; plus lints.
-test:
+## A real S3-compatible server for the object-store tests: moto's server mode from PyPI, in a
+## virtual environment under target/ (the tests find it there, or via DFNDR_MOTO_SERVER).
+s3-server: $(MOTO_VENV)/bin/moto_server
+
+$(MOTO_VENV)/bin/moto_server:
+	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update && apt-get install -y python3-venv)
+	python3 -m venv $(MOTO_VENV)
+	$(MOTO_VENV)/bin/pip install --quiet --disable-pip-version-check "moto[server]==5.1.22"
+
+## Every test: unit, property, format, reader, object-store and end-to-end job-control tests;
+## plus lints.
+test: s3-server
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace

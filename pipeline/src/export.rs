@@ -12,7 +12,7 @@ use dfndr_augment::params::{to_apple, AppleLayout, AugConfig, Interpolation};
 use dfndr_shards::apple::{AppleSample, AppleTarWriter, Matrix};
 use dfndr_shards::format::{FileMeta, Layout, Row, ShardReader};
 use dfndr_shards::job::{Job, WorkerIdentity};
-use dfndr_shards::store::{local_path_of, open_store};
+use dfndr_shards::store::{local_copy, open_store};
 use serde_json::{json, Map, Value};
 
 use crate::paug::from_stored;
@@ -42,7 +42,6 @@ pub fn run(output: &str, dest: &Path, progress: &Progress) -> Result<u64> {
     if done.is_empty() {
         bail!("{output} has no done shards yet; run `dfndr reinforce` first");
     }
-    let root = local_path_of(output)?;
     std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
     let dest_store = open_store(&dest.display().to_string())?;
     progress.set_total(done.len());
@@ -50,9 +49,11 @@ pub fn run(output: &str, dest: &Path, progress: &Progress) -> Result<u64> {
     let mut config: Option<Value> = None;
     for (name, record) in &done {
         progress.shard_started(name);
-        let path = root.join(&record.output);
-        let reader = ShardReader::open_path(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let uri = job.store().uri_of(&record.output);
+        let copy = local_copy(&**job.store(), &record.output)
+            .with_context(|| format!("cannot read {uri}"))?;
+        let reader =
+            ShardReader::open_path(copy.path()).with_context(|| format!("cannot read {uri}"))?;
         let meta = reader.meta().clone();
         let shard_config = apple_config(&meta)?;
         match &config {

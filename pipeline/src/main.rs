@@ -31,7 +31,7 @@ use clap::{Parser, Subcommand};
 use dfndr_shards::format::SCHEMA_VERSION;
 use dfndr_shards::job::{now_unix, Job, Placement, WorkerIdentity};
 use dfndr_shards::shardlist::{resolve_inputs, ShardRef};
-use dfndr_shards::store::open_store;
+use dfndr_shards::store::{local_copy_of, open_store};
 
 use crate::config::JobConfig;
 use crate::progress::Progress;
@@ -166,8 +166,8 @@ original pixels, optional flip, RandAugment ops. The original image comes from t
 row's `source`. Writes original.png, view-K.png per view and contact.png (the original with
 each view's crop box drawn in that view's colour, then the views) into --out.")]
     ShowAug {
-        /// A DFNDR parquet shard with a paug column.
-        shard: PathBuf,
+        /// A DFNDR parquet shard with a paug column (a path or an s3://, gs://, az:// URL).
+        shard: String,
         /// Webdataset key of the sample (see `dfndr inspect SHARD`).
         #[arg(long)]
         key: String,
@@ -231,8 +231,8 @@ Example:
     },
     /// Show what a webdataset tar or a DFNDR parquet file contains.
     Inspect {
-        /// A `.tar` shard or a `.parquet` DFNDR shard.
-        file: PathBuf,
+        /// A `.tar` shard or a `.parquet` DFNDR shard (a path or an s3://, gs://, az:// URL).
+        file: String,
         /// Number of samples / rows to print.
         #[arg(long, default_value_t = 5)]
         rows: usize,
@@ -362,7 +362,10 @@ fn main() -> ExitCode {
         Command::Encode(cli) => encode_command(cli).map(|_| ExitCode::SUCCESS),
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
-        Command::Inspect { file, rows } => inspect::run(&file, rows).map(|_| ExitCode::SUCCESS),
+        Command::Inspect { file, rows } => local_copy_of(&file)
+            .with_context(|| format!("cannot open {file}"))
+            .and_then(|copy| inspect::run(copy.path(), rows))
+            .map(|_| ExitCode::SUCCESS),
         Command::ImportWds { job, .. } => import_command(&job, &progress),
         Command::ExportWds { output, dest, .. } => {
             export::run(&output, &dest, &progress).map(|samples| {
@@ -375,7 +378,10 @@ fn main() -> ExitCode {
             key,
             out,
             size,
-        } => show_aug::run(&shard, &key, &out, size).map(|_| ExitCode::SUCCESS),
+        } => local_copy_of(&shard)
+            .with_context(|| format!("cannot open {shard}"))
+            .and_then(|copy| show_aug::run(copy.path(), &key, &out, size))
+            .map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use dfndr_shards::format::{ShardReader, SCHEMA_VERSION};
 use dfndr_shards::job::{sha256_of, DoneRecord, Job, WorkerIdentity};
-use dfndr_shards::store::{local_path_of, open_store};
+use dfndr_shards::store::{local_copy, open_store};
 
 /// Largest deviation from unit norm accepted for a stored embedding (float16 storage keeps
 /// about 3 decimal digits per component).
@@ -20,11 +20,10 @@ pub fn run(output: &str) -> Result<ExitCode> {
     if job.read_card()?.is_none() {
         bail!("{output} is not a dfndr output: it has no dfndr.json");
     }
-    let root = local_path_of(output)?;
     let done = job.all_done()?;
     let mut bad = 0usize;
     for (name, rec) in &done {
-        match verify_shard(&job, &root, rec) {
+        match verify_shard(&job, rec) {
             Ok(rows) => println!("ok      {name}  {rows} rows"),
             Err(problem) => {
                 bad += 1;
@@ -44,7 +43,7 @@ pub fn run(output: &str) -> Result<ExitCode> {
     })
 }
 
-fn verify_shard(job: &Job, root: &std::path::Path, rec: &DoneRecord) -> Result<u64> {
+fn verify_shard(job: &Job, rec: &DoneRecord) -> Result<u64> {
     let Some(meta) = job.store().stat(&rec.output)? else {
         bail!("output {} is missing", rec.output);
     };
@@ -59,7 +58,8 @@ fn verify_shard(job: &Job, root: &std::path::Path, rec: &DoneRecord) -> Result<u
     if sha != rec.sha256 {
         bail!("sha256 is {sha}, the done record says {}", rec.sha256);
     }
-    let reader = ShardReader::open_path(root.join(&rec.output))?;
+    let copy = local_copy(&**job.store(), &rec.output)?;
+    let reader = ShardReader::open_path(copy.path())?;
     if reader.meta().schema_version != SCHEMA_VERSION {
         bail!("schema version {}", reader.meta().schema_version);
     }

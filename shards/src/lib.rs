@@ -4,11 +4,13 @@
 //! - [`shardlist`]: brace patterns, globs and list files resolved to input shards.
 //! - [`store`]: the storage interface (read, list, atomic put, put-if-absent, delete) and its
 //!   local file-system implementation.
+//! - [`cloud`]: the same interface on object stores (`s3://`, `gs://`, `az://`).
 //! - [`mod@format`]: the DFNDR v1 parquet format (writer, reader, metadata).
 //! - [`apple`]: Apple's reinforced webdataset layout (export and import), `.npy` / `.npz`.
 //! - [`job`]: claims, heartbeats, done and failed records, manifest, config fingerprint.
 
 pub mod apple;
+pub mod cloud;
 pub mod format;
 pub mod job;
 pub mod shardlist;

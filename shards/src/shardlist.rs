@@ -9,6 +9,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::store::{is_cloud_url, scheme_of, CloudStore, Store};
+
 /// Most items one pattern (and one numeric range) may expand to. Bounds the allocation of a
 /// mistyped pattern such as `{0..99999999999}`.
 pub const MAX_EXPANSION: usize = 10_000_000;
@@ -56,10 +58,10 @@ pub enum ShardListError {
         /// Where the empty item came from (empty when it was given directly).
         context: String,
     },
-    /// A URL scheme other than `file://`.
+    /// A URL scheme dfndr cannot read.
     #[error(
-        "{uri}: {scheme}:// URLs are not supported by this build yet (object stores and remote \
-         inputs are not available; use local paths or file:// URLs)"
+        "{uri}: {scheme}:// URLs are not supported (inputs are local paths or file://, s3://, \
+         gs:// or az:// URLs)"
     )]
     UnsupportedScheme {
         /// The URL as given.
@@ -135,6 +137,18 @@ pub enum ShardListError {
         /// The path, lossily converted.
         path: String,
     },
+    /// An object store could not be listed or read while resolving inputs.
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A glob in an object-store URL with wildcards outside its last path segment.
+    #[error(
+        "glob {pattern:?}: in object-store URLs, wildcards may only appear in the last path \
+         segment (list a prefix, or name the shards with a brace pattern or a list file)"
+    )]
+    CloudGlobInPrefix {
+        /// The glob.
+        pattern: String,
+    },
     /// The current directory is needed to make a relative path absolute but is unavailable.
     #[error("cannot make {path:?} absolute: {error}")]
     Absolute {
@@ -190,6 +204,21 @@ impl ShardRef {
         Ok(ShardRef {
             name: name.to_owned(),
             uri,
+        })
+    }
+
+    /// The shard for an object-store URL (`s3://bucket/path/NAME.tar`, kept as given).
+    pub fn cloud(url: &str) -> Result<ShardRef, ShardListError> {
+        let file_name = url.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+        let name = file_name.strip_suffix(".tar").unwrap_or(file_name);
+        if name.is_empty() || url.ends_with('/') {
+            return Err(ShardListError::NoName {
+                uri: url.to_owned(),
+            });
+        }
+        Ok(ShardRef {
+            name: name.to_owned(),
+            uri: url.to_owned(),
         })
     }
 }
@@ -495,15 +524,6 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, ShardListError> {
 // ---------------------------------------------------------------------------------------------
 // resolution
 
-/// The URL scheme of `s` (lowercase), if it starts with `scheme://`.
-fn scheme_of(s: &str) -> Option<String> {
-    let (scheme, _) = s.split_once("://")?;
-    let mut chars = scheme.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    (first_ok && rest_ok).then(|| scheme.to_ascii_lowercase())
-}
-
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -592,7 +612,15 @@ fn path_str(p: &Path) -> Result<&str, ShardListError> {
 #[derive(Clone, Copy)]
 struct ListCtx<'a> {
     list: &'a str,
-    dir: &'a Path,
+    dir: ListDir<'a>,
+}
+
+/// The directory relative entries of a list file are resolved against.
+#[derive(Clone, Copy)]
+enum ListDir<'a> {
+    Local(&'a Path),
+    /// An object-store "directory" URL, without the trailing `/`.
+    Cloud(&'a str),
 }
 
 fn glob_paths(pattern: &str) -> Result<Vec<PathBuf>, ShardListError> {
@@ -640,8 +668,23 @@ fn resolve_item(
             context: " (an item expanded to the empty string)".to_owned(),
         });
     }
+    if is_cloud_url(item) {
+        return resolve_cloud_item(item, ctx, out);
+    }
     let local = match scheme_of(item) {
         Some(s) if s == "file" => file_url_path(item)?,
+        None if !item.starts_with('/')
+            && matches!(ctx, Some(c) if matches!(c.dir, ListDir::Cloud(_))) =>
+        {
+            let Some(ListCtx {
+                dir: ListDir::Cloud(dir),
+                ..
+            }) = ctx
+            else {
+                unreachable!("checked by the guard")
+            };
+            return resolve_cloud_item(&format!("{dir}/{item}"), ctx, out);
+        }
         Some(scheme) => {
             return Err(ShardListError::UnsupportedScheme {
                 uri: item.to_owned(),
@@ -663,18 +706,23 @@ fn resolve_item(
         }
     }
 
+    let base = match ctx {
+        Some(ListCtx {
+            dir: ListDir::Local(dir),
+            ..
+        }) if local.is_relative() => Some(dir),
+        _ => None,
+    };
     let paths = if glob {
-        let pattern = match ctx {
-            Some(ctx) if local.is_relative() => {
-                format!("{}/{local_str}", glob::Pattern::escape(path_str(ctx.dir)?))
-            }
-            _ => local_str.to_owned(),
+        let pattern = match base {
+            Some(dir) => format!("{}/{local_str}", glob::Pattern::escape(path_str(dir)?)),
+            None => local_str.to_owned(),
         };
         glob_paths(&pattern)?
     } else {
-        match ctx {
-            Some(ctx) if local.is_relative() => vec![ctx.dir.join(&local)],
-            _ => vec![local],
+        match base {
+            Some(dir) => vec![dir.join(&local)],
+            None => vec![local],
         }
     };
 
@@ -695,9 +743,74 @@ fn read_list(path: &Path, out: &mut Vec<ShardRef>) -> Result<(), ShardListError>
         path: list.clone(),
         error,
     })?;
-    let dir = abs.parent().unwrap_or(Path::new("/"));
-    let ctx = ListCtx { list: &list, dir };
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let dir = ListDir::Local(abs.parent().unwrap_or(Path::new("/")));
+    parse_list(&list, dir, &text, out)
+}
+
+/// Resolves an object-store item: a plain object, a glob in its last segment (listed), or a
+/// list file (read from the store).
+fn resolve_cloud_item(
+    url: &str,
+    ctx: Option<ListCtx<'_>>,
+    out: &mut Vec<ShardRef>,
+) -> Result<(), ShardListError> {
+    let list = is_list_file(url);
+    if let (true, Some(ctx)) = (list, ctx) {
+        return Err(ShardListError::NestedListFile {
+            list: ctx.list.to_owned(),
+            line: 0,
+            entry: url.to_owned(),
+        });
+    }
+    let urls = if has_glob_meta(url) {
+        let (dir, pattern) = url.rsplit_once('/').unwrap_or((url, ""));
+        if has_glob_meta(dir) {
+            return Err(ShardListError::CloudGlobInPrefix {
+                pattern: url.to_owned(),
+            });
+        }
+        let matcher = glob::Pattern::new(pattern).map_err(|e| ShardListError::InvalidGlob {
+            pattern: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let found: Vec<String> = CloudStore::open(dir)?
+            .list("")?
+            .into_iter()
+            .filter(|name| !name.starts_with('.') && matcher.matches(name))
+            .map(|name| format!("{dir}/{name}"))
+            .collect();
+        if found.is_empty() {
+            return Err(ShardListError::NoMatch {
+                pattern: url.to_owned(),
+            });
+        }
+        found
+    } else {
+        vec![url.to_owned()]
+    };
+    for url in urls {
+        if list {
+            let (store, key) = CloudStore::open_object(&url)?;
+            let bytes = store.get(&key)?;
+            let text = String::from_utf8_lossy(&bytes);
+            let dir = url.rsplit_once('/').map_or(url.as_str(), |(d, _)| d);
+            parse_list(&url, ListDir::Cloud(dir), &text, out)?;
+        } else {
+            out.push(ShardRef::cloud(&url)?);
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the lines of list file `list` (blank lines and `#` comments skipped).
+fn parse_list(
+    list: &str,
+    dir: ListDir<'_>,
+    text: &str,
+    out: &mut Vec<ShardRef>,
+) -> Result<(), ShardListError> {
+    let ctx = ListCtx { list, dir };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, line) in text.lines().enumerate() {
         let entry = line.trim();
         if entry.is_empty() || entry.starts_with('#') {
@@ -711,7 +824,7 @@ fn read_list(path: &Path, out: &mut Vec<ShardRef>) -> Result<(), ShardListError>
                 entry,
             },
             error => ShardListError::InList {
-                list: list.clone(),
+                list: list.to_owned(),
                 line: line_no,
                 error: Box::new(error),
             },

@@ -14,6 +14,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use crate::cloud::{is_cloud_url, scheme_of, CloudStore};
+
 /// Errors of a storage operation, each naming the location involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,9 +34,28 @@ pub enum StoreError {
     /// A relative path that would escape the store root or is otherwise unusable.
     #[error("invalid storage path {0:?}: paths are relative, '/'-separated and contain no '..'")]
     InvalidPath(String),
-    /// A URL whose scheme this build cannot open.
-    #[error("{0}: unsupported storage scheme (this build reads and writes local paths and file:// URLs; object stores are not supported yet)")]
+    /// A URL whose scheme dfndr cannot open.
+    #[error("{0}: unsupported storage scheme (dfndr reads and writes local paths, file://, s3://, gs:// and az:// URLs)")]
     UnsupportedScheme(String),
+    /// An object-store URL that does not name a bucket.
+    #[error("invalid object-store URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An object-store request that failed (after the client's retries).
+    #[error("{path}: {error}")]
+    Remote {
+        /// Full location.
+        path: String,
+        /// The store's error message.
+        error: String,
+    },
+    /// A command that needs a local path was given an object-store URL.
+    #[error("{0}: this needs a local path or file:// URL, not an object-store URL")]
+    NotLocal(String),
 }
 
 /// Size and modification time of a stored object.
@@ -53,7 +74,8 @@ pub trait StagedWrite: Write + Send {
     fn commit(self: Box<Self>) -> Result<u64, StoreError>;
 }
 
-/// A storage location (a local directory today; an object-store prefix later).
+/// A storage location: a local directory ([`LocalStore`]) or an object-store prefix
+/// ([`CloudStore`]).
 pub trait Store: Send + Sync {
     /// Human-readable location of the root (used in messages and records).
     fn root_uri(&self) -> String;
@@ -89,35 +111,108 @@ pub trait Store: Send + Sync {
     /// Discards what staged writes to `path` left behind when their process died before
     /// committing (temporary files, unfinished uploads); returns how many were removed.
     fn discard_abandoned_staged(&self, path: &str) -> Result<usize, StoreError>;
+    /// The local file behind `path`, when the store is a local directory.
+    fn local_file(&self, _path: &str) -> Option<PathBuf> {
+        None
+    }
 }
 
-/// Opens the store for an output location: a local path or a `file://` URL.
+/// Opens the store for an output location: a local path, a `file://` URL or an object-store
+/// URL (`s3://bucket/prefix`, `gs://...`, `az://...`).
 pub fn open_store(location: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if is_cloud_url(location) {
+        return Ok(Arc::new(CloudStore::open(location)?));
+    }
     let path = local_path_of(location)?;
     Ok(Arc::new(LocalStore::new(path)))
 }
 
-/// Opens an input shard given as a local path or `file://` URL for streaming reads.
+/// Opens one file or object (a local path, `file://` or object-store URL) as the store of its
+/// parent plus its name in that store.
+pub fn open_parent(uri: &str) -> Result<(Arc<dyn Store>, String), StoreError> {
+    if is_cloud_url(uri) {
+        let (store, key) = CloudStore::open_object(uri)?;
+        return Ok((Arc::new(store), key));
+    }
+    let path = local_path_of(uri)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| StoreError::InvalidPath(uri.to_string()))?;
+    let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((Arc::new(LocalStore::new(parent)), name))
+}
+
+/// Opens an input shard (a local path, `file://` or object-store URL) for streaming reads.
 pub fn open_input(uri: &str) -> Result<Box<dyn Read + Send>, StoreError> {
+    if is_cloud_url(uri) {
+        let (store, key) = CloudStore::open_object(uri)?;
+        return store.open_read(&key);
+    }
     let path = local_path_of(uri)?;
     let file = File::open(&path).map_err(|source| io_error(&path, source))?;
     Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
 }
 
-/// The local path named by `location` (a plain path or a `file://` URL); other URL schemes
-/// are refused with [`StoreError::UnsupportedScheme`].
+/// The local path named by `location` (a plain path or a `file://` URL); object-store URLs
+/// are [`StoreError::NotLocal`], other URL schemes [`StoreError::UnsupportedScheme`].
 pub fn local_path_of(location: &str) -> Result<PathBuf, StoreError> {
-    if let Some(rest) = location.strip_prefix("file://") {
-        // file:///abs/path or file://localhost/abs/path
-        let rest = rest.strip_prefix("localhost").unwrap_or(rest);
-        return Ok(PathBuf::from(rest));
-    }
-    if let Some((scheme, _)) = location.split_once("://") {
-        if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(StoreError::UnsupportedScheme(location.to_string()));
+    match scheme_of(location).as_deref() {
+        Some("file") => {
+            // file:///abs/path or file://localhost/abs/path
+            let rest = &location["file://".len()..];
+            let rest = rest.strip_prefix("localhost").unwrap_or(rest);
+            Ok(PathBuf::from(rest))
         }
+        Some(_) if is_cloud_url(location) => Err(StoreError::NotLocal(location.to_string())),
+        Some(_) => Err(StoreError::UnsupportedScheme(location.to_string())),
+        None => Ok(PathBuf::from(location)),
     }
-    Ok(PathBuf::from(location))
+}
+
+/// A file on the local disk holding an object's bytes: the file itself for local stores, a
+/// downloaded temporary copy (removed on drop) for object stores. Parquet readers need
+/// random access, which a download to disk gives without holding a shard in memory.
+#[derive(Debug)]
+pub struct LocalCopy {
+    path: PathBuf,
+    _temp: Option<tempfile::TempPath>,
+}
+
+impl LocalCopy {
+    /// Where the bytes are.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A local file with the content of `path` in `store` (see [`LocalCopy`]).
+pub fn local_copy(store: &dyn Store, path: &str) -> Result<LocalCopy, StoreError> {
+    if let Some(local) = store.local_file(path) {
+        return Ok(LocalCopy {
+            path: local,
+            _temp: None,
+        });
+    }
+    let uri = store.uri_of(path);
+    let temp_error = |error: io::Error| StoreError::Io {
+        path: format!("temporary copy of {uri}"),
+        error,
+    };
+    let mut file = tempfile::NamedTempFile::new().map_err(temp_error)?;
+    let mut reader = store.open_read(path)?;
+    io::copy(&mut reader, file.as_file_mut()).map_err(temp_error)?;
+    let temp = file.into_temp_path();
+    Ok(LocalCopy {
+        path: temp.to_path_buf(),
+        _temp: Some(temp),
+    })
+}
+
+/// A local copy of one file or object named by a path or URL (see [`LocalCopy`]).
+pub fn local_copy_of(uri: &str) -> Result<LocalCopy, StoreError> {
+    let (store, name) = open_parent(uri)?;
+    local_copy(&*store, &name)
 }
 
 fn io_error(path: &Path, source: io::Error) -> StoreError {
@@ -196,6 +291,10 @@ impl Store for LocalStore {
 
     fn uri_of(&self, path: &str) -> String {
         self.root.join(path).display().to_string()
+    }
+
+    fn local_file(&self, path: &str) -> Option<PathBuf> {
+        self.resolve(path).ok()
     }
 
     fn open_read(&self, path: &str) -> Result<Box<dyn Read + Send>, StoreError> {
@@ -479,6 +578,10 @@ mod tests {
         );
         assert!(matches!(
             local_path_of("s3://bucket/x.tar"),
+            Err(StoreError::NotLocal(_))
+        ));
+        assert!(matches!(
+            local_path_of("ftp://host/x.tar"),
             Err(StoreError::UnsupportedScheme(_))
         ));
     }
