@@ -276,6 +276,22 @@ fn four_workers_on_s3_process_every_shard_exactly_once() {
     let verify = run(dfndr_s3().args(["verify", &output]));
     assert!(verify.status.success(), "{}", text(&verify));
     assert!(text(&verify).contains("12 of 12 done shards verified"));
+
+    // Reading tools and the export work on object-store locations as on local ones.
+    let shard = format!("{output}/shards/shard-00003.parquet");
+    let inspect = run(dfndr_s3().args(["inspect", &shard, "--rows", "1"]));
+    assert!(inspect.status.success(), "{}", text(&inspect));
+    assert!(text(&inspect).contains("000030000"), "{}", text(&inspect));
+    let apple = format!("{bucket}/apple");
+    let export = run(dfndr_s3().args(["export-wds", &output, &apple, "--no-progress"]));
+    assert!(export.status.success(), "{}", text(&export));
+    let mut exported: Vec<String> = names.iter().map(|n| format!("{n}.tar")).collect();
+    exported.push("config.json".into());
+    exported.sort();
+    assert_eq!(
+        CloudStore::open(&apple).unwrap().list("").unwrap(),
+        exported
+    );
 }
 
 #[test]
@@ -342,4 +358,18 @@ fn killed_worker_on_s3_is_taken_over() {
     );
     assert_s3_finished(&output, &names);
     assert_eq!(s3_done(&output), s3_done(&reference));
+}
+
+#[test]
+fn missing_bucket_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("{}/demo-00000.tar", demo_dir().display());
+    let output = format!("s3://dfndr-no-such-bucket-{}/out", std::process::id());
+    let config = s3_config(tmp.path(), &input, &output, "");
+    let out = run(&mut reinforce_s3(&config));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let log = text(&out);
+    assert!(log.contains(&output), "the error names the location: {log}");
+    assert!(log.contains("NoSuchBucket"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -3,7 +3,6 @@
 //! with `--dataset-reinforcement`.
 
 use std::io::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,7 +11,7 @@ use dfndr_augment::params::{to_apple, AppleLayout, AugConfig, Interpolation};
 use dfndr_shards::apple::{AppleSample, AppleTarWriter, Matrix};
 use dfndr_shards::format::{FileMeta, Layout, Row, ShardReader};
 use dfndr_shards::job::{Job, WorkerIdentity};
-use dfndr_shards::store::{local_copy, open_store};
+use dfndr_shards::store::{is_cloud_url, local_copy, local_path_of, open_store};
 use serde_json::{json, Map, Value};
 
 use crate::paug::from_stored;
@@ -29,7 +28,7 @@ struct ShardContext {
 /// Exports every done shard of the output at `output` into `dest` as `NAME.tar`, plus
 /// `config.json` (the augmentation config in the form the training patch's
 /// `--dataset-reinforcement-config` reads). Returns the number of samples written.
-pub fn run(output: &str, dest: &Path, progress: &Progress) -> Result<u64> {
+pub fn run(output: &str, dest: &str, progress: &Progress) -> Result<u64> {
     let job = Job::new(
         open_store(output)?,
         WorkerIdentity::current(0),
@@ -42,8 +41,11 @@ pub fn run(output: &str, dest: &Path, progress: &Progress) -> Result<u64> {
     if done.is_empty() {
         bail!("{output} has no done shards yet; run `dfndr reinforce` first");
     }
-    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
-    let dest_store = open_store(&dest.display().to_string())?;
+    if !is_cloud_url(dest) {
+        let dir = local_path_of(dest)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {dest}"))?;
+    }
+    let dest_store = open_store(dest)?;
     progress.set_total(done.len());
     let mut samples = 0;
     let mut config: Option<Value> = None;

@@ -197,10 +197,11 @@ Example:
   # then, in the patched OpenCLIP: --train-data 'apple-wds/{...}.tar' --dataset-reinforcement \\
   #   --dataset-reinforcement-config apple-wds/config.json")]
     ExportWds {
-        /// The DFNDR output to export.
+        /// The DFNDR output to export (a folder or an object-store prefix).
         output: String,
-        /// Directory for the tars and config.json (created if missing).
-        dest: PathBuf,
+        /// Directory for the tars and config.json (created if missing), or an object-store
+        /// prefix (s3://bucket/path, ...).
+        dest: String,
         /// Disable progress bars even on a terminal.
         #[arg(long)]
         no_progress: bool,
@@ -289,10 +290,12 @@ struct JobArgs {
     #[arg(long)]
     config: PathBuf,
     /// Input shards, overriding job.input: brace patterns (quote them), globs, list files
-    /// (.txt/.list/.lst), paths or file:// URLs. Repeat for several.
+    /// (.txt/.list/.lst), paths, file:// URLs or object-store URLs (s3://, gs://, az://;
+    /// credentials from the usual AWS_*, GOOGLE_*, AZURE_* variables). Repeat for several.
     #[arg(long)]
     input: Vec<String>,
-    /// Output location, overriding job.output.
+    /// Output location, overriding job.output: a folder or an object-store prefix
+    /// (s3://bucket/path, gs://..., az://...).
     #[arg(long)]
     output: Option<String>,
     /// Adopt this config even if the output was started with a different one.
@@ -369,7 +372,7 @@ fn main() -> ExitCode {
         Command::ImportWds { job, .. } => import_command(&job, &progress),
         Command::ExportWds { output, dest, .. } => {
             export::run(&output, &dest, &progress).map(|samples| {
-                eprintln!("exported {samples} samples to {}", dest.display());
+                eprintln!("exported {samples} samples to {dest}");
                 ExitCode::SUCCESS
             })
         }

@@ -225,8 +225,21 @@ impl CloudStore {
             object_store::Error::NotFound { .. } => StoreError::NotFound(self.uri_of(path)),
             error => StoreError::Remote {
                 path: self.uri_of(path),
-                error: error.to_string(),
+                error: one_line(&error.to_string()),
             },
+        }
+    }
+
+    /// A failed write. "Not found" on a write means the bucket itself is missing, which must
+    /// not read as "object absent" to callers.
+    fn remote_write(&self, path: &str, error: object_store::Error) -> StoreError {
+        let hint = match error {
+            object_store::Error::NotFound { .. } => " (does the bucket exist?)",
+            _ => "",
+        };
+        StoreError::Remote {
+            path: self.uri_of(path),
+            error: format!("{}{hint}", one_line(&error.to_string())),
         }
     }
 
@@ -307,7 +320,7 @@ impl Store for CloudStore {
         let store = self.bucket.store.clone();
         let payload = PutPayload::from(data.to_vec());
         self.block_on(async move { store.put(&key, payload).await })?
-            .map_err(|e| self.remote(path, e))?;
+            .map_err(|e| self.remote_write(path, e))?;
         Ok(())
     }
 
@@ -327,7 +340,7 @@ impl Store for CloudStore {
                      AWS_CONDITIONAL_PUT unset or set it to etag)"
                 ),
             }),
-            Err(e) => Err(self.remote(path, e)),
+            Err(e) => Err(self.remote_write(path, e)),
         }
     }
 
@@ -355,6 +368,35 @@ impl Store for CloudStore {
         // An unfinished multipart upload is never visible as an object, so nothing a dead
         // writer left can be mistaken for output; its parts are the lifecycle rule's job.
         Ok(0)
+    }
+}
+
+/// A store error message on one line: the XML error document a server returns is reduced to
+/// its `Code` and `Message`.
+fn one_line(message: &str) -> String {
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = message.find(&open)? + open.len();
+        let end = message[start..].find(&format!("</{name}>"))?;
+        let value = message[start..start + end].trim();
+        let value = value
+            .strip_prefix("<![CDATA[")
+            .and_then(|v| v.strip_suffix("]]>"))
+            .unwrap_or(value);
+        Some(value.trim().to_string())
+    };
+    let (head, details) = match (message.find("<?xml"), tag("Code")) {
+        (Some(at), Some(code)) => {
+            let text = tag("Message").map(|m| format!(": {m}")).unwrap_or_default();
+            (&message[..at], format!("{code}{text}"))
+        }
+        _ => (message, String::new()),
+    };
+    let head = head.split_whitespace().collect::<Vec<_>>().join(" ");
+    match (head.is_empty(), details.is_empty()) {
+        (_, true) => head,
+        (true, false) => details,
+        (false, false) => format!("{} {details}", head.trim_end_matches(':')),
     }
 }
 
@@ -452,7 +494,7 @@ impl StagedWrite for CloudStaged {
             }
             Some(upload) => rt.block_on(upload.finish()),
         };
-        result.map_err(|e| self.store.remote(&self.path, e))?;
+        result.map_err(|e| self.store.remote_write(&self.path, e))?;
         Ok(self.written)
     }
 }
@@ -487,5 +529,19 @@ mod tests {
             ("gs://b".to_string(), String::new())
         );
         assert!(split_bucket("s3:///key").is_err());
+    }
+
+    #[test]
+    fn server_errors_are_reduced_to_one_line() {
+        let raw = "Error performing PUT http://h/b/k in 84ms - Server returned non-2xx status \
+                   code: 404 Not Found: <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\n  \
+                   <Code>NoSuchBucket</Code>\n  <Message><![CDATA[The specified bucket does not exist\
+                   ]]></Message>\n</Error>";
+        assert_eq!(
+            one_line(raw),
+            "Error performing PUT http://h/b/k in 84ms - Server returned non-2xx status code: \
+             404 Not Found NoSuchBucket: The specified bucket does not exist"
+        );
+        assert_eq!(one_line("timed out\n  after 30s"), "timed out after 30s");
     }
 }

@@ -124,14 +124,14 @@ impl WorkerIdentity {
     }
 }
 
-fn read_trimmed(path: &str) -> Option<String> {
+pub(crate) fn read_trimmed(path: &str) -> Option<String> {
     std::fs::read_to_string(path)
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     read_trimmed("/proc/sys/kernel/hostname")
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_string())
@@ -454,13 +454,18 @@ impl Job {
 
     /// Creates the dataset card, or checks that the existing one has `fingerprint`.
     /// With `force`, a different fingerprint replaces the card instead of failing.
-    /// Returns true when the card was created by this call.
+    /// Returns true when the card was created by this call. Every worker calls this first, so
+    /// it also removes the temporary files that killed processes of this host left behind.
     pub fn init_card(
         &self,
         card: &serde_json::Value,
         fingerprint: &str,
         force: bool,
     ) -> Result<bool, JobError> {
+        let swept = self.store.sweep_dead_temporaries()?;
+        if swept > 0 {
+            tracing::info!(files = swept, "removed temporary files of dead workers");
+        }
         let bytes = Self::to_json(card);
         if self.store.put_if_absent(CARD_PATH, &bytes)? {
             return Ok(true);

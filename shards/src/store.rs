@@ -111,6 +111,11 @@ pub trait Store: Send + Sync {
     /// Discards what staged writes to `path` left behind when their process died before
     /// committing (temporary files, unfinished uploads); returns how many were removed.
     fn discard_abandoned_staged(&self, path: &str) -> Result<usize, StoreError>;
+    /// Removes the temporary files of writes whose process is known to be dead (killed before
+    /// it could clean up); returns how many. Stores without temporaries remove nothing.
+    fn sweep_dead_temporaries(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
     /// The local file behind `path`, when the store is a local directory.
     fn local_file(&self, _path: &str) -> Option<PathBuf> {
         None
@@ -265,15 +270,49 @@ impl LocalStore {
         Ok(())
     }
 
-    /// A unique temporary name next to `full`, hidden from listings by its leading dot.
+    /// A unique temporary name next to `full`, hidden from listings by its leading dot:
+    /// `.NAME.tmp-PLACE-PID-N`, where PLACE identifies this host, boot and PID namespace so
+    /// that a later process can tell whether the writer is dead.
     fn temp_path(full: &Path) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = full
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        full.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+        full.with_file_name(format!(
+            ".{name}.tmp-{}-{}-{n}",
+            place_tag(),
+            std::process::id()
+        ))
     }
+}
+
+/// A short tag of this host, boot and PID namespace: a PID is only meaningful within them.
+fn place_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        use sha2::Digest;
+        let place = format!(
+            "{}\n{}\n{}",
+            crate::job::hostname(),
+            crate::job::read_trimmed("/proc/sys/kernel/random/boot_id").unwrap_or_default(),
+            fs::read_link("/proc/self/ns/pid")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        crate::job::hex(&sha2::Sha256::digest(place.as_bytes())[..4])
+    })
+}
+
+/// The writer PID of a temporary file name made by [`LocalStore::temp_path`] in this place.
+fn temp_writer_pid(file_name: &str) -> Option<u32> {
+    let (_, rest) = file_name.rsplit_once(".tmp-")?;
+    let mut parts = rest.split('-');
+    let (tag, pid, n) = (parts.next()?, parts.next()?, parts.next()?);
+    if tag != place_tag() || parts.next().is_some() || n.parse::<u64>().is_err() {
+        return None;
+    }
+    pid.parse().ok()
 }
 
 /// Makes a rename or a newly created file durable by syncing its directory.
@@ -295,6 +334,40 @@ impl Store for LocalStore {
 
     fn local_file(&self, path: &str) -> Option<PathBuf> {
         self.resolve(path).ok()
+    }
+
+    fn sweep_dead_temporaries(&self) -> Result<usize, StoreError> {
+        fn sweep(dir: &Path, removed: &mut usize) -> Result<(), StoreError> {
+            let entries = match fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_error(dir, e)),
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    sweep(&path, removed)?;
+                    continue;
+                }
+                let Some(pid) = temp_writer_pid(&name) else {
+                    continue;
+                };
+                let dead =
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
+                if dead {
+                    match fs::remove_file(&path) {
+                        Ok(()) => *removed += 1,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_error(&path, e)),
+                    }
+                }
+            }
+            Ok(())
+        }
+        let mut removed = 0;
+        sweep(&self.root, &mut removed)?;
+        Ok(removed)
     }
 
     fn open_read(&self, path: &str) -> Result<Box<dyn Read + Send>, StoreError> {
@@ -539,6 +612,40 @@ mod tests {
         assert_eq!(store.discard_abandoned_staged("out/z.parquet").unwrap(), 1);
         assert_eq!(store.list("out").unwrap(), vec!["x.parquet".to_string()]);
         assert_eq!(fs::read_dir(dir.path().join("out")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temporaries_of_dead_processes_are_swept_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store.put("_progress/claims/a", b"x").unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let tag = place_tag();
+        let dead = [
+            format!(".dfndr.json.tmp-{tag}-{dead_pid}-0"),
+            format!("_progress/claims/.a.tmp-{tag}-{dead_pid}-3"),
+        ];
+        let kept = [
+            // this (live) process, another place, and a file that only looks similar
+            format!("shards/.x.parquet.tmp-{tag}-{}-1", std::process::id()),
+            format!(".m.tmp-00000000-{dead_pid}-0"),
+            format!("_progress/claims/.b.tmp-{tag}-{dead_pid}"),
+        ];
+        for f in dead.iter().chain(&kept) {
+            let p = dir.path().join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, b"partial").unwrap();
+        }
+        assert_eq!(store.sweep_dead_temporaries().unwrap(), 2);
+        for f in &dead {
+            assert!(!dir.path().join(f).exists(), "{f} not swept");
+        }
+        for f in &kept {
+            assert!(dir.path().join(f).exists(), "{f} swept");
+        }
+        assert_eq!(store.get("_progress/claims/a").unwrap(), b"x");
     }
 
     #[test]
