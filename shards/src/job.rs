@@ -562,9 +562,7 @@ impl Job {
             if !self.is_stale(&current, now_unix()) {
                 return Ok(ClaimOutcome::HeldByOther(current));
             }
-            // Exactly one worker wins the marker for this stale token.
-            let marker = format!("{TAKEOVERS_DIR}/{name}/{}", current.token);
-            if !self.store.put_if_absent(&marker, &Self::to_json(&ours))? {
+            if !self.win_takeover(name, &current, &ours)? {
                 return Ok(ClaimOutcome::HeldByOther(current));
             }
             // The holder may have sent a heartbeat between our read and the marker.
@@ -591,6 +589,53 @@ impl Job {
             Some(c) => Ok(ClaimOutcome::HeldByOther(c)),
             None => Ok(ClaimOutcome::HeldByOther(self.new_claim())),
         }
+    }
+
+    /// Competes for the takeover of the stale claim `stale`: exactly one worker wins the marker
+    /// `_progress/takeovers/NAME/TOKEN`. A marker whose taker is itself stale (it died between
+    /// winning the marker and writing its claim) is taken over the same way, by competing for a
+    /// marker named after the dead taker's token, so no death leaves a shard stuck.
+    fn win_takeover(
+        &self,
+        name: &str,
+        stale: &ClaimRecord,
+        ours: &ClaimRecord,
+    ) -> Result<bool, JobError> {
+        let mut token = stale.token.clone();
+        // Each level needs another death inside the takeover window; a few suffice.
+        for _ in 0..16 {
+            let marker = format!("{TAKEOVERS_DIR}/{name}/{token}");
+            if self.store.put_if_absent(&marker, &Self::to_json(ours))? {
+                return Ok(true);
+            }
+            let taker = match self.read_json::<ClaimRecord>(&marker) {
+                Ok(Some(taker)) => taker,
+                // The marker vanished (released with the claim): start over.
+                Ok(None) => return Ok(false),
+                Err(JobError::CorruptRecord { .. }) => {
+                    let age = self
+                        .store
+                        .stat(&marker)?
+                        .map(|m| now_unix() - m.modified_unix as f64)
+                        .unwrap_or(0.0);
+                    if age <= self.lease.as_secs_f64() {
+                        return Ok(false);
+                    }
+                    ClaimRecord {
+                        identity: self.identity.clone(),
+                        token: format!("{token}-corrupt"),
+                        claimed_unix: 0.0,
+                        heartbeat_unix: 0.0,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            if !self.is_stale(&taker, now_unix()) {
+                return Ok(false);
+            }
+            token = taker.token;
+        }
+        Ok(false)
     }
 
     /// Refreshes our claim's heartbeat. Returns false when the claim is no longer ours
@@ -912,6 +957,46 @@ mod tests {
         ));
         assert!(
             matches!(c.claim("s0").unwrap(), ClaimOutcome::HeldByOther(h) if h.identity.worker == "b")
+        );
+    }
+
+    #[test]
+    fn taker_that_died_after_winning_the_marker_does_not_block_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = job(dir.path(), "dead", 1);
+        let ClaimOutcome::Claimed { claim, .. } = dead.claim("s0").unwrap() else {
+            panic!("first claim must succeed")
+        };
+        // A taker won the marker for that claim's token, then died before writing its claim;
+        // its marker record is as old as the lease.
+        let past = now_unix() - 10.0;
+        let taker = ClaimRecord {
+            identity: WorkerIdentity {
+                host: "elsewhere".into(),
+                ..WorkerIdentity::current(9)
+            },
+            token: "taker-token".into(),
+            claimed_unix: past,
+            heartbeat_unix: past,
+        };
+        dead.store
+            .put(
+                &format!("{TAKEOVERS_DIR}/s0/{}", claim.token),
+                &Job::to_json(&taker),
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let b = job(dir.path(), "b", 1);
+        let c = job(dir.path(), "c", 1);
+        let outcomes = [b.claim("s0").unwrap(), c.claim("s0").unwrap()];
+        let won: Vec<bool> = outcomes
+            .iter()
+            .map(|o| matches!(o, ClaimOutcome::Claimed { .. }))
+            .collect();
+        assert_eq!(
+            won,
+            [true, false],
+            "exactly one worker takes the shard over"
         );
     }
 
