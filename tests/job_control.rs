@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -104,30 +104,6 @@ fn crash_at_every_step_resumes_to_exactly_once_output() {
     }
 }
 
-/// Starts `n` workers at once on one output and waits for all of them.
-fn run_workers(config: &Path, n: usize) -> Vec<String> {
-    let children: Vec<Child> = (0..n)
-        .map(|rank| {
-            reinforce(config)
-                .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
-            let log = text(&out);
-            eprintln!("--- worker\n{log}");
-            assert!(out.status.success(), "worker failed:\n{log}");
-            log
-        })
-        .collect()
-}
-
 #[test]
 fn concurrent_workers_process_every_shard_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -140,7 +116,7 @@ fn concurrent_workers_process_every_shard_exactly_once() {
     for workers in [2, 4] {
         let out = tmp.path().join(format!("out-{workers}"));
         let config = write_config(tmp.path(), &input, &out, "batch_size = 2");
-        let logs = run_workers(&config, workers);
+        let logs = run_workers(|| reinforce(&config), workers);
         let mut processed: Vec<String> = logs.iter().flat_map(|l| shards_done_in_log(l)).collect();
         processed.sort();
         assert_eq!(

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Stdio};
+
 use std::time::{Duration, Instant};
 
 use common::s3::{new_bucket, s3_env, s3_server};
@@ -218,30 +218,6 @@ fn inputs_resolve_on_s3() {
     assert!(missing_list.contains("not found"), "{missing_list}");
 }
 
-/// Starts `n` workers at once and returns their logs (all must succeed).
-fn run_s3_workers(config: &Path, n: usize) -> Vec<String> {
-    let children: Vec<Child> = (0..n)
-        .map(|rank| {
-            reinforce_s3(config)
-                .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
-            let log = text(&out);
-            eprintln!("--- worker\n{log}");
-            assert!(out.status.success(), "worker failed:\n{log}");
-            log
-        })
-        .collect()
-}
-
 #[test]
 fn four_workers_on_s3_process_every_shard_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -263,7 +239,7 @@ fn four_workers_on_s3_process_every_shard_exactly_once() {
 
     let output = format!("{bucket}/out");
     let config = s3_config(&tmp.path().join("four"), &input, &output, "batch_size = 2");
-    let logs = run_s3_workers(&config, 4);
+    let logs = run_workers(|| reinforce_s3(&config), 4);
     let mut processed: Vec<String> = logs.iter().flat_map(|l| shards_done_in_log(l)).collect();
     processed.sort();
     assert_eq!(processed, names, "every shard processed exactly once");

@@ -542,19 +542,10 @@ impl Job {
                 // A claim we cannot parse was left by a crash mid-write on a store without
                 // atomic puts; it is judged by its age alone.
                 Err(JobError::CorruptRecord { .. }) => {
-                    let age = self
-                        .store
-                        .stat(&path)?
-                        .map(|m| now_unix() - m.modified_unix as f64)
-                        .unwrap_or(0.0);
-                    if age <= self.lease.as_secs_f64() {
-                        return Ok(ClaimOutcome::HeldByOther(ours));
-                    }
-                    ClaimRecord {
-                        identity: self.identity.clone(),
-                        token: format!("corrupt-{}", hex(&Sha256::digest(name.as_bytes())[..8])),
-                        claimed_unix: 0.0,
-                        heartbeat_unix: 0.0,
+                    let token = format!("corrupt-{}", hex(&Sha256::digest(name.as_bytes())[..8]));
+                    match self.expired_stand_in(&path, token)? {
+                        Some(stand_in) => stand_in,
+                        None => return Ok(ClaimOutcome::HeldByOther(ours)),
                     }
                 }
                 Err(e) => return Err(e),
@@ -591,6 +582,23 @@ impl Job {
         }
     }
 
+    /// A record we cannot parse was left by a crash mid-write on a store without atomic puts;
+    /// it is judged by its age alone: `None` while younger than the lease (treat it as live),
+    /// else a stale stand-in record with `token`.
+    fn expired_stand_in(&self, path: &str, token: String) -> Result<Option<ClaimRecord>, JobError> {
+        let age = self
+            .store
+            .stat(path)?
+            .map(|m| now_unix() - m.modified_unix as f64)
+            .unwrap_or(0.0);
+        Ok((age > self.lease.as_secs_f64()).then(|| ClaimRecord {
+            identity: self.identity.clone(),
+            token,
+            claimed_unix: 0.0,
+            heartbeat_unix: 0.0,
+        }))
+    }
+
     /// Competes for the takeover of the stale claim `stale`: exactly one worker wins the marker
     /// `_progress/takeovers/NAME/TOKEN`. A marker whose taker is itself stale (it died between
     /// winning the marker and writing its claim) is taken over the same way, by competing for a
@@ -613,19 +621,9 @@ impl Job {
                 // The marker vanished (released with the claim): start over.
                 Ok(None) => return Ok(false),
                 Err(JobError::CorruptRecord { .. }) => {
-                    let age = self
-                        .store
-                        .stat(&marker)?
-                        .map(|m| now_unix() - m.modified_unix as f64)
-                        .unwrap_or(0.0);
-                    if age <= self.lease.as_secs_f64() {
-                        return Ok(false);
-                    }
-                    ClaimRecord {
-                        identity: self.identity.clone(),
-                        token: format!("{token}-corrupt"),
-                        claimed_unix: 0.0,
-                        heartbeat_unix: 0.0,
+                    match self.expired_stand_in(&marker, format!("{token}-corrupt"))? {
+                        Some(stand_in) => stand_in,
+                        None => return Ok(false),
                     }
                 }
                 Err(e) => return Err(e),

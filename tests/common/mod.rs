@@ -211,6 +211,31 @@ pub fn reinforce(config: &Path) -> Command {
     cmd
 }
 
+/// Starts `n` workers at once (`--rank R --world-size n` added to each `worker()` command) and
+/// returns their logs once all have finished; every worker must succeed.
+pub fn run_workers(worker: impl Fn() -> Command, n: usize) -> Vec<String> {
+    let children: Vec<std::process::Child> = (0..n)
+        .map(|rank| {
+            worker()
+                .args(["--rank", &rank.to_string(), "--world-size", &n.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let log = text(&out);
+            eprintln!("--- worker\n{log}");
+            assert!(out.status.success(), "worker failed:\n{log}");
+            log
+        })
+        .collect()
+}
+
 /// Two tiny random teachers: one at the view size, one that needs the views resized.
 pub const TINY_TEACHERS: &str = r#"
 [[teachers]]
