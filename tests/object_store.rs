@@ -218,24 +218,44 @@ fn inputs_resolve_on_s3() {
     assert!(missing_list.contains("not found"), "{missing_list}");
 }
 
-#[test]
-fn four_workers_on_s3_process_every_shard_exactly_once() {
+/// A test job on S3: `n` uploaded shards of 4 samples in a new bucket, their names, the input
+/// glob, and `BUCKET/reference`, the output of one uninterrupted worker with `extra` config.
+struct S3Job {
+    tmp: tempfile::TempDir,
+    bucket: String,
+    names: Vec<String>,
+    input: String,
+    reference: String,
+}
+
+fn s3_job_with_reference(label: &str, n: usize, extra: &str) -> S3Job {
     let tmp = tempfile::tempdir().unwrap();
-    let bucket = new_bucket("workers");
-    let shards = make_shards(&tmp.path().join("in"), 12, 4);
-    let names = shard_names(&shards);
+    let bucket = new_bucket(label);
+    let shards = make_shards(&tmp.path().join("in"), n, 4);
     upload(&format!("{bucket}/in"), &shards);
     let input = format!("{bucket}/in/shard-*.tar");
-
     let reference = format!("{bucket}/reference");
-    let config = s3_config(
-        &tmp.path().join("ref"),
-        &input,
-        &reference,
-        "batch_size = 2",
-    );
+    let config = s3_config(&tmp.path().join("ref"), &input, &reference, extra);
     let out = run(&mut reinforce_s3(&config));
     assert!(out.status.success(), "{}", text(&out));
+    S3Job {
+        names: shard_names(&shards),
+        tmp,
+        bucket,
+        input,
+        reference,
+    }
+}
+
+#[test]
+fn four_workers_on_s3_process_every_shard_exactly_once() {
+    let S3Job {
+        tmp,
+        bucket,
+        names,
+        input,
+        reference,
+    } = s3_job_with_reference("workers", 12, "batch_size = 2");
 
     let output = format!("{bucket}/out");
     let config = s3_config(&tmp.path().join("four"), &input, &output, "batch_size = 2");
@@ -272,15 +292,13 @@ fn four_workers_on_s3_process_every_shard_exactly_once() {
 
 #[test]
 fn killed_worker_on_s3_is_taken_over() {
-    let tmp = tempfile::tempdir().unwrap();
-    let bucket = new_bucket("takeover");
-    let shards = make_shards(&tmp.path().join("in"), 3, 4);
-    let names = shard_names(&shards);
-    upload(&format!("{bucket}/in"), &shards);
-    let input = format!("{bucket}/in/shard-*.tar");
-    let reference = format!("{bucket}/reference");
-    let config = s3_config(&tmp.path().join("ref"), &input, &reference, "");
-    assert!(run(&mut reinforce_s3(&config)).status.success());
+    let S3Job {
+        tmp,
+        bucket,
+        names,
+        input,
+        reference,
+    } = s3_job_with_reference("takeover", 3, "");
 
     // A worker killed (SIGKILL) with its output written but not published.
     let output = format!("{bucket}/crashed");
