@@ -7,8 +7,8 @@
 //! - JPEG: PIL decodes with libjpeg-turbo (accurate integer IDCT, "fancy" triangle-filter
 //!   chroma upsampling, libjpeg's fixed-point YCbCr->RGB). Pure-Rust decoders round
 //!   differently in all three places (up to 7 levels on the demo photos), so JPEGs go through
-//!   the `mozjpeg` crate, which builds libjpeg-turbo's decoder from source with the C
-//!   compiler: the output is the same bytes PIL gets. Four-channel JPEGs are CMYK to PIL,
+//!   libjpeg-turbo's decoder, built from source by the `mozjpeg-sys` crate and driven by
+//!   `jpeg.rs`: the output is the same bytes PIL gets. Four-channel JPEGs are CMYK to PIL,
 //!   which always assumes Adobe's inverted polarity and converts with its own
 //!   `cmyk2rgb` (see [`cmyk_to_rgb`]). A JPEG whose data ends before its last scanline is
 //!   decoded is an error, as in PIL ("image file is truncated"), although libjpeg itself
@@ -36,11 +36,12 @@
 //! before any pixel buffer is allocated, and the decoders run under allocation limits
 //! derived from it.
 
-use std::cell::Cell;
-use std::io::{BufRead, Cursor, Read};
+use std::io::Cursor;
 
 use image::{ImageDecoder, ImageReader, Limits};
 
+pub use crate::jpeg::Rect;
+use crate::jpeg::{self, JpegOut};
 pub use crate::rgb::RgbImage;
 /// The format [`probe`] reports.
 pub use image::ImageFormat;
@@ -94,6 +95,36 @@ pub fn probe(bytes: &[u8]) -> Result<(ImageFormat, u32, u32), DecodeError> {
 /// more than `max_pixels` pixels before allocating them. Alpha is dropped without
 /// compositing; no EXIF rotation is applied (PIL applies none).
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
+    decode_rgb_part(bytes, max_pixels, |_, _| None).map(|part| part.image)
+}
+
+/// Part of a decoded image: the pixels of `rect` of a `width` x `height` image.
+#[derive(Debug, Clone)]
+pub struct RgbPart {
+    /// The pixels of `rect`: inside the region that was asked for exactly those of
+    /// [`decode_rgb`]; outside it (a few columns of decoding context) possibly not.
+    pub image: RgbImage,
+    /// Where `image` lies in the whole image; it contains the region that was asked for.
+    pub rect: Rect,
+    /// Width of the whole image.
+    pub width: u32,
+    /// Height of the whole image.
+    pub height: u32,
+}
+
+/// [`decode_rgb`] for a caller that needs only a region of the image: `region` is called
+/// once with the image's size (for every format, after the size check and before or after
+/// the pixels are decoded) and returns the region (`None`: all of it). JPEGs are then decoded
+/// only as far as the region needs (libjpeg-turbo's cropped and skipped scanlines): the work saved is roughly the
+/// share of the image outside the region, which is what a training loader replaying a
+/// RandomResizedCrop gains. Other formats are decoded whole, and `rect` is then the whole
+/// image. Inside the region the pixels are those of [`decode_rgb`]; the one difference is
+/// that a JPEG cut off below the region decodes here but not there.
+pub fn decode_rgb_part(
+    bytes: &[u8],
+    max_pixels: u64,
+    region: impl FnOnce(u32, u32) -> Option<Rect>,
+) -> Result<RgbPart, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -101,25 +132,49 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError
     // and can make the image larger than the screen its header declares), so it needs no
     // probe; it checks the pixel limit itself before allocating.
     if matches!(image::guess_format(bytes), Ok(ImageFormat::Gif)) {
-        return decode_gif(bytes, max_pixels);
+        let image = decode_gif(bytes, max_pixels)?;
+        region(image.width, image.height);
+        return Ok(whole(image));
     }
     let (format, width, height) = probe(bytes)?;
     check_size(width, height, max_pixels)?;
     let pixels = u64::from(width) * u64::from(height);
-    let img = match format {
-        ImageFormat::Jpeg => decode_jpeg(bytes, max_pixels)?,
-        ImageFormat::Png => guarded(|| decode_png(bytes, width, height, pixels))?,
-        ImageFormat::WebP => decode_webp(bytes, max_pixels)?,
-        _ => guarded(|| decode_generic(bytes, width, height, pixels))?,
+    let part = match format {
+        ImageFormat::Jpeg => decode_jpeg(bytes, max_pixels, region)?,
+        other => {
+            let image = match other {
+                ImageFormat::Png => guarded(|| decode_png(bytes, width, height, pixels))?,
+                ImageFormat::WebP => decode_webp(bytes, max_pixels)?,
+                _ => guarded(|| decode_generic(bytes, width, height, pixels))?,
+            };
+            // Called all the same: callers sample what they need from the size there.
+            region(image.width, image.height);
+            whole(image)
+        }
     };
     // A decoder that disagrees with its own header is broken input, not a smaller image.
-    if (img.width, img.height) != (width, height) {
+    if (part.width, part.height) != (width, height) {
         return Err(DecodeError::Undecodable(format!(
             "header says {width}x{height}, decoder produced {}x{}",
-            img.width, img.height
+            part.width, part.height
         )));
     }
-    Ok(img)
+    Ok(part)
+}
+
+/// A whole image as a part of itself.
+fn whole(image: RgbImage) -> RgbPart {
+    RgbPart {
+        rect: Rect {
+            top: 0,
+            left: 0,
+            height: image.height,
+            width: image.width,
+        },
+        width: image.width,
+        height: image.height,
+        image,
+    }
 }
 
 /// Refuses empty and over-limit sizes.
@@ -165,59 +220,6 @@ fn rgb_image(width: u32, height: u32, data: Vec<u8>) -> Result<RgbImage, DecodeE
 // ---------------------------------------------------------------------------------------
 // JPEG
 
-/// The input as libjpeg sees it, recording whether libjpeg asked for bytes past the end.
-///
-/// libjpeg treats running out of data as a warning: it pretends an EOI marker followed and
-/// returns whatever it had (grey below). PIL feeds libjpeg through a suspending source
-/// instead, so a request past the end leaves it waiting for data that never comes, and it
-/// raises "image file is truncated" unless the last scanline was already out: PIL calls
-/// `jpeg_finish_decompress` but ignores its suspension once all lines are decoded. The
-/// decoder (same code as PIL's libjpeg-turbo) asks for input at the same points either way,
-/// so recording the request and when it happened reproduces PIL's verdict exactly.
-struct JpegSource<'a> {
-    rest: &'a [u8],
-    ran_out: &'a Cell<bool>,
-}
-
-impl Read for JpegSource<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.rest.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            self.ran_out.set(true);
-        }
-        Ok(n)
-    }
-}
-
-impl BufRead for JpegSource<'_> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        if self.rest.is_empty() {
-            self.ran_out.set(true);
-        }
-        Ok(self.rest)
-    }
-
-    fn consume(&mut self, amt: usize) {
-        self.rest = self.rest.get(amt..).unwrap_or_default();
-    }
-}
-
-/// How libjpeg is asked to deliver the pixels, following PIL's choice of mode by the number
-/// of components (1: `L`, 3: `RGB`, 4: `CMYK`).
-#[derive(Clone, Copy)]
-enum JpegOut {
-    Grey,
-    Rgb,
-    Cmyk,
-}
-
-fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
-    // libjpeg reports fatal errors by unwinding out of its callbacks (mozjpeg's error
-    // manager resumes a panic payload without running the panic hook, so nothing is
-    // printed); the guard turns them into errors.
-    guarded(|| decode_jpeg_unguarded(bytes, max_pixels))
-}
-
 /// Runs a decoder, turning a panic into [`DecodeError::Undecodable`].
 ///
 /// Web data reaches decoder code paths their authors never tested: image-webp 0.2.4 (which
@@ -240,66 +242,25 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, DecodeError>) -> Result<T, DecodeErr
     }
 }
 
-fn decode_jpeg_unguarded(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
-    use mozjpeg::ColorSpace;
-
-    let io_err = |e: std::io::Error| DecodeError::Undecodable(format!("jpeg: {e}"));
-    let ran_out = Cell::new(false);
-    let source = JpegSource {
-        rest: bytes,
-        ran_out: &ran_out,
+fn decode_jpeg(
+    bytes: &[u8],
+    max_pixels: u64,
+    region: impl FnOnce(u32, u32) -> Option<Rect>,
+) -> Result<RgbPart, DecodeError> {
+    // libjpeg reports fatal errors by unwinding out of its callbacks; the guard turns them
+    // into errors.
+    let px = guarded(|| jpeg::decode(bytes, |w, h| check_size(w, h, max_pixels), region))?;
+    let data = match px.out {
+        JpegOut::Rgb => px.data,
+        JpegOut::Grey => grey_to_rgb(&px.data),
+        JpegOut::Cmyk => map_pixels(&px.data, 4, |p| cmyk_to_rgb([p[0], p[1], p[2], p[3]])),
     };
-    let decompress = mozjpeg::decompress::DecompressBuilder::new()
-        .from_reader(source)
-        .map_err(io_err)?;
-    let (w, h) = decompress.size();
-    let too_big = || DecodeError::Undecodable(format!("jpeg declares {w}x{h}"));
-    let width = u32::try_from(w).map_err(|_| too_big())?;
-    let height = u32::try_from(h).map_err(|_| too_big())?;
-    // The probe read the size with a different parser; check libjpeg's own reading too
-    // before it allocates anything for the image.
-    check_size(width, height, max_pixels)?;
-    let out = match decompress.components().len() {
-        1 => JpegOut::Grey,
-        3 => JpegOut::Rgb,
-        4 => JpegOut::Cmyk,
-        n => {
-            return Err(DecodeError::Undecodable(format!(
-                "jpeg with {n} components (PIL reads 1, 3 or 4)"
-            )))
-        }
-    };
-    // Fancy upsampling and the accurate integer IDCT are libjpeg's defaults, and PIL keeps
-    // them unless draft() is called; they are not set here so that the defaults stay the
-    // single source of truth. YCCK is converted to CMYK by libjpeg, as in PIL.
-    let mut started = match out {
-        JpegOut::Grey => decompress.grayscale(),
-        JpegOut::Rgb => decompress.rgb(),
-        JpegOut::Cmyk => decompress.to_colorspace(ColorSpace::JCS_CMYK),
-    }
-    .map_err(io_err)?;
-    if (started.width(), started.height()) != (w, h) {
-        return Err(DecodeError::Undecodable(
-            "jpeg output size differs from its header".into(),
-        ));
-    }
-    let raw: Vec<u8> = started.read_scanlines().map_err(io_err)?;
-    if ran_out.get() {
-        return Err(DecodeError::Undecodable(
-            "jpeg: image file is truncated".into(),
-        ));
-    }
-    // Like PIL, accept a file that ends after its last scanline without an EOI marker: the
-    // fake EOI libjpeg then reads is harmless, and the result only reports suspension,
-    // which a complete in-memory source never does. A fatal libjpeg error here still
-    // unwinds into an error, as PIL's error handler turns one into "broken data stream".
-    let _ = started.finish();
-    let data = match out {
-        JpegOut::Rgb => raw,
-        JpegOut::Grey => grey_to_rgb(&raw),
-        JpegOut::Cmyk => map_pixels(&raw, 4, |p| cmyk_to_rgb([p[0], p[1], p[2], p[3]])),
-    };
-    rgb_image(width, height, data)
+    Ok(RgbPart {
+        image: rgb_image(px.rect.width, px.rect.height, data)?,
+        rect: px.rect,
+        width: px.image_width,
+        height: px.image_height,
+    })
 }
 
 /// Grey levels replicated into RGB.

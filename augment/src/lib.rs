@@ -7,6 +7,7 @@
 //! - [`resize`], [`ops`]: PIL/torchvision-exact resampling and RandAugment ops.
 
 pub mod decode;
+mod jpeg;
 pub mod ops;
 pub mod params;
 pub mod resize;

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::decode::{Rect, RgbPart};
 use crate::ops::{apply_op, Op};
 use crate::resize::{hflip, resized_crop, Filter};
 use crate::rng::AugRng;
@@ -198,6 +199,17 @@ impl AugConfig {
         AugParams { crop, flip, ops }
     }
 
+    /// [`AugConfig::replay`] on part of an image (see [`replay_part`]).
+    pub fn replay_part(&self, part: &RgbPart, params: &AugParams, size: u32) -> RgbImage {
+        replay_part(
+            part,
+            params,
+            size,
+            self.interpolation.filter(),
+            self.rand_augment.fill,
+        )
+    }
+
     /// Replays `params` on `img` at `size` x `size` (which may differ from the size they were
     /// sampled at: the crop is in original pixels, the op magnitudes are replayed as stored,
     /// as Apple's trainer does).
@@ -210,6 +222,56 @@ impl AugConfig {
             self.rand_augment.fill,
         )
     }
+}
+
+/// The smallest rectangle of a `width` x `height` image that holds the part of every crop
+/// of `params` inside the image: all a replay of them reads (pixels outside the image are
+/// zeros). `None` when no crop touches the image.
+pub fn crops_region(params: &[AugParams], width: u32, height: u32) -> Option<Rect> {
+    let (w, h) = (i64::from(width), i64::from(height));
+    let mut bounds: Option<[i64; 4]> = None;
+    for c in params.iter().map(|p| p.crop) {
+        let top = i64::from(c.top).clamp(0, h);
+        let left = i64::from(c.left).clamp(0, w);
+        let bottom = (i64::from(c.top) + i64::from(c.height.max(0))).clamp(0, h);
+        let right = (i64::from(c.left) + i64::from(c.width.max(0))).clamp(0, w);
+        if bottom <= top || right <= left {
+            continue;
+        }
+        bounds = Some(match bounds {
+            None => [top, left, bottom, right],
+            Some(b) => [
+                b[0].min(top),
+                b[1].min(left),
+                b[2].max(bottom),
+                b[3].max(right),
+            ],
+        });
+    }
+    // Within the image, so every value fits u32.
+    bounds.map(|[top, left, bottom, right]| Rect {
+        top: top as u32,
+        left: left as u32,
+        height: (bottom - top) as u32,
+        width: (right - left) as u32,
+    })
+}
+
+/// [`replay`] on part of an image: `part` must hold [`crops_region`] of `params` (as
+/// [`crate::decode::decode_rgb_part`] returns it when asked for that region); the result is
+/// the same as replaying on the whole image.
+pub fn replay_part(
+    part: &RgbPart,
+    params: &AugParams,
+    size: u32,
+    filter: Filter,
+    fill: [u8; 3],
+) -> RgbImage {
+    let mut shifted = params.clone();
+    // Image offsets fit i32 (the pixel limit keeps sides far below 2^31).
+    shifted.crop.top = params.crop.top.saturating_sub(part.rect.top as i32);
+    shifted.crop.left = params.crop.left.saturating_sub(part.rect.left as i32);
+    replay(&part.image, &shifted, size, filter, fill)
 }
 
 /// torchvision's `RandomResizedCrop.get_params` on a `width` x `height` image.
@@ -526,6 +588,45 @@ mod tests {
                 assert!(!p.flip);
             }
         }
+    }
+
+    #[test]
+    fn crops_region_is_the_clipped_union_of_the_crops() {
+        let view = |top, left, height, width| AugParams {
+            crop: CropBox {
+                top,
+                left,
+                height,
+                width,
+            },
+            flip: false,
+            ops: Vec::new(),
+        };
+        let r = |top, left, height, width| Rect {
+            top,
+            left,
+            height,
+            width,
+        };
+        assert_eq!(crops_region(&[], 50, 40), None);
+        assert_eq!(
+            crops_region(&[view(5, 6, 7, 8)], 50, 40),
+            Some(r(5, 6, 7, 8))
+        );
+        assert_eq!(
+            crops_region(&[view(5, 6, 7, 8), view(20, 1, 3, 2)], 50, 40),
+            Some(r(5, 1, 18, 13))
+        );
+        // Crops reaching past the image (stored parameters of another source) are clipped;
+        // crops entirely outside it or empty add nothing.
+        assert_eq!(
+            crops_region(
+                &[view(-5, 45, 10, 20), view(100, 100, 5, 5), view(3, 3, 0, 9)],
+                50,
+                40
+            ),
+            Some(r(0, 45, 5, 5))
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::cell::Cell;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use dfndr_augment::decode::{decode_rgb, DecodeError, DEFAULT_MAX_PIXELS};
+use dfndr_augment::decode::{decode_rgb, decode_rgb_part, DecodeError, Rect, DEFAULT_MAX_PIXELS};
+use dfndr_augment::params::{crops_region, AugConfig};
+use dfndr_augment::rng::AugRng;
 use dfndr_augment::RgbImage;
 use sha2::{Digest, Sha256};
 
@@ -416,7 +418,22 @@ fn corrupted_inputs_never_panic() {
                     continue;
                 }
                 bad[pos] = val;
-                let _ = decode_no_panic(&format!("{name} with byte {pos} = {val:#x}"), &bad);
+                let what = format!("{name} with byte {pos} = {val:#x}");
+                let _ = decode_no_panic(&what, &bad);
+                // The region path too (cropped columns, skipped rows), on a region that
+                // moves with the position.
+                let region = |w: u32, h: u32| {
+                    let p = pos as u32;
+                    Some(Rect {
+                        top: p % h,
+                        left: (p * 7) % w,
+                        height: 1 + p % 5,
+                        width: 1 + p % 11,
+                    })
+                };
+                std::panic::catch_unwind(|| decode_rgb_part(&bad, DEFAULT_MAX_PIXELS, region))
+                    .unwrap_or_else(|_| panic!("decode_rgb_part panicked on {what}"))
+                    .ok();
                 checked += 1;
             }
         }
@@ -605,4 +622,177 @@ fn demo_shards_are_found() {
     let tar = std::fs::read(repo_root().join("assets/demo/demo-00000.tar")).unwrap();
     assert!(tar_member(&tar, "000000000.jpg").is_some());
     assert!(tar_member(&tar, "nope.jpg").is_none());
+}
+
+// ---------------------------------------------------------------------------------------
+// Region decoding
+
+/// Every member of a tar archive whose name ends in `suffix`.
+fn tar_members(tar: &[u8], suffix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 512 <= tar.len() && tar[off..off + 512].iter().any(|&b| b != 0) {
+        let header = &tar[off..off + 512];
+        let end = header[..100].iter().position(|&b| b == 0).unwrap_or(100);
+        let name = String::from_utf8_lossy(&header[..end]).into_owned();
+        let size_field = std::str::from_utf8(&header[124..136]).unwrap();
+        let size =
+            usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+                .unwrap();
+        if name.ends_with(suffix) {
+            out.push((name, tar[off + 512..off + 512 + size].to_vec()));
+        }
+        off += 512 + size.div_ceil(512) * 512;
+    }
+    out
+}
+
+/// Every JPEG the tests have: the synthetic and crafted layouts (every subsampling,
+/// progressive, restart markers, greyscale, CMYK, YCCK, odd sizes) and the demo photos.
+fn all_jpegs() -> Vec<(String, Vec<u8>)> {
+    let mut jpegs: Vec<_> = synthetic_files()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".jpg"))
+        .collect();
+    for shard in ["demo-00000.tar", "demo-00001.tar"] {
+        let tar = std::fs::read(repo_root().join("assets/demo").join(shard)).unwrap();
+        jpegs.extend(tar_members(&tar, ".jpg"));
+    }
+    assert!(jpegs.len() >= 50, "only {} JPEGs", jpegs.len());
+    jpegs
+}
+
+/// Regions of a `w` x `h` image: every corner and edge as 1-pixel and 1-row/column strips,
+/// the whole image, and seeded random rectangles (some reaching past the image).
+fn regions(name: &str, w: u32, h: u32, random: usize) -> Vec<Rect> {
+    let r = |top, left, height, width| Rect {
+        top,
+        left,
+        height,
+        width,
+    };
+    let mut out = vec![
+        r(0, 0, h, w),
+        r(0, 0, 1, 1),
+        r(0, w - 1, 1, 1),
+        r(h - 1, 0, 1, 1),
+        r(h - 1, w - 1, 1, 1),
+        r(0, 0, 1, w),
+        r(h - 1, 0, 1, w),
+        r(0, 0, h, 1),
+        r(0, w - 1, h, 1),
+        r(h / 2, w / 2, h, w),
+    ];
+    let mut rng = AugRng::for_view(7, name, 0);
+    for _ in 0..random {
+        let top = rng.below(u64::from(h)) as u32;
+        let left = rng.below(u64::from(w)) as u32;
+        let height = 1 + rng.below(u64::from(h + 8)) as u32;
+        let width = 1 + rng.below(u64::from(w + 8)) as u32;
+        out.push(r(top, left, height, width));
+    }
+    out
+}
+
+#[test]
+fn region_decodes_equal_the_whole_decode_inside_the_region() {
+    let mut checked = 0usize;
+    let mut saved = 0f64;
+    for (name, bytes) in all_jpegs() {
+        let full = decode_rgb(&bytes, DEFAULT_MAX_PIXELS).unwrap();
+        let (w, h) = (full.width, full.height);
+        let random = if w * h < 10_000 { 300 } else { 25 };
+        for region in regions(&name, w, h, random) {
+            let part = decode_rgb_part(&bytes, DEFAULT_MAX_PIXELS, |pw, ph| {
+                assert_eq!((pw, ph), (w, h), "{name}: size passed to the region choice");
+                Some(region)
+            })
+            .unwrap_or_else(|e| panic!("{name} {region:?}: {e}"));
+            assert_eq!((part.width, part.height), (w, h), "{name}");
+            let rect = part.rect;
+            let (img, x0, y0) = (&part.image, rect.left, rect.top);
+            assert_eq!((img.width, img.height), (rect.width, rect.height));
+            // The clipped region lies inside the decoded rectangle, pixel for pixel equal.
+            let bottom = (region.top + region.height).min(h);
+            let right = (region.left + region.width).min(w);
+            assert!(
+                rect.top <= region.top && rect.left <= region.left,
+                "{name} {region:?}"
+            );
+            assert!(rect.top + rect.height >= bottom && rect.left + rect.width >= right);
+            for y in region.top..bottom {
+                let want = &full.data
+                    [((y * w + region.left) * 3) as usize..((y * w + right) * 3) as usize];
+                let row = ((y - y0) * img.width + (region.left - x0)) as usize * 3;
+                let got = &img.data[row..row + want.len()];
+                assert!(got == want, "{name} {region:?}: row {y} differs");
+            }
+            saved += 1.0 - f64::from(rect.width * rect.height) / f64::from(w * h);
+            checked += 1;
+        }
+    }
+    println!(
+        "{checked} regions exact; on average {:.0}% of the pixels not decoded",
+        100.0 * saved / checked as f64
+    );
+}
+
+#[test]
+fn region_decodes_of_other_formats_are_whole_images() {
+    for (name, bytes) in synthetic_files()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with(".jpg"))
+    {
+        let full = decode_rgb(&bytes, DEFAULT_MAX_PIXELS).unwrap();
+        let mut asked = None;
+        let part = decode_rgb_part(&bytes, DEFAULT_MAX_PIXELS, |w, h| {
+            asked = Some((w, h));
+            Some(Rect {
+                top: 0,
+                left: 0,
+                height: 1,
+                width: 1,
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            asked,
+            Some((full.width, full.height)),
+            "{name}: region chosen from the size"
+        );
+        assert_eq!(part.image, full, "{name}");
+        assert_eq!(
+            (part.rect.width, part.rect.height),
+            (full.width, full.height)
+        );
+    }
+}
+
+#[test]
+fn replays_on_region_decodes_equal_replays_on_whole_images() {
+    let config = AugConfig::default();
+    let mut views = 0;
+    for (name, bytes) in all_jpegs() {
+        let full = decode_rgb(&bytes, DEFAULT_MAX_PIXELS).unwrap();
+        // One view (a training step) and three (a generation job's union of crops).
+        for (seed, count) in [(1u64, 1u32), (2, 3)] {
+            let mut params = Vec::new();
+            let part = decode_rgb_part(&bytes, DEFAULT_MAX_PIXELS, |w, h| {
+                params = (0..count)
+                    .map(|k| config.sample(seed, &name, k, w, h))
+                    .collect();
+                crops_region(&params, w, h)
+            })
+            .unwrap();
+            for p in &params {
+                let want = config.replay(&full, p, config.size);
+                assert!(
+                    config.replay_part(&part, p, config.size) == want,
+                    "{name} {p:?}"
+                );
+                views += 1;
+            }
+        }
+    }
+    assert!(views >= 200, "{views} views");
 }
