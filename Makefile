@@ -4,7 +4,7 @@ DEMO_OUT ?= demo-out
 
 MOTO_VENV ?= target/moto-venv
 
-.PHONY: all deps build release demo test lint fmt clean s3-server
+.PHONY: all deps build release demo test lint fmt clean s3-server cuda cuda-check cuda-build gpu-wheels gpu-kit
 
 all: build
 
@@ -33,6 +33,62 @@ demo: deps release
 	./target/release/dfndr encode --model ViT-B-32 --weights random:0 --text "a photo of an astronaut" \
 	    --out $(DEMO_OUT)/encode.npy
 	./target/release/dfndr export-wds $(DEMO_OUT) $(DEMO_OUT)/apple-wds --no-progress
+
+## The GPU build: dfndr and the benchmark harnesses with `--features cuda`, for NVIDIA GPUs of
+## compute capability CUDA_COMPUTE_CAP (90: H100/H200), into $(CUDA_TARGET)/release. With nvcc on
+## the PATH (a CUDA toolkit) it is used as is; without one, a pinned CUDA 13.0 nvcc is fetched
+## from PyPI wheels and the CUDA libraries are replaced by link-time stubs (tools/cuda), so the
+## binary builds on a machine with no GPU and no toolkit. The binary finds the real libraries
+## of a standard install (/usr/local/cuda) at run time without LD_LIBRARY_PATH.
+CUDA_COMPUTE_CAP ?= 90
+CUDA_TARGET ?= target/cuda
+CUDA_TOOLS ?= target/cuda-tools
+CUDA_RPATH = -C link-arg=-Wl,-rpath,$$ORIGIN:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
+CUDA_CARGO ?= build
+CUDA_BUILD = $(CARGO) $(CUDA_CARGO) --release --target-dir $(CUDA_TARGET) -p dfndr -p dfndr-bench \
+	--features dfndr/cuda,dfndr-bench/cuda --bin dfndr --bin teachers_bench --bin captioner_bench
+
+## Type-checks the cuda feature (what pipeline/tests/cuda_feature.rs runs when a toolchain is
+## there); shares the kernel build with `make cuda`.
+cuda-check:
+	$(MAKE) --no-print-directory cuda-build CUDA_CARGO=check
+
+cuda: cuda-build
+	@ls -l $(CUDA_TARGET)/release/dfndr $(CUDA_TARGET)/release/teachers_bench $(CUDA_TARGET)/release/captioner_bench
+
+cuda-build:
+	@if command -v nvcc >/dev/null 2>&1; then \
+	  echo "cuda: using $$(command -v nvcc)"; \
+	  CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) RUSTFLAGS='$(CUDA_RPATH)' $(CUDA_BUILD); \
+	else \
+	  echo "cuda: no nvcc on the PATH; pinned CUDA 13.0 nvcc and link stubs under $(CUDA_TOOLS)"; \
+	  test -x $(CUDA_TOOLS)/nvcc/bin/nvcc || tools/cuda/fetch-cuda13-nvcc.sh $(CUDA_TOOLS)/nvcc; \
+	  $(CARGO) fetch --quiet; \
+	  test -f $(CUDA_TOOLS)/stubs/lib/libcuda.so || tools/cuda/gen-cuda-link-stubs.sh $(CUDA_TOOLS)/stubs; \
+	  cp -a $(CUDA_TOOLS)/nvcc/lib/libcudart.so* $(CUDA_TOOLS)/stubs/lib/; \
+	  PATH="$(CURDIR)/$(CUDA_TOOLS)/nvcc/bin:$$PATH" CUDA_HOME="$(CURDIR)/$(CUDA_TOOLS)/stubs" \
+	    CUDARC_CUDA_VERSION=13000 CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) RUSTFLAGS='$(CUDA_RPATH)' \
+	    $(CUDA_BUILD); \
+	fi
+
+## What bench/gpu/run.sh installs on a GPU machine without network when its Python lacks them:
+## open-clip-torch 3.3.0 and its pure-Python dependencies (3.5 MB; torch and torchvision must be
+## there already).
+gpu-wheels:
+	mkdir -p target/gpu-wheels
+	python3 -m pip download --quiet --no-deps -d target/gpu-wheels \
+	    open-clip-torch==3.3.0 timm==1.0.31 ftfy wcwidth
+	@ls -l target/gpu-wheels
+
+## Everything bench/gpu/run.sh needs besides the repository, in one file small enough to carry to
+## a GPU machine (~32 MB): the three GPU binaries stripped, and the wheels.
+gpu-kit: cuda gpu-wheels
+	rm -rf target/gpu-kit && mkdir -p target/gpu-kit/wheels
+	for b in dfndr teachers_bench captioner_bench; do \
+	  strip -o target/gpu-kit/$$b $(CUDA_TARGET)/release/$$b; done
+	cp target/gpu-wheels/*.whl target/gpu-kit/wheels/
+	tar cJf target/gpu-kit.tar.xz -C target gpu-kit
+	@ls -l target/gpu-kit.tar.xz
 
 ## A real S3-compatible server for the object-store tests: moto's server mode from PyPI, in a
 ## virtual environment under target/ (the tests find it there, or via DFNDR_MOTO_SERVER).

@@ -12,17 +12,7 @@ SAMPLES=${1:-2000}
 PYTHON=${PYTHON:-python3}
 BENCH_DIR=${BENCH_DIR:-/tmp/dfndr-bench/reinforce}
 IN=$BENCH_DIR/in-$SAMPLES
-if [ ! -d "$IN" ]; then
-    mkdir -p "$IN.tmp"
-    n=0 i=0
-    while [ "$n" -lt "$SAMPLES" ]; do
-        src=assets/demo/demo-0000$((i % 2)).tar
-        cp "$src" "$(printf '%s/rep-%05d.tar' "$IN.tmp" "$i")"
-        n=$((n + $(tar tf "$src" | grep -c '\.txt$')))
-        i=$((i + 1))
-    done
-    mv "$IN.tmp" "$IN"
-fi
+bench/repeat_demo.sh "$IN" "$SAMPLES"
 cargo build --release -q -p dfndr
 rm -rf "$BENCH_DIR/out" "$BENCH_DIR/out-ref"
 start=$(date +%s.%N)

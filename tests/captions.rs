@@ -3,6 +3,7 @@
 
 mod common;
 
+use dfndr_teachers::device::Compute;
 use std::path::Path;
 
 use common::*;
@@ -114,7 +115,7 @@ fn rows_of(path: &Path) -> (ShardReader<std::fs::File>, Vec<Row>) {
 fn expected_captions(bytes: &[u8], key: &str) -> Vec<String> {
     let full: toml::Value = toml::from_str(CAPTIONER).unwrap();
     let cfg: CaptionerConfig = full["captioners"][0].clone().try_into().unwrap();
-    let captioner = Captioner::load(&cfg, &Device::Cpu).unwrap();
+    let captioner = Captioner::load(&cfg, &Compute::cpu()).unwrap();
     let img = decode_rgb(bytes, DEFAULT_MAX_PIXELS).unwrap();
     let resized = resize_shorter(&img, 64, Filter::Bicubic);
     let chw = normalize_chw(&center_crop(&resized, 64, 64), CLIP_MEAN, CLIP_STD);

@@ -3,6 +3,7 @@
 
 mod common;
 
+use dfndr_teachers::device::Compute;
 use std::path::Path;
 
 use common::*;
@@ -77,7 +78,7 @@ fn teacher_models() -> Vec<(ClipConfig, ClipModel)> {
             let model = ClipModel::load(
                 &cfg,
                 &WeightSource::Random(seed),
-                &Device::Cpu,
+                &Compute::cpu(),
                 Kernels::Fused,
                 name,
             )
@@ -287,7 +288,7 @@ fn encode_prints_json_or_npy_and_explains_mistakes() {
     let model = ClipModel::load(
         &cfg,
         &WeightSource::Random(11),
-        &Device::Cpu,
+        &Compute::cpu(),
         Kernels::Fused,
         "a",
     )

@@ -1,8 +1,9 @@
 //! A configured captioner: architecture, weights, decoding settings and caption count, as a
 //! `[[captioners]]` entry of a job config describes it.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use dfndr_teachers::blocks::Kernels;
+use dfndr_teachers::device::Compute;
 use dfndr_teachers::tokenizer::Tokenizer;
 use dfndr_teachers::{LoadedWeights, Preprocess, WeightsRef};
 use serde::{Deserialize, Serialize};
@@ -86,15 +87,15 @@ pub struct Captioner {
 }
 
 impl Captioner {
-    /// Resolves the architecture, reads the weights and builds the model on `device`.
-    pub fn load(config: &CaptionerConfig, device: &Device) -> Result<Self> {
+    /// Resolves the architecture, reads the weights and builds the model on `compute`.
+    pub fn load(config: &CaptionerConfig, compute: &Compute) -> Result<Self> {
         let arch = config.validate()?;
         let reference = WeightsRef::parse(&config.weights)?;
         let weights = LoadedWeights::load(&reference)?;
         let model = CocaModel::load(
             &arch,
             &weights.source,
-            device,
+            compute,
             Kernels::Fused,
             &config.arch.label(),
         )?;

@@ -9,7 +9,7 @@
 //! device; the attention over the caches runs on the host (its cost is a few percent of the
 //! products at CoCa's sizes), parallel over rows.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use dfndr_teachers::blocks::{MultiheadAttention, ResidualAttentionBlock};
 use rayon::prelude::*;
 
@@ -165,7 +165,7 @@ impl<'m> DecodeSession<'m> {
     }
 
     /// Feeds `tokens[i]` at the next position of slot `active[i]` and returns the next-token
-    /// logits of those rows `[active.len(), vocab]`. Slots left out of `active` are finished:
+    /// logits of those rows `[active.len(), vocab]` (float32). Slots left out of `active` are finished:
     /// they are skipped from now on (their caches are simply never read again).
     pub fn step(&mut self, active: &[usize], tokens: &[u32]) -> Result<Tensor> {
         if active.len() != tokens.len() || active.is_empty() {
@@ -237,7 +237,8 @@ impl<'m> DecodeSession<'m> {
             })?;
         }
         self.len += 1;
-        Ok(dec.logits(&x)?)
+        // Sampling takes a softmax of them: float32 in every precision.
+        Ok(dec.logits(&x)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -268,6 +269,7 @@ fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Vec<f32>> {
         .transpose(1, 2)?
         .contiguous()?
         .flatten_all()?
+        .to_dtype(DType::F32)?
         .to_vec1::<f32>()?)
 }
 
@@ -287,7 +289,12 @@ impl SelfAttention<'_> {
         let n = self.active.len();
         let (heads, d, cap, t) = (self.heads, self.head_dim, self.capacity, self.t);
         let w = heads * d;
-        let qkv = attn.project_qkv(h)?.flatten_all()?.to_vec1::<f32>()?;
+        // The cache and the attention over it are float32 on the host in every precision.
+        let qkv = attn
+            .project_qkv(h)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         if qkv.len() != n * 3 * w {
             return Err(CaptionError::Input(format!(
                 "packed projection of {} values for {n} rows of width {w}",
@@ -327,7 +334,7 @@ impl SelfAttention<'_> {
                     );
                 }
             });
-        let merged = Tensor::from_vec(merged, (n, w), device)?;
+        let merged = Tensor::from_vec(merged, (n, w), device)?.to_dtype(h.dtype())?;
         Ok(attn.project_out(&merged)?)
     }
 }
@@ -346,7 +353,11 @@ impl CrossAttention<'_> {
         let n = self.images.len();
         let (heads, d, tokens) = (self.heads, self.head_dim, self.tokens);
         let w = heads * d;
-        let q = attn.project_q(h)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = attn
+            .project_q(h)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         if q.len() != n * w {
             return Err(CaptionError::Input(format!(
                 "query projection of {} values for {n} rows of width {w}",
@@ -373,7 +384,7 @@ impl CrossAttention<'_> {
                     );
                 }
             });
-        let merged = Tensor::from_vec(merged, (n, w), device)?;
+        let merged = Tensor::from_vec(merged, (n, w), device)?.to_dtype(h.dtype())?;
         Ok(attn.project_out(&merged)?)
     }
 }

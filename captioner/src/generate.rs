@@ -145,7 +145,10 @@ pub fn generate(
 
 /// Logits `[rows, vocab]` as host rows.
 pub(crate) fn host_rows(logits: &Tensor, rows: usize, vocab: usize) -> Result<Vec<Vec<f32>>> {
-    let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+    let flat = logits
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
     if flat.len() != rows * vocab {
         return Err(CaptionError::Input(format!(
             "decoder returned {} logits for {rows} rows of {vocab}",

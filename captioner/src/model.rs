@@ -1,8 +1,9 @@
 //! OpenCLIP's `CoCa`: vision tower with attentional pooler, text tower with a class token,
 //! multimodal decoder, logit scale.
 
-use candle_core::{Device, Result as CResult, Tensor};
+use candle_core::{Result as CResult, Tensor};
 use dfndr_teachers::blocks::{Kernels, VarBuilder};
+use dfndr_teachers::device::Compute;
 use dfndr_teachers::text::TextTransformer;
 use dfndr_teachers::vision::VisionTransformer;
 use dfndr_teachers::weights::{bind, requested_shapes, WeightSource};
@@ -64,12 +65,12 @@ impl CocaModel {
     pub fn load(
         config: &CocaConfig,
         weights: &WeightSource,
-        device: &Device,
+        compute: &Compute,
         kernels: Kernels,
         label: &str,
     ) -> Result<Self> {
         config.validate()?;
-        Ok(bind(weights, device, label, |vb| {
+        Ok(bind(weights, compute, label, |vb| {
             Self::new(vb, config, kernels)
         })?)
     }
@@ -125,7 +126,8 @@ impl CocaModel {
     /// Teacher-forced logits `[B, L, vocab]` of token rows `ids` (`[B, L]`, starting with the
     /// start-of-text id) given the images' context: the full unimodal text tower (class token
     /// and its pad mask included) and the full decoder over every position, exactly as
-    /// OpenCLIP's `CoCa.forward(image, text, output_labels=False)["logits"]`.
+    /// OpenCLIP's `CoCa.forward(image, text, output_labels=False)["logits"]`; float32 in
+    /// every precision.
     pub fn forced_logits(&self, image: &ImageContext, ids: &[Vec<u32>]) -> Result<Tensor> {
         let b = image.tokens.dim(0)?;
         if ids.len() != b {
@@ -135,6 +137,9 @@ impl CocaModel {
             )));
         }
         let text = self.text.forward_with_tokens(ids)?;
-        Ok(self.decoder.forward(&image.tokens, &text.tokens)?)
+        Ok(self
+            .decoder
+            .forward(&image.tokens, &text.tokens)?
+            .to_dtype(candle_core::DType::F32)?)
     }
 }

@@ -14,6 +14,7 @@ use dfndr_captioner::{
     RowRequest, SpecialTokens, Strategy,
 };
 use dfndr_teachers::blocks::Kernels;
+use dfndr_teachers::device::{Compute, Precision};
 use dfndr_teachers::tokenizer::Tokenizer;
 use dfndr_teachers::weights::{StateDict, WeightSource};
 use serde_json::Value;
@@ -69,6 +70,10 @@ struct Fixture {
 }
 
 fn load(override_file: Option<&str>) -> CocaModel {
+    load_in(override_file, &Compute::cpu())
+}
+
+fn load_in(override_file: Option<&str>, compute: &Compute) -> CocaModel {
     let mut state = StateDict::load(&root().join("teachers/coca.safetensors")).unwrap();
     if let Some(file) = override_file {
         let changed =
@@ -86,7 +91,7 @@ fn load(override_file: Option<&str>) -> CocaModel {
     CocaModel::load(
         &tiny_config(),
         &WeightSource::Tensors(state),
-        &Device::Cpu,
+        compute,
         Kernels::Fused,
         "tiny coca",
     )
@@ -189,6 +194,56 @@ fn cached_decoding_equals_full_prefix_recomputation() {
         assert!(worst_golden <= 1e-3, "{worst_golden}");
         assert!(worst_full <= 1e-4, "{worst_full}");
     }
+}
+
+/// The GPU default (bfloat16 weights and products; float32 norms, softmax, caches and
+/// logits), run here on the CPU: the cached decoder's logits stay within bf16 rounding of
+/// OpenCLIP's float32 ones at every position.
+#[test]
+fn bf16_cached_decoding_stays_close_to_openclip_float32() {
+    let compute = Compute {
+        device: Device::Cpu,
+        precision: Precision::Bf16,
+    };
+    let model = load_in(None, &compute);
+    let g = golden("forced.safetensors");
+    let texts = rows_of(&g["texts"]);
+    let ctx = context(&model);
+    let l = texts[0].len();
+    let mut session = DecodeSession::new(&model, &ctx, (0..texts.len()).collect(), l).unwrap();
+    let (mut worst_cos, mut same_argmax, mut positions) = (1f64, 0, 0);
+    for t in 0..l {
+        let active: Vec<usize> = (0..texts.len()).collect();
+        let tokens: Vec<u32> = active.iter().map(|&r| texts[r][t]).collect();
+        let step = session.step(&active, &tokens).unwrap();
+        assert_eq!(step.dtype(), candle_core::DType::F32);
+        for &r in &active {
+            let ours = step.get(r).unwrap().to_vec1::<f32>().unwrap();
+            let want = g["logits"]
+                .get(r)
+                .unwrap()
+                .get(t)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let dot: f64 = ours
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            let norm = |v: &[f32]| v.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+            worst_cos = worst_cos.min(dot / (norm(&ours) * norm(&want)));
+            let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+            same_argmax += usize::from(argmax(&ours) == argmax(&want));
+            positions += 1;
+        }
+    }
+    println!("bf16 cached logits: min cosine {worst_cos:.6}, argmax agrees at {same_argmax} of {positions}");
+    assert!(worst_cos > 0.999, "{worst_cos}");
+    assert!(
+        same_argmax * 10 >= positions * 9,
+        "{same_argmax} of {positions}"
+    );
 }
 
 fn greedy_cfg(seq_len: usize) -> GenerationConfig {

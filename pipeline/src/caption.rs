@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use dfndr_augment::rgb::RgbImage;
 use dfndr_captioner::{Captioner, CaptionerConfig};
 use dfndr_shards::format::{CaptionerInfo, SynLayout};
-use dfndr_teachers::{Device, Tensor};
+use dfndr_teachers::device::Compute;
+use dfndr_teachers::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::embed::preprocess_image;
@@ -20,6 +21,9 @@ pub struct CaptionSection {
     pub batch_size: usize,
     /// Compute device: "cpu", "cuda" or "cuda:N" (CUDA needs a `--features cuda` build).
     pub device: String,
+    /// Compute precision of the captioners: "auto" (bf16 on a GPU, f32 on the CPU), "f32" or
+    /// "bf16" (see `embed.precision`).
+    pub precision: String,
 }
 
 impl Default for CaptionSection {
@@ -27,6 +31,7 @@ impl Default for CaptionSection {
         Self {
             batch_size: 16,
             device: "cpu".into(),
+            precision: "auto".into(),
         }
     }
 }
@@ -35,7 +40,7 @@ impl Default for CaptionSection {
 pub struct CaptionStage {
     /// The captioners, in column order.
     pub captioners: Vec<Captioner>,
-    device: Device,
+    compute: Compute,
     batch_size: usize,
     seed: u64,
 }
@@ -49,11 +54,11 @@ impl CaptionStage {
         seed: u64,
     ) -> Result<Self> {
         let spec = device_override.unwrap_or(&section.device);
-        let device = dfndr_teachers::device::parse_device(spec)?;
+        let compute = Compute::parse(spec, &section.precision)?;
         let started = std::time::Instant::now();
         let mut captioners = Vec::with_capacity(configs.len());
         for c in configs {
-            let captioner = Captioner::load(c, &device)
+            let captioner = Captioner::load(c, &compute)
                 .with_context(|| format!("cannot load captioner {}", c.tag))?;
             if captioner.random_weights {
                 tracing::warn!(
@@ -81,12 +86,12 @@ impl CaptionStage {
         }
         tracing::info!(
             seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            device = spec,
+            compute = %compute.describe(),
             "captioners ready"
         );
         Ok(Self {
             captioners,
-            device,
+            compute,
             batch_size: section.batch_size.max(1),
             seed,
         })
@@ -136,7 +141,8 @@ impl CaptionStage {
                 .zip(inputs.chunks(self.batch_size))
             {
                 let data: Vec<f32> = chunk.iter().flat_map(|p| p[ci].iter().copied()).collect();
-                let images = Tensor::from_vec(data, (chunk.len(), 3, size, size), &self.device)?;
+                let images =
+                    Tensor::from_vec(data, (chunk.len(), 3, size, size), &self.compute.device)?;
                 per_sample.extend(
                     c.caption(&images, chunk_keys, self.seed)
                         .with_context(|| format!("captioner {}", c.config.tag))?,

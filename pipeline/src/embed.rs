@@ -6,7 +6,8 @@ use dfndr_augment::params::normalize_chw;
 use dfndr_augment::resize::{center_crop, resize_shorter, Filter};
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{EmbDtype, EmbLayout, TeacherInfo};
-use dfndr_teachers::{Device, Ensemble, Preprocess, Resample, Teacher, TeacherConfig, Tensor};
+use dfndr_teachers::device::Compute;
+use dfndr_teachers::{Ensemble, Preprocess, Resample, Teacher, TeacherConfig, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,11 @@ pub struct EmbedSection {
     pub dtype: EmbDtype,
     /// Compute device: "cpu", "cuda" or "cuda:N" (CUDA needs a `--features cuda` build).
     pub device: String,
+    /// Compute precision of the teachers: "auto" (bf16 on a GPU, f32 on the CPU), "f32" or
+    /// "bf16" (weights and matrix products; norms, softmax and the stored embeddings stay
+    /// float32 before `dtype` applies). Like the device, it does not change the job's
+    /// fingerprint.
+    pub precision: String,
 }
 
 impl Default for EmbedSection {
@@ -30,6 +36,7 @@ impl Default for EmbedSection {
             batch_size: 32,
             dtype: EmbDtype::F16,
             device: "cpu".into(),
+            precision: "auto".into(),
         }
     }
 }
@@ -55,7 +62,7 @@ pub fn preprocess_image(img: &RgbImage, p: &Preprocess, size: usize) -> Vec<f32>
 pub struct EmbedStage {
     /// The teachers.
     pub ensemble: Ensemble,
-    device: Device,
+    compute: Compute,
     batch_size: usize,
     dtype: EmbDtype,
 }
@@ -68,9 +75,9 @@ impl EmbedStage {
         device_override: Option<&str>,
     ) -> Result<Self> {
         let spec = device_override.unwrap_or(&section.device);
-        let device = dfndr_teachers::device::parse_device(spec)?;
+        let compute = Compute::parse(spec, &section.precision)?;
         let started = std::time::Instant::now();
-        let ensemble = Ensemble::load(teachers, &device).context("cannot load the teachers")?;
+        let ensemble = Ensemble::load(teachers, &compute).context("cannot load the teachers")?;
         for t in &ensemble.teachers {
             if t.random_weights {
                 tracing::warn!(
@@ -90,12 +97,12 @@ impl EmbedStage {
         }
         tracing::info!(
             seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            device = spec,
+            compute = %compute.describe(),
             "teachers ready"
         );
         Ok(Self {
             ensemble,
-            device,
+            compute,
             batch_size: section.batch_size.max(1),
             dtype: section.dtype,
         })
@@ -169,7 +176,7 @@ impl EmbedStage {
         Ok(Tensor::from_vec(
             data,
             (views.len(), 3, size, size),
-            &self.device,
+            &self.compute.device,
         )?)
     }
 

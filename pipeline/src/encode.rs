@@ -29,6 +29,8 @@ pub struct EncodeArgs {
     pub out: Option<PathBuf>,
     /// Compute device.
     pub device: String,
+    /// Compute precision: auto, f32 or bf16.
+    pub precision: String,
     /// Skip the L2 normalisation (OpenCLIP's `normalize=False`).
     pub no_normalize: bool,
     /// Resize filter of the preprocessing.
@@ -59,13 +61,14 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
         bail!("nothing to encode: give --image FILE and/or --text STRING");
     }
     let (cfg, label) = arch_of(&args.model)?;
-    let device = dfndr_teachers::device::parse_device(&args.device)?;
+    let compute = dfndr_teachers::device::Compute::parse(&args.device, &args.precision)?;
+    let device = compute.device.clone();
     let reference = WeightsRef::parse(&args.weights)?;
     let weights = LoadedWeights::load(&reference)?;
     if matches!(reference, WeightsRef::Random(_)) {
         eprintln!("warning: RANDOM weights ({reference}): the embeddings are meaningless");
     }
-    let model = ClipModel::load(&cfg, &weights.source, &device, Kernels::Fused, &label)?;
+    let model = ClipModel::load(&cfg, &weights.source, &compute, Kernels::Fused, &label)?;
     drop(weights.source);
     let finish = |t: Tensor| -> Result<Vec<Vec<f32>>> {
         let t = if args.no_normalize {

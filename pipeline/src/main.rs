@@ -268,6 +268,10 @@ struct EncodeCli {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16. The embeddings
+    /// are returned as float32 either way.
+    #[arg(long, default_value = "auto")]
+    precision: String,
     /// Return OpenCLIP's raw (unnormalised) embeddings.
     #[arg(long)]
     no_normalize: bool,
@@ -624,6 +628,7 @@ fn encode_command(cli: EncodeCli) -> Result<()> {
         texts: cli.texts,
         out: cli.out,
         device: cli.device,
+        precision: cli.precision,
         no_normalize: cli.no_normalize,
         interpolation: match cli.interpolation {
             Interp::Bicubic => dfndr_teachers::Resample::Bicubic,

@@ -34,11 +34,16 @@ pub enum Kernels {
     Differentiable,
 }
 
-/// Softmax over the last dimension with the chosen kernels.
+/// Softmax over the last dimension with the chosen kernels, computed in float32 (the result
+/// has `x`'s dtype).
 pub fn softmax_last_dim(
     x: &candle_core::Tensor,
     kernels: Kernels,
 ) -> candle_core::Result<candle_core::Tensor> {
+    let dtype = x.dtype();
+    if dtype != candle_core::DType::F32 {
+        return softmax_last_dim(&x.to_dtype(candle_core::DType::F32)?, kernels)?.to_dtype(dtype);
+    }
     match kernels {
         Kernels::Fused => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
         Kernels::Differentiable => candle_nn::ops::softmax(x, candle_core::D::Minus1),

@@ -1,9 +1,10 @@
 //! OpenCLIP's `CLIP` / `CustomTextCLIP`: both towers and the logit scale.
 
-use candle_core::{Device, Result as CResult, Tensor, D};
+use candle_core::{DType, Result as CResult, Tensor, D};
 
 use crate::arch::ClipConfig;
 use crate::blocks::{Kernels, VarBuilder};
+use crate::device::Compute;
 use crate::error::Result;
 use crate::text::TextTransformer;
 use crate::vision::VisionTransformer;
@@ -29,7 +30,8 @@ impl ClipModel {
             vb.clone()
         };
         let text = TextTransformer::new(text_vb, config, kernels)?;
-        let logit_scale = vb.get_with_hints(
+        // A scalar read on the host: kept float32 in every precision.
+        let logit_scale = vb.to_dtype(DType::F32).get_with_hints(
             (),
             "logit_scale",
             candle_nn::Init::Const((1.0f64 / 0.07).ln()),
@@ -48,12 +50,12 @@ impl ClipModel {
     pub fn load(
         config: &ClipConfig,
         weights: &WeightSource,
-        device: &Device,
+        compute: &Compute,
         kernels: Kernels,
         label: &str,
     ) -> Result<Self> {
         config.validate()?;
-        bind(weights, device, label, |vb| Self::new(vb, config, kernels))
+        bind(weights, compute, label, |vb| Self::new(vb, config, kernels))
     }
 
     /// Every `(key, shape)` of this architecture's state dict, in construction order.
@@ -79,14 +81,15 @@ impl ClipModel {
     }
 
     /// Image embeddings `[B, embed_dim]` of normalised images `[B, 3, S, S]` (not normalised,
-    /// like OpenCLIP's `encode_image(normalize=False)`).
+    /// like OpenCLIP's `encode_image(normalize=False)`), float32 in every precision.
     pub fn encode_image(&self, images: &Tensor) -> CResult<Tensor> {
-        self.visual.forward(images)
+        self.visual.forward(images)?.to_dtype(DType::F32)
     }
 
-    /// Text embeddings `[B, embed_dim]` of token rows (not normalised).
+    /// Text embeddings `[B, embed_dim]` of token rows (not normalised), float32 in every
+    /// precision.
     pub fn encode_text(&self, ids: &[Vec<u32>]) -> CResult<Tensor> {
-        self.text.forward(ids)
+        self.text.forward(ids)?.to_dtype(DType::F32)
     }
 
     /// The logit-scale parameter (a 0-d log value), for training.

@@ -1,11 +1,12 @@
 //! Teacher ensembles: several CLIP models whose normalised embeddings are concatenated.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{ArchSpec, ClipConfig};
 use crate::blocks::Kernels;
 use crate::clip::{l2_normalize, ClipModel};
+use crate::device::Compute;
 use crate::error::{Result, TeacherError};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadedWeights, WeightsRef};
@@ -102,13 +103,13 @@ pub struct Teacher {
 }
 
 impl Teacher {
-    /// Resolves the architecture, reads the weights and builds the model on `device`.
-    pub fn load(config: &TeacherConfig, device: &Device) -> Result<Self> {
+    /// Resolves the architecture, reads the weights and builds the model on `compute`.
+    pub fn load(config: &TeacherConfig, compute: &Compute) -> Result<Self> {
         let arch = config.arch.resolve()?;
         let reference = WeightsRef::parse(&config.weights)?;
         let weights = LoadedWeights::load(&reference)?;
         let label = config.arch.label();
-        let model = ClipModel::load(&arch, &weights.source, device, Kernels::Fused, &label)?;
+        let model = ClipModel::load(&arch, &weights.source, compute, Kernels::Fused, &label)?;
         let logit_scale = match config.logit_scale {
             Some(s) => s,
             None => model.logit_scale_log()?.exp(),
@@ -169,7 +170,7 @@ pub struct Ensemble {
 
 impl Ensemble {
     /// Loads every teacher.
-    pub fn load(configs: &[TeacherConfig], device: &Device) -> Result<Self> {
+    pub fn load(configs: &[TeacherConfig], compute: &Compute) -> Result<Self> {
         if configs.is_empty() {
             return Err(TeacherError::Input(
                 "an ensemble needs at least one teacher".into(),
@@ -186,7 +187,7 @@ impl Ensemble {
         }
         let teachers = configs
             .iter()
-            .map(|c| Teacher::load(c, device))
+            .map(|c| Teacher::load(c, compute))
             .collect::<Result<_>>()?;
         Ok(Self { teachers })
     }

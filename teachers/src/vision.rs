@@ -168,7 +168,9 @@ impl VisionTransformer {
         let g = self.image_size / p;
         // Non-overlapping patches in (row, column) order, each flattened as (channel, y, x):
         // exactly the stride-p convolution of OpenCLIP's conv1.
+        // Pixels arrive as float32 and join the model's precision here.
         let patches = images
+            .to_dtype(self.patch_weight.dtype())?
             .reshape((b, 3, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?

@@ -2,6 +2,7 @@
 //! state-dict key sets of the built-in architectures, and clear errors for damaged or
 //! mismatched files.
 
+use dfndr_teachers::device::Compute;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -188,7 +189,7 @@ fn bind(cfg: &ClipConfig, state: StateDict) -> Result<ClipModel, TeacherError> {
     ClipModel::load(
         cfg,
         &WeightSource::Tensors(state),
-        &Device::Cpu,
+        &Compute::cpu(),
         Kernels::Fused,
         "tiny",
     )
@@ -309,7 +310,7 @@ fn random_weights_are_deterministic_and_not_degenerate() {
         ClipModel::load(
             &cfg,
             &WeightSource::Random(seed),
-            &Device::Cpu,
+            &Compute::cpu(),
             Kernels::Fused,
             "tiny",
         )

@@ -2,13 +2,15 @@
 //! `tests/fixtures/teacher_goldens.py`; our towers load the same state dicts and must
 //! reproduce every output within 1e-4.
 
+use dfndr_teachers::device::Compute;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use dfndr_teachers::arch::{ClipConfig, TextConfig, TextPool, VisionConfig, VisionPool};
 use dfndr_teachers::blocks::Kernels;
+use dfndr_teachers::device::Precision;
 use dfndr_teachers::weights::{StateDict, WeightSource};
-use dfndr_teachers::{l2_normalize, ClipModel, Device, Tensor};
+use dfndr_teachers::{l2_normalize, ClipModel, DType, Device, Tensor};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -88,6 +90,11 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
+    cases_in(&Compute::cpu())
+}
+
+/// The fixture models built in `compute`'s precision.
+fn cases_in(compute: &Compute) -> Vec<Case> {
     let models: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("models.json")).unwrap())
             .unwrap();
@@ -105,7 +112,7 @@ fn cases() -> Vec<Case> {
             let model = ClipModel::load(
                 &cfg,
                 &WeightSource::Tensors(state),
-                &Device::Cpu,
+                compute,
                 Kernels::Fused,
                 &name,
             )
@@ -130,6 +137,67 @@ fn texts(io: &HashMap<String, Tensor>) -> Vec<Vec<u32>> {
 }
 
 const TOL: f32 = 1e-4;
+
+/// The stored logit scale equals OpenCLIP's (read as float32 in every precision).
+fn assert_logit_scale_matches(case: &Case) {
+    let scale = case.io["logit_scale"].to_vec1::<f32>().unwrap()[0];
+    assert_eq!(
+        case.model.logit_scale_log().unwrap(),
+        scale,
+        "{}",
+        case.name
+    );
+}
+
+/// Cosine similarity of each row pair of two `[N, D]` tensors.
+fn row_cosines(a: &Tensor, b: &Tensor) -> Vec<f64> {
+    let (a, b) = (a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            let dot: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| f64::from(*p) * f64::from(*q))
+                .sum();
+            let n = |v: &[f32]| v.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+            dot / (n(x) * n(y))
+        })
+        .collect()
+}
+
+#[test]
+fn bf16_towers_stay_within_bf16_rounding_of_openclip_float32() {
+    // The GPU default: bfloat16 weights and products, float32 norms, softmax and outputs.
+    // Run here on the CPU (candle's bf16 kernels), against OpenCLIP's float32 outputs.
+    let compute = Compute {
+        device: Device::Cpu,
+        precision: Precision::Bf16,
+    };
+    let mut worst = 1f64;
+    for case in cases_in(&compute) {
+        let io = &case.io;
+        let image = case.model.encode_image(&io["images"]).unwrap();
+        let text = case.model.encode_text(&texts(io)).unwrap();
+        assert_eq!((image.dtype(), text.dtype()), (DType::F32, DType::F32));
+        for (key, ours) in [("image_features", image), ("text_features", text)] {
+            let cosines = row_cosines(&ours, &io[key]);
+            let min = cosines.iter().copied().fold(1f64, f64::min);
+            eprintln!(
+                "{} {key} in bf16: min cosine to OpenCLIP f32 {min:.6}",
+                case.name
+            );
+            assert!(min > 0.999, "{} {key}: cosine {min}", case.name);
+            worst = worst.min(min);
+        }
+        assert_logit_scale_matches(&case);
+    }
+    // bf16 is really in use: float32 would agree to ~1e-7.
+    assert!(
+        worst < 0.999_999,
+        "bf16 embeddings are as exact as float32 ({worst})"
+    );
+}
 
 #[test]
 fn image_and_text_embeddings_match_openclip() {
@@ -162,13 +230,7 @@ fn image_and_text_embeddings_match_openclip() {
             assert!(d <= TOL, "{} {key}: max |diff| {d:e}", case.name);
             eprintln!("{} {key}: max |diff| {d:.2e}", case.name);
         }
-        let scale = io["logit_scale"].to_vec1::<f32>().unwrap()[0];
-        assert_eq!(
-            case.model.logit_scale_log().unwrap(),
-            scale,
-            "{}",
-            case.name
-        );
+        assert_logit_scale_matches(&case);
     }
 }
 
@@ -185,7 +247,7 @@ fn encode_matches_the_pooled_outputs_and_differentiable_kernels_agree() {
         ClipModel::load(
             &cfg,
             &WeightSource::Tensors(state),
-            &Device::Cpu,
+            &Compute::cpu(),
             kernels,
             "tiny",
         )

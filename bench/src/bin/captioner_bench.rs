@@ -2,17 +2,22 @@
 //! reference script saved, 5 top-p captions of length 30 per image (MobileCLIP2's settings),
 //! image encoding once per image and KV-cached decoding. Run through `bench/captioner.sh`.
 //!
+//! `--device cuda:N` / `--precision bf16` run it on a GPU (a `--features cuda` build).
+//!
+//! `--model` names another CoCa architecture (default `coca_ViT-L-14`).
+//!
 //! Usage: captioner_bench --weights FILE --images FILE [--batch B] [--captions N]
+//!                        [--device D] [--precision P] [--model NAME]
 //! Prints one JSON line on stdout.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use dfndr_captioner::{
     generate, CaptionRng, CocaConfig, CocaModel, GenerationConfig, RowRequest, SpecialTokens,
 };
 use dfndr_teachers::blocks::Kernels;
+use dfndr_teachers::device::Compute;
 use dfndr_teachers::weights::{StateDict, WeightSource};
 
 fn main() -> Result<()> {
@@ -20,6 +25,9 @@ fn main() -> Result<()> {
     let mut images = None;
     let mut batch = 4usize;
     let mut captions = 5usize;
+    let mut device = "cpu".to_string();
+    let mut precision = "auto".to_string();
+    let mut arch = "coca_ViT-L-14".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -28,22 +36,26 @@ fn main() -> Result<()> {
             "--images" => images = Some(value()?),
             "--batch" => batch = value()?.parse()?,
             "--captions" => captions = value()?.parse()?,
+            "--device" => device = value()?,
+            "--precision" => precision = value()?,
+            "--model" => arch = value()?,
             other => bail!("unknown argument {other}"),
         }
     }
     let (Some(weights), Some(images)) = (weights, images) else {
         bail!("usage: captioner_bench --weights FILE --images FILE [--batch B] [--captions N]");
     };
-    let config = CocaConfig::named("coca_ViT-L-14")?;
+    let config = CocaConfig::named(&arch)?;
     let state = StateDict::load(std::path::Path::new(&weights))?;
+    let compute = Compute::parse(&device, &precision)?;
     let model = CocaModel::load(
         &config,
         &WeightSource::Tensors(state),
-        &Device::Cpu,
+        &compute,
         Kernels::Fused,
-        "coca_ViT-L-14",
+        &arch,
     )?;
-    let all = candle_core::safetensors::load(&images, &Device::Cpu)?;
+    let all = candle_core::safetensors::load(&images, &compute.device)?;
     let images = all
         .get("images")
         .context("no `images` tensor")?
@@ -66,6 +78,7 @@ fn main() -> Result<()> {
         let n = images.dim(0)?;
         let t0 = Instant::now();
         let ctx = model.encode_image(images)?;
+        compute.device.synchronize()?;
         let encode = t0.elapsed().as_secs_f64();
         let mut requests = rows(n);
         let t1 = Instant::now();
@@ -84,6 +97,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": "dfndr (KV-cached)",
+            "compute": compute.describe(),
             "images": batch, "captions_per_image": captions,
             "threads": rayon::current_num_threads(),
             "seq_len": cfg.seq_len,

@@ -12,8 +12,15 @@
 //! with one set of random weights per layer, each op timed on its own (CPU ops are
 //! synchronous) and summed over the stack.
 //!
+//! `--device cuda:N` and `--precision bf16` run the towers on a GPU (a `--features cuda`
+//! build); each timed call then ends with a device synchronisation. `--weights` loads a
+//! checkpoint instead of `random:0`; `--images FILE` takes the batch from the `images`
+//! tensor of a safetensors file (instead of random pixels) and `--out FILE` saves the first
+//! call's image embeddings there (`image_features`, float32), for comparisons with OpenCLIP.
+//!
 //! Usage: teachers_bench [--model NAME] [--batch B] [--text-batch N] [--iters N]
-//!                       [--demo DIR] [--profile]
+//!                       [--demo DIR] [--device D] [--precision P] [--weights W]
+//!                       [--images FILE] [--out FILE] [--profile]
 //! Prints one JSON line on stdout.
 
 use std::path::{Path, PathBuf};
@@ -23,8 +30,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use dfndr_teachers::arch::LN_EPS;
 use dfndr_teachers::blocks::{softmax_last_dim, Activation, Kernels, LayerNorm};
+use dfndr_teachers::device::Compute;
 use dfndr_teachers::tokenizer::Tokenizer;
-use dfndr_teachers::weights::{bind, WeightSource};
+use dfndr_teachers::weights::{bind, LoadedWeights, WeightSource, WeightsRef};
 use dfndr_teachers::{ClipConfig, ClipModel};
 
 struct Args {
@@ -33,6 +41,11 @@ struct Args {
     text_batch: usize,
     iters: usize,
     demo: PathBuf,
+    device: String,
+    precision: String,
+    weights: String,
+    images: Option<PathBuf>,
+    out: Option<PathBuf>,
     profile: bool,
 }
 
@@ -43,6 +56,11 @@ fn parse_args() -> Result<Args> {
         text_batch: 64,
         iters: 3,
         demo: PathBuf::from("assets/demo"),
+        device: "cpu".into(),
+        precision: "auto".into(),
+        weights: "random:0".into(),
+        images: None,
+        out: None,
         profile: false,
     };
     let mut it = std::env::args().skip(1);
@@ -56,10 +74,16 @@ fn parse_args() -> Result<Args> {
             }
             "--iters" => args.iters = value()?.parse().context("--iters must be a number")?,
             "--demo" => args.demo = PathBuf::from(value()?),
+            "--device" => args.device = value()?,
+            "--precision" => args.precision = value()?,
+            "--weights" => args.weights = value()?,
+            "--images" => args.images = Some(PathBuf::from(value()?)),
+            "--out" => args.out = Some(PathBuf::from(value()?)),
             "--profile" => args.profile = true,
             _ => bail!(
                 "unknown argument {flag}\nusage: teachers_bench [--model NAME] [--batch B] \
-                 [--text-batch N] [--iters N] [--demo DIR] [--profile]"
+                 [--text-batch N] [--iters N] [--demo DIR] [--device D] [--precision P] \
+                 [--weights W] [--images FILE] [--out FILE] [--profile]"
             ),
         }
     }
@@ -82,18 +106,30 @@ fn captions(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Seconds per call of `f` over `iters` calls after one untimed warm-up call.
-fn time_per_call(iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+fn time_per_call(
+    device: &Device,
+    iters: usize,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<f64> {
     let check = |t: Tensor| -> Result<()> {
         let s = t.sum_all()?.to_scalar::<f32>()?;
         ensure!(s.is_finite(), "non-finite embeddings");
         Ok(())
     };
     check(f()?)?;
+    device.synchronize()?;
     let start = Instant::now();
+    let mut outputs = Vec::with_capacity(iters);
     for _ in 0..iters {
-        check(std::hint::black_box(f()?))?;
+        outputs.push(std::hint::black_box(f()?));
     }
-    Ok(start.elapsed().as_secs_f64() / iters as f64)
+    // GPU calls return before the work is done: wait for it, then check outside the clock.
+    device.synchronize()?;
+    let seconds = start.elapsed().as_secs_f64() / iters as f64;
+    for t in outputs {
+        check(t)?;
+    }
+    Ok(seconds)
 }
 
 /// Multiply-adds ×2 of one transformer stack on `t` tokens: the four attention projections,
@@ -186,7 +222,7 @@ impl ProfiledVision {
         let randn = |shape: (usize, usize), std: f64| Tensor::randn(0f32, std as f32, shape, &dev);
         let zeros = |n: usize| Tensor::zeros(n, DType::F32, &dev);
         // LayerNorms through the library block (random source: weight 1, bias 0).
-        let lns = bind(&WeightSource::Random(0), &dev, "profile", |vb| {
+        let lns = bind(&WeightSource::Random(0), &Compute::cpu(), "profile", |vb| {
             (0..2 * v.layers + 2)
                 .map(|i| LayerNorm::new(vb.pp(i), w, LN_EPS, Kernels::Fused))
                 .collect::<candle_core::Result<Vec<_>>>()
@@ -401,18 +437,31 @@ fn main() -> Result<()> {
     let cfg = ClipConfig::named(&args.model)?;
     let threads = candle_core::utils::get_num_threads();
 
+    let compute = Compute::parse(&args.device, &args.precision)?;
+    let device = compute.device.clone();
     let start = Instant::now();
-    let model = ClipModel::load(
-        &cfg,
-        &WeightSource::Random(0),
-        &Device::Cpu,
-        Kernels::Fused,
-        &args.model,
-    )?;
+    let weights = LoadedWeights::load(&WeightsRef::parse(&args.weights)?)?;
+    let model = ClipModel::load(&cfg, &weights.source, &compute, Kernels::Fused, &args.model)?;
+    drop(weights);
     let load_s = start.elapsed().as_secs_f64();
 
     let s = cfg.vision.image_size;
-    let images = Tensor::randn(0f32, 1f32, (args.batch, 3, s, s), &Device::Cpu)?;
+    let images = match &args.images {
+        Some(file) => candle_core::safetensors::load(file, &device)?
+            .remove("images")
+            .with_context(|| format!("no `images` tensor in {}", file.display()))?
+            .narrow(0, 0, args.batch)?,
+        None => {
+            Tensor::randn(0f32, 1f32, (args.batch, 3, s, s), &Device::Cpu)?.to_device(&device)?
+        }
+    };
+    if let Some(out) = &args.out {
+        let features = model.encode_image(&images)?.to_device(&Device::Cpu)?;
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("image_features".to_string(), features)]),
+            out,
+        )?;
+    }
     let caps = captions(&args.demo)?;
     let texts: Vec<&str> = (0..args.text_batch)
         .map(|i| caps[i % caps.len()].as_str())
@@ -420,8 +469,8 @@ fn main() -> Result<()> {
     let ids = Tokenizer::global().tokenize_batch(&texts, cfg.text.context_length);
     let token_sum: u64 = ids.iter().flatten().map(|&i| u64::from(i)).sum();
 
-    let image_s = time_per_call(args.iters, || Ok(model.encode_image(&images)?))?;
-    let text_s = time_per_call(args.iters, || Ok(model.encode_text(&ids)?))?;
+    let image_s = time_per_call(&device, args.iters, || Ok(model.encode_image(&images)?))?;
+    let text_s = time_per_call(&device, args.iters, || Ok(model.encode_text(&ids)?))?;
     let (fi, ft) = (image_flops(&cfg), text_flops(&cfg));
     let images_per_s = args.batch as f64 / image_s;
     let texts_per_s = args.text_batch as f64 / text_s;
@@ -443,6 +492,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "impl": "dfndr (candle)",
             "model": args.model,
+            "compute": compute.describe(),
             "threads": threads,
             "batch": args.batch,
             "text_batch": args.text_batch,

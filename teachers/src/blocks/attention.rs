@@ -187,9 +187,11 @@ impl MultiheadAttention {
         let q = (q * (self.head_dim as f64).powf(-0.5))?;
         let mut scores = q.matmul(&k.t()?)?;
         if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
+            // Masks are float32; in a lower precision the scores join them there, and the
+            // softmax runs in float32 anyway.
+            scores = scores.to_dtype(mask.dtype())?.broadcast_add(mask)?;
         }
-        let weights = softmax_last_dim(&scores, self.kernels)?;
+        let weights = softmax_last_dim(&scores, self.kernels)?.to_dtype(v.dtype())?;
         let out =
             weights
                 .matmul(v)?

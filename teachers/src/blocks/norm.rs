@@ -1,6 +1,6 @@
 //! LayerNorm with a fused and a differentiable path.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 use super::{Kernels, VarBuilder};
 
@@ -14,8 +14,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Loads `PREFIX.weight` and `PREFIX.bias` of shape `[dim]`.
+    /// Loads `PREFIX.weight` and `PREFIX.bias` of shape `[dim]`, float32 whatever the
+    /// model's precision (the normalisation itself runs in float32).
     pub fn new(vb: VarBuilder, dim: usize, eps: f64, kernels: Kernels) -> Result<Self> {
+        let vb = vb.to_dtype(DType::F32);
         let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
         let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
         Ok(Self {
@@ -26,8 +28,12 @@ impl LayerNorm {
         })
     }
 
-    /// Normalises over the last dimension.
+    /// Normalises over the last dimension, in float32; the result has `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        if dtype != DType::F32 {
+            return self.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
+        }
         match self.kernels {
             Kernels::Fused => candle_nn::ops::layer_norm(
                 &x.contiguous()?,

@@ -10,6 +10,7 @@ use candle_nn::var_builder::SimpleBackend;
 use super::checkpoint::StateDict;
 use super::random;
 use crate::blocks::VarBuilder;
+use crate::device::Compute;
 use crate::error::{KeyMismatch, Result, TeacherError};
 
 /// What a model is built from.
@@ -97,11 +98,12 @@ impl SimpleBackend for Binder {
     }
 }
 
-/// Builds a model with `build` from `source`, in float32 on `device`, and checks that the
-/// checkpoint matched exactly. `context` names the architecture in error messages.
+/// Builds a model with `build` from `source`, on `compute`'s device in its precision (blocks
+/// that stay float32 ask for it), and checks that the checkpoint matched exactly. `context`
+/// names the architecture in error messages.
 pub fn bind<M>(
     source: &WeightSource,
-    device: &Device,
+    compute: &Compute,
     context: &str,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M> {
@@ -114,7 +116,7 @@ pub fn bind<M>(
         mode,
         log: Arc::clone(&log),
     };
-    let vb = VarBuilder::from_backend(Box::new(binder), DType::F32, device.clone());
+    let vb = VarBuilder::from_backend(Box::new(binder), compute.dtype(), compute.device.clone());
     let built = build(vb);
     let log = std::mem::take(
         &mut *log
