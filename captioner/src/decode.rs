@@ -6,11 +6,14 @@
 //!
 //! Rows live in fixed slots; a finished row simply leaves the active set, so it costs nothing
 //! in later steps and no cache is copied. Matrix products run through candle on the model's
-//! device; the attention over the caches runs on the host (its cost is a few percent of the
-//! products at CoCa's sizes), parallel over rows.
+//! device. Where the caches live follows the device ([`CacheLocation`]): on the CPU they are
+//! float32 host buffers and the attention over them is a host kernel parallel over rows (its
+//! cost is a few percent of the products at CoCa's sizes); on a GPU they are device tensors in
+//! the model's precision and the attention is batched matrix products there, so a step moves
+//! nothing between host and device but its token ids in and its logits out.
 
 use candle_core::{DType, Device, Tensor};
-use dfndr_teachers::blocks::{MultiheadAttention, ResidualAttentionBlock};
+use dfndr_teachers::blocks::{Kernels, MultiheadAttention, ResidualAttentionBlock};
 use rayon::prelude::*;
 
 use crate::error::{CaptionError, Result};
@@ -20,6 +23,41 @@ use crate::model::{CocaModel, ImageContext};
 struct LayerCache {
     k: Vec<f32>,
     v: Vec<f32>,
+}
+
+/// Where a session keeps its key/value caches and attends over them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheLocation {
+    /// float32 host buffers, attention by a host kernel (the CPU default).
+    Host,
+    /// Tensors on the model's device, attention by batched products there (the GPU default).
+    Device,
+}
+
+impl CacheLocation {
+    /// Host caches for a CPU model, device caches for any other.
+    pub fn for_device(device: &Device) -> CacheLocation {
+        if device.is_cpu() {
+            CacheLocation::Host
+        } else {
+            CacheLocation::Device
+        }
+    }
+}
+
+/// Keys and values of one self-attention layer on the device: `[capacity, slots, heads, d]`,
+/// position-major so that one position of every slot is one contiguous slice.
+struct DeviceCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The device-side state of a [`CacheLocation::Device`] session.
+struct DeviceState {
+    text: Vec<DeviceCache>,
+    decoder: Vec<DeviceCache>,
+    /// Cross-attention keys and values per decoder layer: `[images, heads, tokens, d]`.
+    cross: Vec<(Tensor, Tensor)>,
 }
 
 /// Incremental decoding state of a batch of rows over a batch of images.
@@ -45,17 +83,31 @@ pub struct DecodeSession<'m> {
     last_token: Vec<Option<u32>>,
     /// Positions filled so far (all rows advance together).
     len: usize,
+    /// The caches on the device (the host caches above are then empty).
+    on_device: Option<DeviceState>,
 }
 
 impl<'m> DecodeSession<'m> {
     /// Prepares `slot_image.len()` rows (row `r` captions image `slot_image[r]` of `image`)
     /// that will hold at most `capacity` positions, and computes every cross-attention key and
-    /// value once.
+    /// value once. The caches live where [`CacheLocation::for_device`] puts them.
     pub fn new(
         model: &'m CocaModel,
         image: &ImageContext,
         slot_image: Vec<usize>,
         capacity: usize,
+    ) -> Result<Self> {
+        let location = CacheLocation::for_device(image.tokens.device());
+        Self::new_at(model, image, slot_image, capacity, location)
+    }
+
+    /// [`DecodeSession::new`] with the caches at `location` (either works on any device).
+    pub fn new_at(
+        model: &'m CocaModel,
+        image: &ImageContext,
+        slot_image: Vec<usize>,
+        capacity: usize,
+        location: CacheLocation,
     ) -> Result<Self> {
         let (images, tokens, width) = image.tokens.dims3()?;
         if let Some(&bad) = slot_image.iter().find(|&&i| i >= images) {
@@ -81,21 +133,58 @@ impl<'m> DecodeSession<'m> {
             )));
         }
         let slots = slot_image.len();
-        let cache = || LayerCache {
-            k: vec![0.0; slots * width * capacity],
-            v: vec![0.0; slots * width * capacity],
-        };
         let text_layers = model.text().transformer().blocks().len();
-        let mut cross = Vec::with_capacity(dec.layers());
+        let mut cross_kv = Vec::with_capacity(dec.layers());
         for i in 0..dec.layers() {
             let block = dec.cross_block(i);
             let kv = block.norm_kv(&image.tokens)?;
             let (k, v) = block.attention().project_kv(&kv)?;
-            cross.push(LayerCache {
-                k: split_heads(&k, heads, head_dim)?,
-                v: split_heads(&v, heads, head_dim)?,
-            });
+            cross_kv.push((
+                heads_first(&k, heads, head_dim)?,
+                heads_first(&v, heads, head_dim)?,
+            ));
         }
+        let host_size = match location {
+            CacheLocation::Host => slots * width * capacity,
+            CacheLocation::Device => 0,
+        };
+        let cache = || LayerCache {
+            k: vec![0.0; host_size],
+            v: vec![0.0; host_size],
+        };
+        let (cross, on_device) = match location {
+            CacheLocation::Host => {
+                let host = |t: &Tensor| -> Result<Vec<f32>> {
+                    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                };
+                let cross = cross_kv
+                    .iter()
+                    .map(|(k, v)| {
+                        Ok(LayerCache {
+                            k: host(k)?,
+                            v: host(v)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (cross, None)
+            }
+            CacheLocation::Device => {
+                let zeros = || -> Result<DeviceCache> {
+                    let shape = (capacity, slots, heads, head_dim);
+                    let (dtype, device) = (image.tokens.dtype(), image.tokens.device());
+                    Ok(DeviceCache {
+                        k: Tensor::zeros(shape, dtype, device)?,
+                        v: Tensor::zeros(shape, dtype, device)?,
+                    })
+                };
+                let state = DeviceState {
+                    text: (0..text_layers).map(|_| zeros()).collect::<Result<_>>()?,
+                    decoder: (0..dec.layers()).map(|_| zeros()).collect::<Result<_>>()?,
+                    cross: cross_kv,
+                };
+                (Vec::new(), Some(state))
+            }
+        };
         Ok(Self {
             model,
             device: image.tokens.device().clone(),
@@ -110,6 +199,7 @@ impl<'m> DecodeSession<'m> {
             key_valid: vec![false; slots * capacity],
             last_token: vec![None; slots],
             len: 0,
+            on_device,
         })
     }
 
@@ -135,12 +225,26 @@ impl<'m> DecodeSession<'m> {
         if moves.iter().all(|(d, s)| d == s) {
             return Ok(());
         }
+        if let Some(state) = &mut self.on_device {
+            // Every slot gathers its source (itself unless moved), all at once.
+            let mut source: Vec<u32> = (0..slots as u32).collect();
+            for &(d, s) in moves {
+                source[d] = s as u32;
+            }
+            let source = Tensor::from_vec(source, slots, &self.device)?;
+            for cache in state.text.iter_mut().chain(state.decoder.iter_mut()) {
+                cache.k = cache.k.index_select(&source, 1)?;
+                cache.v = cache.v.index_select(&source, 1)?;
+            }
+        }
         let block = self.heads * self.head_dim * self.capacity;
-        for cache in self
+        // (Empty when the caches are on the device.)
+        let host_caches = self
             .text_cache
             .iter_mut()
             .chain(self.decoder_cache.iter_mut())
-        {
+            .filter(|c| !c.k.is_empty());
+        for cache in host_caches {
             for buf in [&mut cache.k, &mut cache.v] {
                 let copies: Vec<Vec<f32>> = moves
                     .iter()
@@ -198,6 +302,9 @@ impl<'m> DecodeSession<'m> {
         }
         let positions = vec![t; active.len()];
         let mut x = self.model.text().embed_at(tokens, &positions)?;
+        if self.on_device.is_some() {
+            return self.step_on_device(x, active);
+        }
         let text_blocks = self.model.text().transformer().blocks();
         for (block, cache) in text_blocks.iter().zip(self.text_cache.iter_mut()) {
             let ctx = SelfAttention {
@@ -242,6 +349,106 @@ impl<'m> DecodeSession<'m> {
     }
 }
 
+impl DecodeSession<'_> {
+    /// The rest of [`DecodeSession::step`] with the caches on the device, from the embedded
+    /// tokens `x` of the `active` slots (the validity and last-token bookkeeping is done).
+    fn step_on_device(&mut self, mut x: Tensor, active: &[usize]) -> Result<Tensor> {
+        let t = self.len;
+        let (heads, d, cap) = (self.heads, self.head_dim, self.capacity);
+        let n = active.len();
+        let idx = |v: Vec<u32>| Tensor::from_vec(v, n, &self.device);
+        let slots = idx(active.iter().map(|&s| s as u32).collect())?;
+        let images = idx(active.iter().map(|&s| self.slot_image[s] as u32).collect())?;
+        // The text tower's shifted pad mask for these rows, additive, float32 `[n, 1, 1, t+1]`.
+        let mask: Vec<f32> = active
+            .iter()
+            .flat_map(|&s| {
+                let valid = &self.key_valid[s * cap..s * cap + t + 1];
+                valid
+                    .iter()
+                    .map(|&ok| if ok { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, 1, 1, t + 1), &self.device)?;
+        let Some(state) = self.on_device.as_mut() else {
+            return Err(CaptionError::Input("device caches missing".into()));
+        };
+        let text_blocks = self.model.text().transformer().blocks();
+        for (block, cache) in text_blocks.iter().zip(state.text.iter_mut()) {
+            x = run_block(block, &x, |attn, h| {
+                device_self_attention(attn, h, cache, &slots, t, heads, d, Some(&mask))
+            })?;
+        }
+        let dec = self.model.decoder();
+        for (i, cache) in state.decoder.iter_mut().enumerate() {
+            x = run_block(dec.self_block(i), &x, |attn, h| {
+                device_self_attention(attn, h, cache, &slots, t, heads, d, None)
+            })?;
+            let (k, v) = &state.cross[i];
+            x = run_block(dec.cross_block(i), &x, |attn, h| {
+                let q = attn.project_q(h)?.reshape((n, heads, 1, d))?;
+                let k = k.index_select(&images, 0)?;
+                let v = v.index_select(&images, 0)?;
+                let out = attend_on_device(&q, &k, &v, None)?;
+                Ok(attn.project_out(&out.reshape((n, heads * d))?)?)
+            })?;
+        }
+        self.len += 1;
+        // Sampling takes a softmax of them: float32 in every precision.
+        Ok(dec.logits(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Self-attention of one new position per active row with the caches on the device: the
+/// new keys and values are written at position `t` of their slots, then each row attends over
+/// its positions `0..=t`.
+#[allow(clippy::too_many_arguments)]
+fn device_self_attention(
+    attn: &MultiheadAttention,
+    h: &Tensor,
+    cache: &mut DeviceCache,
+    slots: &Tensor,
+    t: usize,
+    heads: usize,
+    d: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let qkv = attn.project_qkv(h)?.reshape((n, 3, heads, d))?;
+    let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1)?.contiguous();
+    let (q, k_new, v_new) = (part(0)?, part(1)?, part(2)?);
+    for (buf, new) in [(&cache.k, &k_new), (&cache.v, &v_new)] {
+        // Position t of every slot: what it holds (nothing yet: positions fill in order), with
+        // the active slots' new rows added in; one contiguous slice of the cache.
+        let row = buf.narrow(0, t, 1)?.squeeze(0)?.index_add(slots, new, 0)?;
+        buf.slice_set(&row.unsqueeze(0)?, 0, t)?;
+    }
+    // `[t+1, slots, H, d]` -> the active rows' `[n, H, t+1, d]`.
+    let gather = |buf: &Tensor| -> Result<Tensor> {
+        Ok(buf
+            .narrow(0, 0, t + 1)?
+            .index_select(slots, 1)?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?)
+    };
+    let (k, v) = (gather(&cache.k)?, gather(&cache.v)?);
+    let out = attend_on_device(&q.reshape((n, heads, 1, d))?, &k, &v, mask)?;
+    Ok(attn.project_out(&out.reshape((n, heads * d))?)?)
+}
+
+/// `softmax(q·kᵀ/√d + mask) · v` of one query per row and head, `q: [n, H, 1, d]` over
+/// `k, v: [n, H, T, d]`; scores and softmax in float32, the result `[n, H, 1, d]` in `v`'s dtype.
+fn attend_on_device(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let d = q.dim(3)?;
+    let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let p = dfndr_teachers::blocks::softmax_last_dim(&scores, Kernels::Fused)?;
+    Ok(p.to_dtype(v.dtype())?.matmul(v)?)
+}
+
 fn run_block<F>(block: &ResidualAttentionBlock, x: &Tensor, attend: F) -> Result<Tensor>
 where
     F: FnOnce(&MultiheadAttention, &Tensor) -> Result<Tensor>,
@@ -262,15 +469,12 @@ where
     }
 }
 
-/// `[B, T, H·d]` to host `[B, H, T, d]`.
-fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Vec<f32>> {
+/// `[B, T, H·d]` to `[B, H, T, d]`.
+fn heads_first(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     Ok(x.reshape((b, t, heads, head_dim))?
         .transpose(1, 2)?
-        .contiguous()?
-        .flatten_all()?
-        .to_dtype(DType::F32)?
-        .to_vec1::<f32>()?)
+        .contiguous()?)
 }
 
 /// Causal self-attention of one new position per row over that row's cache.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use dfndr_captioner::decode::DecodeSession;
+use dfndr_captioner::decode::{CacheLocation, DecodeSession};
 use dfndr_captioner::sampling::{kept_probs, top_k_keep, top_p_keep};
 use dfndr_captioner::{
     clean_caption, generate, CaptionRng, CocaConfig, CocaModel, GenerationConfig, ImageContext,
@@ -244,6 +244,51 @@ fn bf16_cached_decoding_stays_close_to_openclip_float32() {
         same_argmax * 10 >= positions * 9,
         "{same_argmax} of {positions}"
     );
+}
+
+/// The GPU layout of the caches (device tensors, batched attention), run here on the CPU,
+/// gives the host caches' logits: with rows dropping out, after a beam-search reorder, in
+/// float32 and in bf16.
+#[test]
+#[allow(clippy::needless_range_loop)] // t is the decoding position, not only an index
+fn device_caches_give_the_host_caches_logits() {
+    let g = golden("forced.safetensors");
+    let texts = rows_of(&g["texts"]);
+    let bf16 = Compute {
+        device: Device::Cpu,
+        precision: Precision::Bf16,
+    };
+    let bf16_model = load_in(None, &bf16);
+    // In bf16 the device caches hold bf16 keys and values where the host ones hold float32:
+    // the logits then differ by that rounding (a few hundredths here), not more.
+    for (model, tol, name) in [
+        (&fixture().base, 1e-5f32, "f32"),
+        (&bf16_model, 0.1, "bf16"),
+    ] {
+        let ctx = context(model);
+        let l = texts[0].len();
+        let rows = texts.len();
+        let open = |at| DecodeSession::new_at(model, &ctx, (0..rows).collect(), l, at).unwrap();
+        let (mut host, mut device) = (open(CacheLocation::Host), open(CacheLocation::Device));
+        let mut worst = 0f32;
+        let mut swapped = false;
+        for t in 0..l {
+            if t == l / 3 {
+                // Beam search's reorder: slot 0 takes slot 1's past, slot 2 keeps its own.
+                for s in [&mut host, &mut device] {
+                    s.reorder(&[(0, 1), (1, 0)]).unwrap();
+                }
+                swapped = true;
+            }
+            let active: Vec<usize> = (0..rows).filter(|&r| r != 2 || t < l / 2).collect();
+            let tokens: Vec<u32> = active.iter().map(|&r| texts[r][t]).collect();
+            let a = host.step(&active, &tokens).unwrap();
+            let b = device.step(&active, &tokens).unwrap();
+            worst = worst.max(max_abs_diff(&a, &b));
+        }
+        println!("device vs host caches ({name}): max |diff| {worst:e}");
+        assert!(swapped && worst <= tol, "{worst}");
+    }
 }
 
 fn greedy_cfg(seq_len: usize) -> GenerationConfig {

@@ -17,7 +17,8 @@ use crate::embed::preprocess_image;
 pub struct CaptionSection {
     /// Images decoded together; each brings `num_captions` rows to the decoder, and the
     /// key/value caches take about `2 · layers · width · seq_len · 4` bytes per row
-    /// (coca_ViT-L-14, seq_len 30: 4.4 MB per caption).
+    /// (coca_ViT-L-14, seq_len 30: 4.4 MB per caption; half that in bf16 on a GPU, where
+    /// they live in GPU memory).
     pub batch_size: usize,
     /// Compute device: "cpu", "cuda" or "cuda:N" (CUDA needs a `--features cuda` build).
     pub device: String,
