@@ -184,6 +184,63 @@ fn reinforce_stores_the_teachers_embeddings_of_every_view_and_caption() {
 }
 
 #[test]
+fn reinforce_in_bf16_stores_embeddings_within_bf16_rounding_of_float32() {
+    // The GPU default precision, forced on the CPU: same layout, embeddings close to the
+    // float32 ones (and not equal to them, so bf16 really ran).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let shard = demo_dir().join("demo-00000.tar");
+    let config = write_config(
+        dir.path(),
+        &shard.display().to_string(),
+        &out,
+        &format!("{AUG_AND_EMBED}precision = \"bf16\"\n{TINY_TEACHERS}"),
+    );
+    let o = run(&mut reinforce(&config));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("cpu bf16"), "the log names the precision");
+    let (reader, rows) = rows_of(&out.join("shards/demo-00000.parquet"));
+    let aug: AugConfig = serde_json::from_value(reader.meta().augmentation.clone()).unwrap();
+    let images: std::collections::BTreeMap<String, Vec<u8>> = tar_members(&shard)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".jpg") || n.ends_with(".png") || n.ends_with(".webp"))
+        .map(|(n, b)| (n.split('.').next().unwrap().to_string(), b))
+        .collect();
+    let teachers = teacher_models();
+    let cosine = |a: &[f32], b: &[f32]| -> f64 {
+        let dot: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum();
+        let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        dot / (n(a) * n(b))
+    };
+    let (mut worst, mut largest_diff) = (1f64, 0f32);
+    for row in rows.iter().take(4) {
+        let (views, caption) = expected_embeddings(&teachers, row, &aug, &images[&row.key]);
+        let pairs = row
+            .image_emb
+            .iter()
+            .zip(&views)
+            .chain([(&row.text_emb[0], &caption)]);
+        for (got, want) in pairs {
+            // Per teacher: the row is teacher a's 24 values, then teacher b's 16.
+            for (g, w) in [(&got[..24], &want[..24]), (&got[24..], &want[24..])] {
+                worst = worst.min(cosine(g, w));
+                largest_diff = largest_diff.max(max_diff(g, w));
+            }
+        }
+    }
+    println!("bf16 vs float32 embeddings: min cosine {worst:.6}, max |diff| {largest_diff:e}");
+    assert!(worst > 0.999, "{worst}");
+    assert!(
+        largest_diff > 1e-5,
+        "bf16 gave float32's embeddings exactly"
+    );
+}
+
+#[test]
 fn embed_adds_the_same_embeddings_to_an_existing_output() {
     let dir = tempfile::tempdir().unwrap();
     let input = format!("{}/demo-{{00000..00001}}.tar", demo_dir().display());
