@@ -150,11 +150,7 @@ fn reinforce_writes_seeded_captions_and_their_embeddings() {
     );
     assert_eq!(meta.captioners[0].weights_sha256, "random:5");
     assert_eq!(meta.captioners[0].decoding["generation"]["seq_len"], 12);
-    let images: std::collections::BTreeMap<String, Vec<u8>> = tar_members(&shard)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".jpg") || n.ends_with(".png") || n.ends_with(".webp"))
-        .map(|(n, b)| (n.split('.').next().unwrap().to_string(), b))
-        .collect();
+    let images = images_by_key(&shard);
     assert!(rows.len() >= 10);
     for row in &rows {
         let syn = &row.syn[0];

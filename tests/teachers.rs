@@ -162,11 +162,7 @@ fn reinforce_stores_the_teachers_embeddings_of_every_view_and_caption() {
     assert_eq!(layout.emb.unwrap().dim, 40);
 
     let aug: AugConfig = serde_json::from_value(meta.augmentation.clone()).unwrap();
-    let images: std::collections::BTreeMap<String, Vec<u8>> = tar_members(&shard)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".jpg") || n.ends_with(".png") || n.ends_with(".webp"))
-        .map(|(n, b)| (n.split('.').next().unwrap().to_string(), b))
-        .collect();
+    let images = images_by_key(&shard);
     assert!(rows.len() >= 10);
     let teachers = teacher_models();
     for row in rows.iter().take(4) {
@@ -201,11 +197,7 @@ fn reinforce_in_bf16_stores_embeddings_within_bf16_rounding_of_float32() {
     assert!(text(&o).contains("cpu bf16"), "the log names the precision");
     let (reader, rows) = rows_of(&out.join("shards/demo-00000.parquet"));
     let aug: AugConfig = serde_json::from_value(reader.meta().augmentation.clone()).unwrap();
-    let images: std::collections::BTreeMap<String, Vec<u8>> = tar_members(&shard)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".jpg") || n.ends_with(".png") || n.ends_with(".webp"))
-        .map(|(n, b)| (n.split('.').next().unwrap().to_string(), b))
-        .collect();
+    let images = images_by_key(&shard);
     let teachers = teacher_models();
     let cosine = |a: &[f32], b: &[f32]| -> f64 {
         let dot: f64 = a

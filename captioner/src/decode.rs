@@ -238,12 +238,14 @@ impl<'m> DecodeSession<'m> {
             }
         }
         let block = self.heads * self.head_dim * self.capacity;
-        // (Empty when the caches are on the device.)
-        let host_caches = self
-            .text_cache
-            .iter_mut()
-            .chain(self.decoder_cache.iter_mut())
-            .filter(|c| !c.k.is_empty());
+        let host_caches = match self.on_device {
+            Some(_) => Vec::new(),
+            None => self
+                .text_cache
+                .iter_mut()
+                .chain(self.decoder_cache.iter_mut())
+                .collect(),
+        };
         for cache in host_caches {
             for buf in [&mut cache.k, &mut cache.v] {
                 let copies: Vec<Vec<f32>> = moves

@@ -49,6 +49,15 @@ pub fn demo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo")
 }
 
+/// The encoded image of every sample of a webdataset tar, by sample key.
+pub fn images_by_key(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    tar_members(path)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".jpg") || n.ends_with(".png") || n.ends_with(".webp"))
+        .map(|(n, b)| (n.split('.').next().unwrap_or_default().to_string(), b))
+        .collect()
+}
+
 /// All (member name, bytes) of a tar file, in order.
 pub fn tar_members(path: &Path) -> Vec<(String, Vec<u8>)> {
     let mut archive = tar::Archive::new(std::fs::File::open(path).unwrap());
