@@ -125,16 +125,12 @@ fn expected_captions(bytes: &[u8], key: &str) -> Vec<String> {
 
 #[test]
 fn reinforce_writes_seeded_captions_and_their_embeddings() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let shard = demo_dir().join("demo-00000.tar");
-    let config = write_config(
-        dir.path(),
-        &shard.display().to_string(),
-        &out,
-        &format!("{BASE}{CAPTIONER}{GREEDY}{TEACHER}"),
-    );
-    let o = run(&mut reinforce(&config));
+    let DemoRun {
+        dir: _dir,
+        out,
+        shard,
+        output: o,
+    } = reinforce_demo_shard(&format!("{BASE}{CAPTIONER}{GREEDY}{TEACHER}"));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("RANDOM captioner weights"));
     let (reader, rows) = rows_of(&out.join("shards/demo-00000.parquet"));

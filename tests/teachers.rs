@@ -123,16 +123,12 @@ fn expected_embeddings(
 
 #[test]
 fn reinforce_stores_the_teachers_embeddings_of_every_view_and_caption() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let shard = demo_dir().join("demo-00000.tar");
-    let config = write_config(
-        dir.path(),
-        &shard.display().to_string(),
-        &out,
-        &format!("{AUG_AND_EMBED}{TINY_TEACHERS}"),
-    );
-    let o = run(&mut reinforce(&config));
+    let DemoRun {
+        dir: _dir,
+        out,
+        shard,
+        output: o,
+    } = reinforce_demo_shard(&format!("{AUG_AND_EMBED}{TINY_TEACHERS}"));
     assert!(o.status.success());
     assert!(
         text(&o).contains("RANDOM teacher weights"),
@@ -183,16 +179,14 @@ fn reinforce_stores_the_teachers_embeddings_of_every_view_and_caption() {
 fn reinforce_in_bf16_stores_embeddings_within_bf16_rounding_of_float32() {
     // The GPU default precision, forced on the CPU: same layout, embeddings close to the
     // float32 ones (and not equal to them, so bf16 really ran).
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let shard = demo_dir().join("demo-00000.tar");
-    let config = write_config(
-        dir.path(),
-        &shard.display().to_string(),
-        &out,
-        &format!("{AUG_AND_EMBED}precision = \"bf16\"\n{TINY_TEACHERS}"),
-    );
-    let o = run(&mut reinforce(&config));
+    let DemoRun {
+        dir: _dir,
+        out,
+        shard,
+        output: o,
+    } = reinforce_demo_shard(&format!(
+        "{AUG_AND_EMBED}precision = \"bf16\"\n{TINY_TEACHERS}"
+    ));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("cpu bf16"), "the log names the precision");
     let (reader, rows) = rows_of(&out.join("shards/demo-00000.parquet"));

@@ -281,3 +281,30 @@ width = 32
 heads = 4
 layers = 1
 "#;
+
+/// A finished `dfndr reinforce` over demo shard 00000 with `extra` config, in a fresh folder.
+pub struct DemoRun {
+    /// Holds the config and the output (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The output folder.
+    pub out: PathBuf,
+    /// The input shard.
+    pub shard: PathBuf,
+    /// The command's output (status, stdout, stderr).
+    pub output: Output,
+}
+
+/// Runs `dfndr reinforce` over demo shard 00000 with `extra` appended to the config.
+pub fn reinforce_demo_shard(extra: &str) -> DemoRun {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let shard = demo_dir().join("demo-00000.tar");
+    let config = write_config(dir.path(), &shard.display().to_string(), &out, extra);
+    let output = run(&mut reinforce(&config));
+    DemoRun {
+        dir,
+        out,
+        shard,
+        output,
+    }
+}
