@@ -151,12 +151,41 @@ impl VisionTransformer {
     }
 
     /// Pooled, projected embeddings of normalised images `[B, 3, S, S]`.
+    ///
+    /// With class-token pooling and no attentional pooler only the class token's output is
+    /// read, so the last block computes that position alone (its keys and values still come
+    /// from every patch): the same numbers, about 3% less work for ViT-L/14.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_with_tokens(images)?.pooled)
+        if self.attn_pool.is_some() || self.pool != VisionPool::Tok {
+            return Ok(self.forward_with_tokens(images)?.pooled);
+        }
+        let x = self.embed_patches(images)?;
+        let cls = self.transformer.forward_first(&x, 1)?.squeeze(1)?;
+        self.proj.forward(&self.ln_post.forward(&cls)?)
     }
 
     /// Pooled embeddings and the remaining tokens.
     pub fn forward_with_tokens(&self, images: &Tensor) -> Result<VisionOutput> {
+        let x = self.embed_patches(images)?;
+        let x = self.transformer.forward(&x, None)?;
+        let (pooled, tokens) = if let Some(pooler) = &self.attn_pool {
+            let x = self.ln_post.forward(&pooler.forward(&x)?)?;
+            self.pool_tokens(&x)?
+        } else if self.final_ln_after_pool {
+            let (pooled, tokens) = self.pool_tokens(&x)?;
+            (self.ln_post.forward(&pooled)?, tokens)
+        } else {
+            self.pool_tokens(&self.ln_post.forward(&x)?)?
+        };
+        Ok(VisionOutput {
+            pooled: self.proj.forward(&pooled)?,
+            tokens,
+        })
+    }
+
+    /// The transformer's input `[B, 1 + patches, W]`: patch embeddings after the class token,
+    /// plus positions, through `ln_pre` when there is one.
+    fn embed_patches(&self, images: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = images.dims4()?;
         if c != 3 || h != self.image_size || w != self.image_size {
             candle_core::bail!(
@@ -188,20 +217,7 @@ impl VisionTransformer {
         if let Some(ln) = &self.ln_pre {
             x = ln.forward(&x)?;
         }
-        let x = self.transformer.forward(&x, None)?;
-        let (pooled, tokens) = if let Some(pooler) = &self.attn_pool {
-            let x = self.ln_post.forward(&pooler.forward(&x)?)?;
-            self.pool_tokens(&x)?
-        } else if self.final_ln_after_pool {
-            let (pooled, tokens) = self.pool_tokens(&x)?;
-            (self.ln_post.forward(&pooled)?, tokens)
-        } else {
-            self.pool_tokens(&self.ln_post.forward(&x)?)?
-        };
-        Ok(VisionOutput {
-            pooled: self.proj.forward(&pooled)?,
-            tokens,
-        })
+        Ok(x)
     }
 
     fn pool_tokens(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -225,6 +225,13 @@ fn image_and_text_embeddings_match_openclip() {
             checks.push(("image_tokens", vis.tokens.clone()));
             checks.push(("text_tokens", txt.tokens.clone()));
         }
+        // The pooled-only paths: text rows cut after their end-of-text token and run in
+        // groups by length; the vision tower's last block on the class token alone.
+        checks.push(("text_features", case.model.encode_text(&texts(io)).unwrap()));
+        checks.push((
+            "image_features",
+            case.model.encode_image(&io["images"]).unwrap(),
+        ));
         for (key, ours) in checks {
             let d = max_abs_diff(&ours, &io[key]);
             assert!(d <= TOL, "{} {key}: max |diff| {d:e}", case.name);
@@ -289,5 +296,38 @@ fn single_samples_equal_their_rows_in_a_batch() {
             let d = max_abs_diff(&one, &img_batch.narrow(0, i, 1).unwrap());
             assert!(d <= 1e-5, "{} image row {i}: {d:e}", case.name);
         }
+    }
+}
+
+#[test]
+fn pooled_paths_equal_the_full_towers_on_large_mixed_batches() {
+    // Text rows of every length in shuffled order, more than one group's worth of positions:
+    // the grouped, cut rows must give each row's full-context embedding, in input order.
+    for case in cases() {
+        let base = texts(&case.io);
+        let l = base[0].len();
+        // The tiny vocabularies end with their end-of-text id, the largest id in a row.
+        let eot_id = base.iter().flatten().copied().max().unwrap();
+        let mut rows = Vec::new();
+        for i in 0..48usize {
+            let mut row = base[i % base.len()].clone();
+            // Move the end-of-text token to a varied position (1..l) to spread the lengths.
+            let eot = (i * 37) % (l - 1) + 1;
+            row.iter_mut().skip(eot + 1).for_each(|t| *t = 0);
+            row[eot] = eot_id;
+            rows.push(row);
+        }
+        let text = case.model.text();
+        let fast = text.forward(&rows).unwrap();
+        let full = text.forward_with_tokens(&rows).unwrap().pooled;
+        let d = max_abs_diff(&fast, &full);
+        assert!(d <= 1e-5, "{} text: max |diff| {d:e}", case.name);
+        let images = &case.io["images"];
+        let visual = case.model.visual();
+        let d = max_abs_diff(
+            &visual.forward(images).unwrap(),
+            &visual.forward_with_tokens(images).unwrap().pooled,
+        );
+        assert!(d <= 1e-5, "{} image: max |diff| {d:e}", case.name);
     }
 }

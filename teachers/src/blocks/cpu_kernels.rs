@@ -1,5 +1,5 @@
 //! Fused CPU kernels for inference: self-attention straight from the packed q|k|v projection,
-//! and bias + activation in one pass.
+//! and linear layers with their bias and activation applied to the product's own output.
 //!
 //! candle's CPU element-wise ops are single-threaded scalar loops and its batched matmul
 //! splits the (batch x heads) small products poorly; on a ViT-L forward they cost more than a
@@ -49,19 +49,76 @@ fn fast_erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
-/// In-place softmax of one row.
+/// Lanes of the explicit reductions below: wide enough for AVX-512, and independent
+/// accumulators let the compiler vectorise a float reduction it may not reorder itself.
+const LANES: usize = 16;
+
+/// In-place softmax of one row, after adding `mask` (same length) when given.
+fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
+    crate::simd_dispatch!(softmax_row_generic(row, mask))
+}
+
 #[inline(always)]
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
+fn softmax_row_generic(row: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(mask) = mask {
+        for (v, &m) in row.iter_mut().zip(mask) {
+            *v += m;
+        }
+    }
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = l.max(v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for v in row.iter_mut() {
         *v = fast_exp(*v - max);
-        sum += *v;
     }
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (s, &v) in sums.iter_mut().zip(chunk) {
+            *s += v;
+        }
+    }
+    let sum: f32 = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
     let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// `x = act(x)` in place, on the widest vector instructions the CPU has.
+fn activate(x: &mut [f32], act: Activation) {
+    crate::simd_dispatch!(activate_generic(x, act))
+}
+
+#[inline(always)]
+fn activate_generic(x: &mut [f32], act: Activation) {
+    match act {
+        Activation::QuickGelu => {
+            for v in x.iter_mut() {
+                *v /= 1.0 + fast_exp(-1.702 * *v);
+            }
+        }
+        Activation::Gelu => {
+            for v in x.iter_mut() {
+                *v *= (fast_erf(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
+            }
+        }
+    }
+}
+
+/// [`activate`] over `x` split into parallel tasks of whole cache-friendly chunks.
+fn activate_par(x: &mut [f32], act: Activation) {
+    x.par_chunks_mut(16384).for_each(|c| activate(c, act));
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -71,54 +128,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
         None => candle_core::bail!("{what}: fused CPU kernels take contiguous tensors"),
-    }
-}
-
-/// `act(x + bias)` over `[.., H]` with `bias: [H]`.
-pub struct BiasAct(pub Activation);
-
-impl CustomOp2 for BiasAct {
-    fn name(&self) -> &'static str {
-        "bias-act"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "bias-act input")?;
-        let b = f32_slice(s2, l2, "bias-act bias")?;
-        let h = b.len();
-        if h == 0 || x.len() % h != 0 {
-            candle_core::bail!("bias-act: {} values do not tile a bias of {h}", x.len());
-        }
-        let mut out = vec![0f32; x.len()];
-        // Whole rows per task: enough work per task, bias indexing stays simple.
-        let rows_per_task = (16384 / h).max(1);
-        out.par_chunks_mut(rows_per_task * h)
-            .zip(x.par_chunks(rows_per_task * h))
-            .for_each(|(o, x)| match self.0 {
-                Activation::QuickGelu => {
-                    for (o_row, x_row) in o.chunks_mut(h).zip(x.chunks(h)) {
-                        for ((o, &x), &b) in o_row.iter_mut().zip(x_row).zip(b) {
-                            let v = x + b;
-                            *o = v / (1.0 + fast_exp(-1.702 * v));
-                        }
-                    }
-                }
-                Activation::Gelu => {
-                    for (o_row, x_row) in o.chunks_mut(h).zip(x.chunks(h)) {
-                        for ((o, &x), &b) in o_row.iter_mut().zip(x_row).zip(b) {
-                            let v = x + b;
-                            *o = (fast_erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -206,14 +215,12 @@ impl CustomOp1 for PackedSelfAttention {
                         Parallelism::None,
                     );
                 }
-                if let Some((mask, m)) = &self.mask {
-                    let mask = &mask[(if *m == 1 { 0 } else { bi }) * t * t..][..t * t];
-                    for (s, &mv) in scores.iter_mut().zip(mask) {
-                        *s += mv;
-                    }
-                }
-                for row in scores.chunks_mut(t) {
-                    softmax_row(row);
+                let mask = self
+                    .mask
+                    .as_ref()
+                    .map(|(mask, m)| &mask[(if *m == 1 { 0 } else { bi }) * t * t..][..t * t]);
+                for (r, row) in scores.chunks_mut(t).enumerate() {
+                    softmax_row(row, mask.map(|m| &m[r * t..][..t]));
                 }
                 unsafe {
                     // out[bi, :, h·d..] = scores · v  (t x d)
@@ -245,15 +252,18 @@ impl CustomOp1 for PackedSelfAttention {
     }
 }
 
-/// `x Wᵀ + bias` with the weight `[out, in]` as stored, or `x W + bias` with it transposed
-/// (`[in, out]`); either with unit column stride and any row stride (slices of a packed
-/// projection work without a copy). The bias is written into the output before the product
-/// accumulates onto it.
+/// `act(x Wᵀ + bias)` with the weight `[out, in]` as stored, or `act(x W + bias)` with it
+/// transposed (`[in, out]`); either with unit column stride and any row stride (slices of a
+/// packed projection work without a copy). The bias is written into the output before the
+/// product accumulates onto it, and the activation then runs over that output in place, so
+/// an MLP's wide hidden layer is written once.
 pub struct BiasLinear {
     /// The bias values, `[out]` (`None`: no bias).
     pub bias: Option<Vec<f32>>,
     /// The weight is `[in, out]` rather than `[out, in]`.
     pub transposed: bool,
+    /// Activation applied to the biased product (`None`: none).
+    pub activation: Option<Activation>,
 }
 
 /// A float32 matrix `[rows, cols]` with unit column stride: the values from its first element
@@ -325,7 +335,10 @@ impl CustomOp2 for BiasLinear {
             } else {
                 None
             };
-            if let Some(out) = out {
+            if let Some(mut out) = out {
+                if let Some(act) = self.activation {
+                    activate_par(&mut out, act);
+                }
                 return Ok((CpuStorage::F32(out), Shape::from(shape)));
             }
         }
@@ -364,6 +377,9 @@ impl CustomOp2 for BiasLinear {
                 false,
                 Parallelism::Rayon(rayon::current_num_threads()),
             );
+        }
+        if let Some(act) = self.activation {
+            activate_par(&mut out, act);
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }

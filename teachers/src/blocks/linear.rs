@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{Kernels, VarBuilder};
+use super::{Activation, Kernels, VarBuilder};
 
 /// `nn.Linear`: weight `[out, in]` (applied as `x Wᵀ`), optional bias `[out]`.
 ///
@@ -107,7 +107,25 @@ impl Linear {
         self.fused(x, true)?.map_or_else(|| self.forward(x), Ok)
     }
 
+    /// `act(x Wᵀ + b)`: on a prepared layer the activation runs over the product's output in
+    /// place (inference only: no backward pass); elsewhere the plain ops.
+    pub fn forward_act_fused(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match self.fused_with(x, true, Some(act))? {
+            Some(y) => Ok(y),
+            None => act.forward(&self.forward(x)?),
+        }
+    }
+
     fn fused(&self, x: &Tensor, with_bias: bool) -> Result<Option<Tensor>> {
+        self.fused_with(x, with_bias, None)
+    }
+
+    fn fused_with(
+        &self,
+        x: &Tensor,
+        with_bias: bool,
+        activation: Option<Activation>,
+    ) -> Result<Option<Tensor>> {
         if !self.fused || !super::cpu_kernels::usable(x) {
             return Ok(None);
         }
@@ -119,7 +137,11 @@ impl Linear {
             Some(wt) => (wt, true),
             None => (&self.weight, false),
         };
-        let op = super::cpu_kernels::BiasLinear { bias, transposed };
+        let op = super::cpu_kernels::BiasLinear {
+            bias,
+            transposed,
+            activation,
+        };
         x.contiguous()?.apply_op2_no_bwd(weight, &op).map(Some)
     }
 

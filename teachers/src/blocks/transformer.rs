@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::cpu_kernels::{self, BiasAct};
+use super::cpu_kernels;
 use super::{Activation, Kernels, LayerNorm, Linear, MultiheadAttention, VarBuilder};
 
 /// Numbers of one transformer stack.
@@ -77,20 +77,14 @@ impl Mlp {
         })
     }
 
-    /// Applies the MLP.
+    /// Applies the MLP (with the fused kernels, the activation runs inside `c_fc`'s output).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.c_fc.bias() {
-            Some(bias) if self.kernels == Kernels::Fused && cpu_kernels::usable(x) => {
-                let hidden = self
-                    .c_fc
-                    .forward_no_bias_fused(x)?
-                    .apply_op2_no_bwd(bias, &BiasAct(self.act))?;
-                self.c_proj.forward_fused(&hidden)
-            }
-            _ => self
-                .c_proj
-                .forward(&self.act.forward(&self.c_fc.forward(x)?)?),
+        if self.kernels == Kernels::Fused && cpu_kernels::usable(x) {
+            let hidden = self.c_fc.forward_act_fused(x, self.act)?;
+            return self.c_proj.forward_fused(&hidden);
         }
+        self.c_proj
+            .forward(&self.act.forward(&self.c_fc.forward(x)?)?)
     }
 }
 
@@ -147,6 +141,17 @@ impl ResidualAttentionBlock {
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let attn = self.attn.forward_self(&self.ln_1.forward(x)?, mask)?;
         let x = Self::residual(x, attn, &self.ls_1)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        Self::residual(&x, mlp, &self.ls_2)
+    }
+
+    /// [`ResidualAttentionBlock::forward`] (unmasked) computed for the first `n` positions
+    /// only: they still attend to every position of `x`, but the other positions' outputs,
+    /// which nothing after a last block reads when the first tokens are pooled, are skipped.
+    pub fn forward_first(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let h = self.ln_1.forward(x)?;
+        let attn = self.attn.forward(&h.narrow(1, 0, n)?, &h, None)?;
+        let x = Self::residual(&x.narrow(1, 0, n)?, attn, &self.ls_1)?;
         let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
         Self::residual(&x, mlp, &self.ls_2)
     }
@@ -219,5 +224,19 @@ impl Transformer {
             x = block.forward(&x, mask)?;
         }
         Ok(x)
+    }
+
+    /// [`Transformer::forward`] (unmasked) when only the first `n` positions of the output
+    /// are read: the last block computes just those (see
+    /// [`ResidualAttentionBlock::forward_first`]).
+    pub fn forward_first(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let Some((last, rest)) = self.resblocks.split_last() else {
+            return x.narrow(1, 0, n);
+        };
+        let mut x = x.clone();
+        for block in rest {
+            x = block.forward(&x, None)?;
+        }
+        last.forward_first(&x, n)
     }
 }
