@@ -4,8 +4,8 @@ open_clip.create_model(NAME, pretrained=None) (random weights), eval, fp32, no a
 torch.inference_mode(), with torch.set_num_threads(THREADS). Images: one random normal tensor
 [B, 3, S, S] (already "normalised"); texts: the demo captions (the .txt members of the demo
 tars, stripped, in file order) repeated to the text batch and tokenised with
-open_clip.get_tokenizer(NAME). Times ITERS calls of each after one untimed warm-up and prints
-one JSON line. With --profile, also prints torch.profiler's per-op table of one image-batch
+open_clip.get_tokenizer(NAME). Times ITERS calls of each after one untimed warm-up (the median call counts) and
+prints one JSON line. With --profile, also prints torch.profiler's per-op table of one image-batch
 forward to stderr.
 
 Usage: python bench/teachers_reference.py [--model NAME] [--batch B] [--text-batch N]
@@ -39,13 +39,16 @@ def captions(demo_dir):
 
 
 def time_per_call(iters, f):
+    """Median seconds per call over ITERS calls after one warm-up (the machine drifts)."""
     out = f()  # warm-up
     assert torch.isfinite(out).all(), "non-finite embeddings"
-    start = time.perf_counter()
+    seconds = []
     for _ in range(iters):
+        start = time.perf_counter()
         out = f()
+        seconds.append(time.perf_counter() - start)
         assert torch.isfinite(out).all(), "non-finite embeddings"
-    return (time.perf_counter() - start) / iters
+    return sorted(seconds)[len(seconds) // 2]
 
 
 def main():

@@ -105,7 +105,8 @@ fn captions(dir: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Seconds per call of `f` over `iters` calls after one untimed warm-up call.
+/// Median seconds per call of `f` over `iters` calls after one untimed warm-up call (the
+/// median, because this shared machine's speed drifts by 10% or more from call to call).
 fn time_per_call(
     device: &Device,
     iters: usize,
@@ -118,18 +119,18 @@ fn time_per_call(
     };
     check(f()?)?;
     device.synchronize()?;
-    let start = Instant::now();
-    let mut outputs = Vec::with_capacity(iters);
+    let mut seconds = Vec::with_capacity(iters);
     for _ in 0..iters {
-        outputs.push(std::hint::black_box(f()?));
+        let start = Instant::now();
+        let out = std::hint::black_box(f()?);
+        // GPU calls return before the work is done: wait for it inside the clock, then check
+        // the output outside it.
+        device.synchronize()?;
+        seconds.push(start.elapsed().as_secs_f64());
+        check(out)?;
     }
-    // GPU calls return before the work is done: wait for it, then check outside the clock.
-    device.synchronize()?;
-    let seconds = start.elapsed().as_secs_f64() / iters as f64;
-    for t in outputs {
-        check(t)?;
-    }
-    Ok(seconds)
+    seconds.sort_by(f64::total_cmp);
+    Ok(seconds[seconds.len() / 2])
 }
 
 /// Multiply-adds ×2 of one transformer stack on `t` tokens: the four attention projections,
