@@ -373,9 +373,28 @@ fn kill_9_at_20_random_moments_then_restart_equals_an_uninterrupted_run() {
     let reference_cfg = tmp.path().join("reference-cfg");
     std::fs::create_dir_all(&reference_cfg).unwrap();
     let config = write_config(&reference_cfg, &input, &reference_out, &extra);
+    // The reference run, watched: when its first shard is published (start-up: loading the
+    // models, reading, the first pass through the stages) and how long each shard takes after.
     let started = Instant::now();
-    run_ok(&config, &[]);
+    let mut child = reinforce(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first_done = None;
+    let status = loop {
+        if first_done.is_none() && !done_records(&reference_out).is_empty() {
+            first_done = Some(started.elapsed());
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(status.success(), "the reference run failed");
     let full = started.elapsed();
+    let first_done = first_done.unwrap_or(full);
+    let per_shard = (full - first_done) / names.len() as u32;
     let reference = shard_hashes(&reference_out);
     assert_eq!(reference.len(), names.len());
 
@@ -386,10 +405,16 @@ fn kill_9_at_20_random_moments_then_restart_equals_an_uninterrupted_run() {
     let mut mid_job = 0;
     let mut done_counts = std::collections::BTreeSet::new();
     for kill in 0..20 {
-        // Moments spread over the time of the first few shards of a run (start-up, reading,
-        // the stages, publishing), so that most kills land in the middle of the job and the
-        // job still advances from restart to restart.
-        let after = full.mul_f64(4.0 / names.len() as f64 * moments.next());
+        // Every other kill lands in the start-up (models loading, shards being read, the
+        // first batches in the stages); the others within one shard's time after it, so the
+        // job advances from restart to restart (by a shard or so) and most kills still land
+        // in an unfinished job.
+        let u = moments.next();
+        let after = if kill % 2 == 0 {
+            first_done.mul_f64(u)
+        } else {
+            first_done + per_shard.mul_f64(u)
+        };
         let mut child = reinforce(&config)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
