@@ -56,7 +56,6 @@ impl MultiheadAttention {
             }
         };
         let bias = vb.get_with_hints(3 * embed_dim, "in_proj_bias", candle_nn::Init::Const(0.0))?;
-        let part = |i: usize| bias.narrow(0, i * embed_dim, embed_dim);
         let (qkv, q, k, v) = match layout {
             AttentionWeights::Packed => {
                 let w = vb.get_with_hints(
@@ -64,15 +63,15 @@ impl MultiheadAttention {
                     "in_proj_weight",
                     xavier(embed_dim, 3 * embed_dim),
                 )?;
-                // Widening (3E from E): kept as stored, so q, k and v stay row views of it.
-                let qkv = Linear::from_parts(w.clone(), Some(bias.clone())).prepared(kernels)?;
-                let rows = |i: usize| w.narrow(0, i * embed_dim, embed_dim);
-                let view = |i: usize| -> Result<Linear> {
-                    Ok(Linear::from_parts(rows(i)?, Some(part(i)?)).fused_as_stored(kernels))
-                };
-                (Some(qkv), view(0)?, view(1)?, view(2)?)
+                // q, k and v are slices of the packed layer, so prepared (transposed) weights
+                // are shared, not copied.
+                let qkv = Linear::from_parts(w, Some(bias)).prepared(kernels)?;
+                let part = |i: usize| qkv.narrow_out(i * embed_dim, embed_dim);
+                let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                (Some(qkv), q, k, v)
             }
             AttentionWeights::Separate => {
+                let part = |i: usize| bias.narrow(0, i * embed_dim, embed_dim);
                 let get = |name: &str, in_dim: usize| {
                     vb.get_with_hints((embed_dim, in_dim), name, xavier(in_dim, embed_dim))
                 };
