@@ -335,6 +335,7 @@ fn main() -> ExitCode {
         signal_hook::consts::SIGXFSZ,
         Arc::new(AtomicBool::new(false)),
     );
+    dfndr_teachers::memory::reuse_large_buffers();
     let cli = Cli::parse();
     let progress = match &cli.command {
         Command::Reinforce(args) => Progress::new(!args.no_progress),

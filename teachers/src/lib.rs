@@ -9,6 +9,7 @@ pub mod clip;
 pub mod device;
 pub mod ensemble;
 pub mod error;
+pub mod memory;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;

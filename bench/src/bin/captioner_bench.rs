@@ -21,6 +21,8 @@ use dfndr_teachers::device::Compute;
 use dfndr_teachers::weights::{StateDict, WeightSource};
 
 fn main() -> Result<()> {
+    // As `dfndr` does at start-up.
+    dfndr_teachers::memory::reuse_large_buffers();
     let mut weights = None;
     let mut images = None;
     let mut batch = 4usize;

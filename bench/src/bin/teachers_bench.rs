@@ -434,6 +434,8 @@ fn print_profile(prof: &Profile, images: usize, measured: f64, image_flops: f64)
 }
 
 fn main() -> Result<()> {
+    // As `dfndr` does at start-up.
+    dfndr_teachers::memory::reuse_large_buffers();
     let args = parse_args()?;
     let cfg = ClipConfig::named(&args.model)?;
     let threads = candle_core::utils::get_num_threads();
