@@ -21,10 +21,12 @@ fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+    // Adding 1.5 * 2^23 rounds to the nearest integer without a libm call, and leaves that
+    // integer in the low mantissa bits of `t`.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_2e-3;
@@ -33,7 +35,10 @@ fn fast_exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n built from t's bits: shifting by 23 drops t's sign and exponent and leaves
+    // (n + 127) << 23, n in -126..=127 after the clamp. Unlike `n as i32` (a saturating cast,
+    // which the compiler keeps scalar) this integer arithmetic vectorises.
+    e * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// `erf(x)` by Abramowitz & Stegun 7.1.26 (absolute error below 1e-6 in float32) with [`fast_exp`]:
@@ -78,17 +83,19 @@ fn softmax_row_generic(row: &mut [f32], mask: Option<&[f32]>) {
         .chain(&lanes)
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
-    for v in row.iter_mut() {
-        *v = fast_exp(*v - max);
-    }
     let mut sums = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
+    let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
-        for (s, &v) in sums.iter_mut().zip(chunk) {
-            *s += v;
+        for (s, v) in sums.iter_mut().zip(chunk) {
+            *v = fast_exp(*v - max);
+            *s += *v;
         }
     }
-    let sum: f32 = sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    let mut sum: f32 = sums.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = fast_exp(*v - max);
+        sum += *v;
+    }
     let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
