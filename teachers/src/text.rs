@@ -153,8 +153,9 @@ impl TextTransformer {
     /// class token, pooling at the EOT / argmax / first position) each row is cut after its
     /// pooled position, rows are ordered by that length and run in groups of similar length
     /// (up to [`TOKENS_PER_GROUP`] positions, at most a quarter of them padding), and the
-    /// embeddings come back in the input order: the same numbers as running all `L` positions, without computing the
-    /// padding. A 15-token caption in a 77-token context costs about a fifth as much.
+    /// embeddings come back in the input order: the same numbers as running all `L`
+    /// positions, without computing the padding. A 15-token caption in a 77-token context
+    /// costs about a fifth as much.
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let Some(lengths) = self.pooled_prefix_lengths(ids) else {
             return Ok(self.forward_with_tokens(ids)?.pooled);
@@ -206,7 +207,7 @@ impl TextTransformer {
                 TextPool::Argmax | TextPool::Eos | TextPool::First
             );
         let l = ids.first()?.len();
-        if !prefix_only || l == 0 || ids.iter().any(|r| r.len() != l) {
+        if !prefix_only || l == 0 || l > self.context_length || ids.iter().any(|r| r.len() != l) {
             return None;
         }
         let lengths: Vec<usize> = ids.iter().map(|r| self.pool_index(r) + 1).collect();

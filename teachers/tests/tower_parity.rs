@@ -322,6 +322,11 @@ fn pooled_paths_equal_the_full_towers_on_large_mixed_batches() {
         let full = text.forward_with_tokens(&rows).unwrap().pooled;
         let d = max_abs_diff(&fast, &full);
         assert!(d <= 1e-5, "{} text: max |diff| {d:e}", case.name);
+        // Rows longer than the context are refused on both paths, even when the pooled
+        // position is early.
+        let mut long = rows[1].clone();
+        long.push(0);
+        assert!(text.forward(&[long]).is_err(), "{}", case.name);
         let images = &case.io["images"];
         let visual = case.model.visual();
         let d = max_abs_diff(
