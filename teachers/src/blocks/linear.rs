@@ -96,49 +96,29 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// `x Wᵀ` without the bias.
-    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_last_dim(x, &self.weight.t()?, None)
-    }
-
-    /// [`Linear::forward_no_bias`] through the fused CPU kernel when the layer is prepared for
-    /// it (inference only: no backward pass); elsewhere the same.
-    pub fn forward_no_bias_fused(&self, x: &Tensor) -> Result<Tensor> {
-        self.fused(x, false)?
-            .map_or_else(|| self.forward_no_bias(x), Ok)
-    }
-
     /// [`Linear::forward`] with the bias written into the product's output on the CPU when the
     /// layer is prepared for it (inference only: no backward pass); elsewhere the same.
     pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
-        self.fused(x, true)?.map_or_else(|| self.forward(x), Ok)
+        self.fused(x, None)?.map_or_else(|| self.forward(x), Ok)
     }
 
     /// `act(x Wᵀ + b)`: on a prepared layer the activation runs over the product's output in
     /// place (inference only: no backward pass); elsewhere the plain ops.
     pub fn forward_act_fused(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        match self.fused_with(x, true, Some(act))? {
+        match self.fused(x, Some(act))? {
             Some(y) => Ok(y),
             None => act.forward(&self.forward(x)?),
         }
     }
 
-    fn fused(&self, x: &Tensor, with_bias: bool) -> Result<Option<Tensor>> {
-        self.fused_with(x, with_bias, None)
-    }
-
-    fn fused_with(
-        &self,
-        x: &Tensor,
-        with_bias: bool,
-        activation: Option<Activation>,
-    ) -> Result<Option<Tensor>> {
+    /// The fused CPU kernel's `act(x Wᵀ + b)`, or `None` where it does not apply.
+    fn fused(&self, x: &Tensor, activation: Option<Activation>) -> Result<Option<Tensor>> {
         if !self.fused || !super::cpu_kernels::usable(x) {
             return Ok(None);
         }
-        let bias = match (&self.bias, with_bias) {
-            (Some(b), true) => Some(b.to_vec1::<f32>()?),
-            _ => None,
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_vec1::<f32>()?),
+            None => None,
         };
         let (weight, transposed) = match &self.weight_t {
             Some(wt) => (wt, true),
@@ -155,7 +135,7 @@ impl Linear {
     /// Applies the layer to `[..., in]`. Leading dimensions are folded into one so the whole
     /// batch is a single large matrix product. A prepared layer takes the fused CPU kernel.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.fused(x, true)? {
+        if let Some(y) = self.fused(x, None)? {
             return Ok(y);
         }
         matmul_last_dim(x, &self.weight.t()?, self.bias.as_ref())
