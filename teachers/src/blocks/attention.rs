@@ -114,8 +114,8 @@ impl MultiheadAttention {
                 heads: self.heads,
                 mask,
             };
-            let merged = qkv.forward_fused(x)?.apply_op1_no_bwd(&op)?;
-            return self.out_proj.forward_fused(&merged);
+            let merged = qkv.forward(x)?.apply_op1_no_bwd(&op)?;
+            return self.out_proj.forward(&merged);
         }
         let (b, t, _) = x.dims3()?;
         // One product for q, k and v, then one copy into [3, B, H, T, d].
@@ -141,7 +141,7 @@ impl MultiheadAttention {
     /// layers only), for callers that run attention themselves (cached decoding).
     pub fn project_qkv(&self, x: &Tensor) -> Result<Tensor> {
         match &self.qkv {
-            Some(qkv) => qkv.forward_fused(x),
+            Some(qkv) => qkv.forward(x),
             None => Tensor::cat(
                 &[self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?],
                 candle_core::D::Minus1,
@@ -151,17 +151,17 @@ impl MultiheadAttention {
 
     /// The query projection of `x: [..., E]`.
     pub fn project_q(&self, x: &Tensor) -> Result<Tensor> {
-        self.q.forward_fused(x)
+        self.q.forward(x)
     }
 
     /// The key and value projections of `kv: [..., kdim]`.
     pub fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.k.forward_fused(kv)?, self.v.forward_fused(kv)?))
+        Ok((self.k.forward(kv)?, self.v.forward(kv)?))
     }
 
     /// The output projection of merged heads `[..., E]`.
     pub fn project_out(&self, merged: &Tensor) -> Result<Tensor> {
-        self.out_proj.forward_fused(merged)
+        self.out_proj.forward(merged)
     }
 
     /// Attention of queries `q_in: [B, Tq, E]` over `kv_in: [B, Tk, kdim]`.

@@ -96,12 +96,6 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// [`Linear::forward`] with the bias written into the product's output on the CPU when the
-    /// layer is prepared for it (inference only: no backward pass); elsewhere the same.
-    pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
-        self.fused(x, None)?.map_or_else(|| self.forward(x), Ok)
-    }
-
     /// `act(x Wᵀ + b)`: on a prepared layer the activation runs over the product's output in
     /// place (inference only: no backward pass); elsewhere the plain ops.
     pub fn forward_act_fused(&self, x: &Tensor, act: Activation) -> Result<Tensor> {

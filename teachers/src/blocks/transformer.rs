@@ -81,7 +81,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.kernels == Kernels::Fused && cpu_kernels::usable(x) {
             let hidden = self.c_fc.forward_act_fused(x, self.act)?;
-            return self.c_proj.forward_fused(&hidden);
+            return self.c_proj.forward(&hidden);
         }
         self.c_proj
             .forward(&self.act.forward(&self.c_fc.forward(x)?)?)
