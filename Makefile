@@ -100,11 +100,13 @@ $(MOTO_VENV)/bin/moto_server:
 	$(MOTO_VENV)/bin/pip install --quiet --disable-pip-version-check "moto[server]==5.1.22"
 
 ## Every test: unit, property, format, reader, object-store and end-to-end job-control tests;
-## plus lints.
+## plus lints. Then the numeric and end-to-end tests again at every SIMD level below this
+## machine's best (tools/test-simd-levels.sh), so users' AVX2-only and older CPUs are covered.
 test: s3-server
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
+	CARGO=$(CARGO) tools/test-simd-levels.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -307,8 +307,8 @@ impl<'t> HPlan<'t> {
     /// One transposed strip into `m` output rows.
     fn strip(&self, strip: &[u8], out: &mut [u8], m: usize) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
+        if dfndr_simd::level() >= dfndr_simd::Level::Avx2 {
+            // SAFETY: the CPU supports AVX2: `level()` never exceeds what was detected.
             unsafe { self.strip_avx2(strip, out, m) };
             return;
         }
@@ -569,8 +569,8 @@ fn vertical<'r>(
 /// One output row of the vertical pass from full-width input rows and their coefficients.
 fn vertical_row(rows: &[(&[u8], i32)], dst: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
+    if dfndr_simd::level() >= dfndr_simd::Level::Avx2 {
+        // SAFETY: the CPU supports AVX2: `level()` never exceeds what was detected.
         unsafe { vertical_row_avx2(rows, dst) };
         return;
     }
