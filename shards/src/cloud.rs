@@ -21,14 +21,18 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::{BoxStream, StreamExt};
-use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{
+    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
 use tokio::runtime::Runtime;
 
 use crate::store::{ObjectMeta, StagedWrite, Store, StoreError};
@@ -37,6 +41,57 @@ use crate::store::{ObjectMeta, StagedWrite, Store, StoreError};
 pub const DEFAULT_PART_SIZE: usize = 16 << 20;
 /// Parts of one staged write uploaded concurrently.
 const UPLOAD_CONCURRENCY: usize = 4;
+
+/// How dfndr's object-store clients behave: timeouts, retries and the chunk size of input
+/// downloads. Set once per process with [`configure`] before the first store is opened (the
+/// `[storage]` section of a job config); buckets opened earlier keep the settings they were
+/// built with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientSettings {
+    /// Every request, from connecting until its body is complete, must finish within this
+    /// (one download chunk, one upload part, a claim, a listing).
+    pub request_timeout: Duration,
+    /// Time to establish a connection.
+    pub connect_timeout: Duration,
+    /// Retries of a failed request (and of a failed download chunk), with exponential
+    /// backoff.
+    pub max_retries: usize,
+    /// No request is retried once this long has passed since its first try.
+    pub retry_timeout: Duration,
+    /// Objects are downloaded in ranged requests of this many bytes, each retried on its
+    /// own, so a download of any size survives slow readers and cut connections.
+    pub download_chunk_bytes: u64,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            request_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+            max_retries: 10,
+            retry_timeout: Duration::from_secs(300),
+            download_chunk_bytes: 32 << 20,
+        }
+    }
+}
+
+fn settings_cell() -> &'static Mutex<ClientSettings> {
+    static SETTINGS: OnceLock<Mutex<ClientSettings>> = OnceLock::new();
+    SETTINGS.get_or_init(Default::default)
+}
+
+/// Sets the client settings of the stores opened from now on.
+pub fn configure(settings: ClientSettings) {
+    *settings_cell().lock().unwrap_or_else(|e| e.into_inner()) = settings;
+}
+
+/// The client settings in force.
+pub fn settings() -> ClientSettings {
+    settings_cell()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
 
 /// The object-store families dfndr opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,24 +187,47 @@ fn bucket(root: &str) -> Result<Arc<Bucket>, StoreError> {
     // reqwest's TLS needs a process-wide crypto provider; an error means one is installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let scheme = scheme_of(root).unwrap_or_default();
+    let settings = settings();
+    // Set key by key: `with_client_options` would drop what `from_env` read (AWS_ALLOW_HTTP).
+    let timeouts = [
+        (ClientConfigKey::Timeout, settings.request_timeout),
+        (ClientConfigKey::ConnectTimeout, settings.connect_timeout),
+    ]
+    .map(|(key, d)| (key, format!("{}ms", d.as_millis().max(1))));
+    let retry = RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: settings.max_retries,
+        retry_timeout: settings.retry_timeout,
+    };
     let built: Result<Arc<dyn ObjectStore>, object_store::Error> =
         match CloudKind::of_scheme(&scheme) {
             Some(CloudKind::S3) => {
                 // s3a:// is Hadoop's name for the same thing.
                 let url = root.replacen("s3a://", "s3://", 1);
-                AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()
-                    .map(|s| Arc::new(s) as _)
+                let mut b = AmazonS3Builder::from_env().with_url(url).with_retry(retry);
+                for (key, value) in &timeouts {
+                    b = b.with_config(AmazonS3ConfigKey::Client(*key), value);
+                }
+                b.build().map(|s| Arc::new(s) as _)
             }
-            Some(CloudKind::Gcs) => GoogleCloudStorageBuilder::from_env()
-                .with_url(root)
-                .build()
-                .map(|s| Arc::new(s) as _),
-            Some(CloudKind::Azure) => MicrosoftAzureBuilder::from_env()
-                .with_url(root)
-                .build()
-                .map(|s| Arc::new(s) as _),
+            Some(CloudKind::Gcs) => {
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_url(root)
+                    .with_retry(retry);
+                for (key, value) in &timeouts {
+                    b = b.with_config(GoogleConfigKey::Client(*key), value);
+                }
+                b.build().map(|s| Arc::new(s) as _)
+            }
+            Some(CloudKind::Azure) => {
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_url(root)
+                    .with_retry(retry);
+                for (key, value) in &timeouts {
+                    b = b.with_config(AzureConfigKey::Client(*key), value);
+                }
+                b.build().map(|s| Arc::new(s) as _)
+            }
             None => return Err(StoreError::UnsupportedScheme(root.to_string())),
         };
     let store = built.map_err(|e| StoreError::Remote {
@@ -233,18 +311,113 @@ impl CloudStore {
     /// A failed write. "Not found" on a write means the bucket itself is missing, which must
     /// not read as "object absent" to callers.
     fn remote_write(&self, path: &str, error: object_store::Error) -> StoreError {
-        let hint = match error {
-            object_store::Error::NotFound { .. } => " (does the bucket exist?)",
-            _ => "",
-        };
-        StoreError::Remote {
-            path: self.uri_of(path),
-            error: format!("{}{hint}", one_line(&error.to_string())),
+        match error {
+            object_store::Error::NotFound { .. } => StoreError::NoBucket {
+                path: self.uri_of(path),
+                error: format!("{} (does the bucket exist?)", one_line(&error.to_string())),
+            },
+            error => StoreError::Remote {
+                path: self.uri_of(path),
+                error: one_line(&error.to_string()),
+            },
         }
     }
 
     fn block_on<F: std::future::Future>(&self, future: F) -> Result<F::Output, StoreError> {
         Ok(runtime()?.block_on(future))
+    }
+
+    /// Downloads `path` in ranged requests of [`ClientSettings::download_chunk_bytes`], each
+    /// with its own timeout and retries, pinned to the version first seen (its ETag): a
+    /// connection cut mid-body costs one chunk, never the download, and an object replaced
+    /// meanwhile is an error rather than a mix of two versions. Returns the bytes written,
+    /// which always equal the object's size.
+    fn download_chunked(
+        &self,
+        path: &str,
+        out: &mut dyn Write,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, StoreError> {
+        let settings = settings();
+        let key = self.key(path)?;
+        let store = self.bucket.store.clone();
+        let head_key = key.clone();
+        let meta = self
+            .block_on(async move { store.head(&head_key).await })?
+            .map_err(|e| self.remote(path, e))?;
+        let chunk = settings.download_chunk_bytes.max(1);
+        let mut offset = 0u64;
+        while offset < meta.size {
+            let end = (offset + chunk).min(meta.size);
+            let bytes = self.get_chunk(path, &key, meta.e_tag.clone(), offset..end, &settings)?;
+            out.write_all(&bytes).map_err(|error| StoreError::Io {
+                path: format!("local copy of {}", self.uri_of(path)),
+                error,
+            })?;
+            offset = end;
+            progress(offset);
+        }
+        Ok(offset)
+    }
+
+    /// One byte range of an object, retried with backoff on any failure but a missing or
+    /// changed object; a short body counts as a failure.
+    fn get_chunk(
+        &self,
+        path: &str,
+        key: &ObjectPath,
+        e_tag: Option<String>,
+        range: std::ops::Range<u64>,
+        settings: &ClientSettings,
+    ) -> Result<Bytes, StoreError> {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0usize;
+        loop {
+            let store = self.bucket.store.clone();
+            let (key, e_tag, r) = (key.clone(), e_tag.clone(), range.clone());
+            let result = self.block_on(async move {
+                let opts = GetOptions {
+                    if_match: e_tag,
+                    range: Some(GetRange::Bounded(r)),
+                    ..GetOptions::default()
+                };
+                store.get_opts(&key, opts).await?.bytes().await
+            })?;
+            let want = range.end - range.start;
+            let error = match result {
+                Ok(bytes) if bytes.len() as u64 == want => return Ok(bytes),
+                Ok(bytes) => format!(
+                    "bytes {}..{}: the server sent {} of {want} bytes",
+                    range.start,
+                    range.end,
+                    bytes.len()
+                ),
+                Err(e @ object_store::Error::NotFound { .. }) => return Err(self.remote(path, e)),
+                Err(object_store::Error::Precondition { .. }) => {
+                    return Err(StoreError::Remote {
+                        path: self.uri_of(path),
+                        error: "the object was replaced while it was being read".into(),
+                    })
+                }
+                Err(e) => format!(
+                    "bytes {}..{}: {}",
+                    range.start,
+                    range.end,
+                    one_line(&e.to_string())
+                ),
+            };
+            attempt += 1;
+            if attempt > settings.max_retries || started.elapsed() >= settings.retry_timeout {
+                return Err(StoreError::Remote {
+                    path: self.uri_of(path),
+                    error: format!("{error} (gave up after {attempt} attempts)"),
+                });
+            }
+            tracing::warn!(object = %self.uri_of(path), attempt, error = %error, "download chunk failed; retrying");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
     }
 }
 
@@ -272,6 +445,15 @@ impl Store for CloudStore {
             chunk: Bytes::new(),
             uri: self.uri_of(path),
         }))
+    }
+
+    fn download_to(
+        &self,
+        path: &str,
+        out: &mut dyn Write,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, StoreError> {
+        self.download_chunked(path, out, progress)
     }
 
     fn get(&self, path: &str) -> Result<Vec<u8>, StoreError> {

@@ -52,7 +52,7 @@ pub enum JobError {
         error: serde_json::Error,
     },
     /// The output belongs to a job with another configuration.
-    #[error("{output} was created by a job with config fingerprint {existing}, but this config has fingerprint {current}.\nChanging the config of a started job would mix incompatible shards. Use a new output location, or pass --force to adopt the new config (done shards are kept as they are).")]
+    #[error("{output} was created by a job with config fingerprint {existing}, but this config has fingerprint {current}.\nChanging the config of a started job would mix incompatible shards. Use a new output location, or pass --force to adopt the new config (shards done under the old one are then redone).")]
     FingerprintMismatch {
         /// Output location.
         output: String,
@@ -687,12 +687,37 @@ impl Job {
         self.read_json(&done_path(name))
     }
 
-    /// Whether `name` is done: its done record exists and the output has the recorded size.
-    pub fn is_done(&self, name: &str) -> Result<bool, JobError> {
+    /// Whether `name` is done for a job with config `fingerprint`: its done record exists,
+    /// names that fingerprint, and the output has the recorded size. A shard written under
+    /// another config is not done for this one (a job adopted with `--force` redoes it).
+    pub fn is_done(&self, name: &str, fingerprint: &str) -> Result<bool, JobError> {
         let Some(rec) = self.done_record(name)? else {
             return Ok(false);
         };
+        if rec.config_fingerprint != fingerprint {
+            return Ok(false);
+        }
         Ok(matches!(self.store.stat(&rec.output)?, Some(m) if m.size == rec.bytes))
+    }
+
+    /// Releases our claim on a shard we have just published. The shard is done whatever
+    /// happens here, so a storage error is retried a few times and then only logged: a claim
+    /// left behind on a done shard is cleared by the next worker that looks at it.
+    pub fn release_after_publish(&self, name: &str, claim: &ClaimRecord) {
+        let mut wait = Duration::from_millis(200);
+        for attempt in 1..=4 {
+            match self.release(name, claim) {
+                Ok(()) => return,
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(shard = name, attempt, error = %e, "cannot release the claim of a done shard; retrying");
+                    std::thread::sleep(wait);
+                    wait *= 4;
+                }
+                Err(e) => {
+                    tracing::warn!(shard = name, error = %e, "cannot release the claim of a done shard; leaving it to be cleared later (the shard is done)");
+                }
+            }
+        }
     }
 
     /// Names of all shards with a done record (one listing; sizes not checked).
@@ -1031,13 +1056,17 @@ mod tests {
         };
         j.write_failed("s0", "in/s0.tar", "boom").unwrap();
         j.write_done("s0", &rec).unwrap();
-        assert!(j.is_done("s0").unwrap());
+        assert!(j.is_done("s0", "fp").unwrap());
+        assert!(
+            !j.is_done("s0", "other").unwrap(),
+            "done under another config is not done for this one"
+        );
         assert!(
             j.failed_record("s0").unwrap().is_none(),
             "done clears the failure"
         );
         j.store().put("shards/s0.parquet", b"1234").unwrap();
-        assert!(!j.is_done("s0").unwrap());
+        assert!(!j.is_done("s0", "fp").unwrap());
         let m = j.rebuild_manifest(1).unwrap();
         assert_eq!(m.total_rows, 3);
         assert_eq!(m.skipped["no_caption"], 2);

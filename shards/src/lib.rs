@@ -7,6 +7,7 @@
 //! - [`cloud`]: the same interface on object stores (`s3://`, `gs://`, `az://`).
 //! - [`mod@format`]: the DFNDR v1 parquet format (writer, reader, metadata).
 //! - [`apple`]: Apple's reinforced webdataset layout (export and import), `.npy` / `.npz`.
+//! - [`spool`]: input shards fetched to local files (ahead of use) before they are read.
 //! - [`job`]: claims, heartbeats, done and failed records, manifest, config fingerprint.
 
 pub mod apple;
@@ -14,5 +15,6 @@ pub mod cloud;
 pub mod format;
 pub mod job;
 pub mod shardlist;
+pub mod spool;
 pub mod store;
 pub mod wds;

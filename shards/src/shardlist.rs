@@ -69,6 +69,14 @@ pub enum ShardListError {
         /// Its scheme, lowercase.
         scheme: String,
     },
+    /// A relative list-file entry that climbs above its object-store bucket.
+    #[error("list entry {entry:?} of a list file in {dir} climbs above the bucket")]
+    EntryAboveBucket {
+        /// The entry as written.
+        entry: String,
+        /// The list file's folder.
+        dir: String,
+    },
     /// A `file://` URL that does not name a local absolute path.
     #[error("invalid file URL {url:?}: {reason}")]
     InvalidFileUrl {
@@ -683,7 +691,11 @@ fn resolve_item(
             else {
                 unreachable!("checked by the guard")
             };
-            return resolve_cloud_item(&format!("{dir}/{item}"), ctx, out);
+            let joined = join_cloud(dir, item).ok_or_else(|| ShardListError::EntryAboveBucket {
+                entry: item.to_owned(),
+                dir: dir.to_owned(),
+            })?;
+            return resolve_cloud_item(&joined, ctx, out);
         }
         Some(scheme) => {
             return Err(ShardListError::UnsupportedScheme {
@@ -745,6 +757,26 @@ fn read_list(path: &Path, out: &mut Vec<ShardRef>) -> Result<(), ShardListError>
     })?;
     let dir = ListDir::Local(abs.parent().unwrap_or(Path::new("/")));
     parse_list(&list, dir, &text, out)
+}
+
+/// `entry` (relative, `/`-separated) resolved against the object-store folder `dir`
+/// (`scheme://bucket/path`, no trailing `/`): `.` segments dropped, `..` climbing one folder;
+/// `None` when it would climb above the bucket.
+fn join_cloud(dir: &str, entry: &str) -> Option<String> {
+    let (scheme, rest) = dir.split_once("://")?;
+    let mut parts = rest.split('/');
+    let bucket = parts.next()?;
+    let mut path: Vec<&str> = parts.filter(|p| !p.is_empty()).collect();
+    for seg in entry.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                path.pop()?;
+            }
+            seg => path.push(seg),
+        }
+    }
+    Some(format!("{scheme}://{bucket}/{}", path.join("/")))
 }
 
 /// Resolves an object-store item: a plain object, a glob in its last segment (listed), or a
@@ -886,6 +918,20 @@ pub fn resolve_inputs(patterns: &[String]) -> Result<Vec<ShardRef>, ShardListErr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn relative_list_entries_on_object_stores_are_normalised() {
+        use super::join_cloud;
+        assert_eq!(
+            join_cloud("s3://b/lists", "../in/x.tar").as_deref(),
+            Some("s3://b/in/x.tar")
+        );
+        assert_eq!(
+            join_cloud("gs://b/a/b", "./c/../d.tar").as_deref(),
+            Some("gs://b/a/b/d.tar")
+        );
+        assert_eq!(join_cloud("s3://b/lists", "../../x.tar"), None);
+    }
+
     use super::*;
 
     #[test]

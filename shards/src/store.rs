@@ -53,9 +53,33 @@ pub enum StoreError {
         /// The store's error message.
         error: String,
     },
+    /// A write into a bucket or container that does not exist.
+    #[error("{path}: {error}")]
+    NoBucket {
+        /// Full location.
+        path: String,
+        /// The store's error message.
+        error: String,
+    },
     /// A command that needs a local path was given an object-store URL.
     #[error("{0}: this needs a local path or file:// URL, not an object-store URL")]
     NotLocal(String),
+}
+
+impl StoreError {
+    /// Whether the error may go away by itself (a failed request, an I/O error), as opposed
+    /// to a location that is wrong as written (bad URL, unsupported scheme, missing object)
+    /// or that the user must fix (no permission, a read-only file system).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Io { error, .. } => !matches!(
+                error.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+            ),
+            StoreError::Remote { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// Size and modification time of a stored object.
@@ -93,6 +117,34 @@ pub trait Store: Send + Sync {
                 error,
             })?;
         Ok(out)
+    }
+    /// Copies a whole object into `out`, calling `progress` with the bytes copied so far as
+    /// the copy advances; returns the object's size. Object stores download it in ranged,
+    /// individually retried chunks, so the copy does not depend on how fast `out` is.
+    fn download_to(
+        &self,
+        path: &str,
+        out: &mut dyn Write,
+        progress: &dyn Fn(u64),
+    ) -> Result<u64, StoreError> {
+        let uri = self.uri_of(path);
+        let mut reader = self.open_read(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut copied = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(copied),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(StoreError::Io { path: uri, error }),
+            };
+            out.write_all(&buf[..n]).map_err(|error| StoreError::Io {
+                path: format!("local copy of {uri}"),
+                error,
+            })?;
+            copied += n as u64;
+            progress(copied);
+        }
     }
     /// Size and modification time, or `None` if the object does not exist.
     fn stat(&self, path: &str) -> Result<Option<ObjectMeta>, StoreError>;
@@ -205,8 +257,11 @@ pub fn local_copy(store: &dyn Store, path: &str) -> Result<LocalCopy, StoreError
         error,
     };
     let mut file = tempfile::NamedTempFile::new().map_err(temp_error)?;
-    let mut reader = store.open_read(path)?;
-    io::copy(&mut reader, file.as_file_mut()).map_err(temp_error)?;
+    {
+        let mut out = io::BufWriter::with_capacity(1 << 20, file.as_file_mut());
+        store.download_to(path, &mut out, &|_| {})?;
+        out.flush().map_err(temp_error)?;
+    }
     let temp = file.into_temp_path();
     Ok(LocalCopy {
         path: temp.to_path_buf(),
