@@ -210,7 +210,16 @@ fn caption_adds_the_same_captions_to_an_existing_output_and_embed_completes_it()
             assert_eq!(a.key, b.key);
             assert_eq!(a.syn[0].texts, b.syn[0].texts, "{shard} {}", a.key);
             assert_eq!(a.paug, b.paug);
-            assert_eq!(a.text_emb, b.text_emb);
+            // The ground-truth caption was embedded in other text batches (with synthetic
+            // captions in `full`): equal within dfndr's cross-batch promise.
+            assert_eq!(a.text_emb.len(), b.text_emb.len());
+            for (x, y) in a.text_emb.iter().zip(&b.text_emb) {
+                assert!(
+                    within_one_f16_step(x, y),
+                    "{shard} {}: {x:?} vs {y:?}",
+                    a.key
+                );
+            }
         }
     }
     assert!(run(dfndr().args(["verify"]).arg(&plain_out))

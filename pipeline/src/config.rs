@@ -40,6 +40,76 @@ pub struct JobConfig {
     pub captioners: Vec<CaptionerConfig>,
     /// How the caption stage runs.
     pub caption: CaptionSection,
+    /// How object stores are read and written (timeouts, retries, the input spool).
+    pub storage: StorageSection,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// Every object-store request (one download chunk, one upload part, a claim) must finish
+    /// within this many seconds, from connecting until its body is complete.
+    pub request_timeout_seconds: f64,
+    /// Seconds to establish a connection.
+    pub connect_timeout_seconds: f64,
+    /// Retries of a failed request or download chunk (exponential backoff).
+    pub max_retries: usize,
+    /// A request is not retried once this many seconds have passed since its first try.
+    pub retry_timeout_seconds: f64,
+    /// Input shards on object stores are downloaded in ranged requests of this many MiB,
+    /// each retried on its own (a cut connection costs one chunk).
+    pub download_chunk_mib: u64,
+    /// Folder for the local copies of object-store input shards (default: the system's
+    /// temporary folder, `TMPDIR`). A copy lives while its shard is processed.
+    pub spool_dir: Option<String>,
+    /// Input shards downloaded in advance while the current one is processed.
+    pub prefetch_shards: usize,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        let client = dfndr_shards::cloud::ClientSettings::default();
+        StorageSection {
+            request_timeout_seconds: client.request_timeout.as_secs_f64(),
+            connect_timeout_seconds: client.connect_timeout.as_secs_f64(),
+            max_retries: client.max_retries,
+            retry_timeout_seconds: client.retry_timeout.as_secs_f64(),
+            download_chunk_mib: client.download_chunk_bytes >> 20,
+            spool_dir: None,
+            prefetch_shards: 1,
+        }
+    }
+}
+
+impl StorageSection {
+    /// The object-store client settings of this section.
+    pub fn client(&self) -> dfndr_shards::cloud::ClientSettings {
+        use std::time::Duration;
+        dfndr_shards::cloud::ClientSettings {
+            request_timeout: Duration::from_secs_f64(self.request_timeout_seconds),
+            connect_timeout: Duration::from_secs_f64(self.connect_timeout_seconds),
+            max_retries: self.max_retries,
+            retry_timeout: Duration::from_secs_f64(self.retry_timeout_seconds),
+            download_chunk_bytes: self.download_chunk_mib << 20,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("request_timeout_seconds", self.request_timeout_seconds),
+            ("connect_timeout_seconds", self.connect_timeout_seconds),
+            ("retry_timeout_seconds", self.retry_timeout_seconds),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 1e9) {
+                bail!("storage.{name} must be a positive number of seconds");
+            }
+        }
+        if self.download_chunk_mib == 0 || self.download_chunk_mib > 4096 {
+            bail!("storage.download_chunk_mib must be between 1 and 4096");
+        }
+        Ok(())
+    }
 }
 
 /// `[job]`
@@ -63,6 +133,11 @@ pub struct JobSection {
     pub batch_size: usize,
     /// Decoding threads (0: one per core).
     pub threads: usize,
+    /// A worker whose shard has made no progress (no batch through any stage, no download
+    /// chunk) for this many seconds is taken to be hung (a blocked read, a stuck device): it
+    /// stops renewing its claim, logs why and exits with status 3, so that another worker
+    /// takes the shard over once the lease expires. Keep it well above the slowest batch.
+    pub stall_seconds: f64,
 }
 
 impl Default for JobSection {
@@ -75,6 +150,7 @@ impl Default for JobSection {
             max_attempts: 3,
             batch_size: 64,
             threads: 0,
+            stall_seconds: 1800.0,
         }
     }
 }
@@ -164,6 +240,9 @@ impl JobConfig {
         if !(self.job.lease_seconds.is_finite() && self.job.lease_seconds > 0.0) {
             bail!("job.lease_seconds must be a positive number of seconds");
         }
+        if !(self.job.stall_seconds.is_finite() && self.job.stall_seconds > 0.0) {
+            bail!("job.stall_seconds must be a positive number of seconds");
+        }
         if self.job.max_attempts == 0 {
             bail!("job.max_attempts must be at least 1");
         }
@@ -185,6 +264,7 @@ impl JobConfig {
             bail!("caption.batch_size must be at least 1");
         }
         crate::caption::validate_captioners(&self.captioners)?;
+        self.storage.validate()?;
         Ok(())
     }
 
@@ -236,6 +316,9 @@ mod tests {
         b.job.output = Some("y".into());
         b.job.lease_seconds = 5.0;
         b.job.threads = 7;
+        b.job.stall_seconds = 9.0;
+        b.storage.request_timeout_seconds = 1.0;
+        b.storage.spool_dir = Some("/spool".into());
         assert_eq!(a.fingerprint(), b.fingerprint());
         b.output.embed_images = true;
         assert_ne!(a.fingerprint(), b.fingerprint());

@@ -1,4 +1,5 @@
-//! Crash injection for the job-control tests.
+//! Fault injection for the job-control tests: crashes at the steps of the shard protocol, and
+//! stages that are slow or hang.
 //!
 //! The exactly-once guarantee is only worth something if it survives a process dying at each
 //! step of the shard protocol, so the tests make the real binary die there. With
@@ -46,5 +47,30 @@ pub fn crash_point(point: CrashPoint, shard: &str) {
         );
         let _ = signal_hook::low_level::raise(signal_hook::consts::SIGKILL);
         std::process::abort();
+    }
+}
+
+/// Slows or blocks a stage for the liveness and slow-consumer tests: with
+/// `DFNDR_TEST_PACE=STAGE:MS` the stage sleeps MS milliseconds per batch, with
+/// `DFNDR_TEST_PACE=STAGE:hang` it blocks for good at its first batch (a stand-in for a read or
+/// a device that never returns). Unset, this is a no-op; deliberately undocumented for users.
+pub fn pace(stage: &str) {
+    let Ok(spec) = std::env::var("DFNDR_TEST_PACE") else {
+        return;
+    };
+    let Some((at, how)) = spec.split_once(':') else {
+        return;
+    };
+    if at != stage {
+        return;
+    }
+    if how == "hang" {
+        eprintln!("DFNDR_TEST_PACE: the {stage} stage hangs");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+    if let Ok(ms) = how.parse::<u64>() {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

@@ -125,7 +125,7 @@ pub fn run(
     let (mut imported, mut already) = (0usize, 0usize);
     for shard in shards {
         progress.shard_started(&shard.name);
-        if job.is_done(&shard.name)? {
+        if job.is_done(&shard.name, &spec.fingerprint)? {
             already += 1;
             progress.shard_finished(0);
             continue;

@@ -7,9 +7,11 @@ mod crash;
 mod embed;
 mod embed_existing;
 mod encode;
+mod exit;
 mod export;
 mod import;
 mod inspect;
+mod liveness;
 mod output;
 mod paug;
 mod progress;
@@ -29,11 +31,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dfndr_shards::format::SCHEMA_VERSION;
-use dfndr_shards::job::{now_unix, Job, Placement, WorkerIdentity};
-use dfndr_shards::shardlist::{resolve_inputs, ShardRef};
-use dfndr_shards::store::{local_copy_of, open_store};
+use dfndr_shards::job::{now_unix, Job, JobError, Placement, WorkerIdentity};
+use dfndr_shards::shardlist::{resolve_inputs, ShardListError, ShardRef};
+use dfndr_shards::spool::Spool;
+use dfndr_shards::store::{local_copy_of, open_store, Store};
 
 use crate::config::JobConfig;
+use crate::exit::{usage, UsageResult};
+use crate::liveness::Liveness;
 use crate::progress::Progress;
 
 const LONG_ABOUT: &str = "\
@@ -76,7 +81,9 @@ config; syn_text_TAG), teacher embeddings of every view and caption ([[teachers]
 text_emb, syn_text_TAG_emb), write. `dfndr status` shows how busy each stage was.
 
 Exit status: 0 when every shard of the job is done, 1 when some shards failed (see `dfndr
-status`), 2 on a usage or configuration error, 130 when interrupted.")]
+status`), 2 on a usage or configuration error (retrying cannot help), 3 on a runtime or
+storage error such as an unreachable store or a worker hung for job.stall_seconds (retry
+later), 130 when interrupted (claims released).")]
     Reinforce(ReinforceArgs),
     /// Add teacher embeddings to the shards of an existing output.
     #[command(long_about = "\
@@ -337,6 +344,10 @@ fn main() -> ExitCode {
     );
     dfndr_teachers::memory::reuse_large_buffers();
     let cli = Cli::parse();
+    if let Err(e) = force_simd_level() {
+        eprintln!("error: {e}");
+        return exit::code(exit::USAGE);
+    }
     let progress = match &cli.command {
         Command::Reinforce(args) => Progress::new(!args.no_progress),
         Command::Embed { no_progress, .. }
@@ -367,20 +378,25 @@ fn main() -> ExitCode {
             device,
             ..
         } => caption_command(&config, output, device.as_deref(), &progress),
-        Command::Encode(cli) => encode_command(cli).map(|_| ExitCode::SUCCESS),
-        Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
-        Command::Verify { output } => verify::run(&output),
+        Command::Encode(cli) => encode_command(cli)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(inspection_error),
+        Command::Status { output, json } => status::run(&output, json)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(inspection_error),
+        Command::Verify { output } => verify::run(&output).map_err(inspection_error),
         Command::Inspect { file, rows } => local_copy_of(&file)
             .with_context(|| format!("cannot open {file}"))
             .and_then(|copy| inspect::run(copy.path(), rows))
-            .map(|_| ExitCode::SUCCESS),
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(inspection_error),
         Command::ImportWds { job, .. } => import_command(&job, &progress),
-        Command::ExportWds { output, dest, .. } => {
-            export::run(&output, &dest, &progress).map(|samples| {
+        Command::ExportWds { output, dest, .. } => export::run(&output, &dest, &progress)
+            .map(|samples| {
                 eprintln!("exported {samples} samples to {dest}");
                 ExitCode::SUCCESS
             })
-        }
+            .map_err(inspection_error),
         Command::ShowAug {
             shard,
             key,
@@ -389,14 +405,15 @@ fn main() -> ExitCode {
         } => local_copy_of(&shard)
             .with_context(|| format!("cannot open {shard}"))
             .and_then(|copy| show_aug::run(copy.path(), &key, &out, size))
-            .map(|_| ExitCode::SUCCESS),
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(inspection_error),
     };
     match result {
         Ok(code) => code,
         Err(err) => {
             progress.finish();
             eprintln!("error: {err:#}");
-            ExitCode::from(2)
+            exit::code(exit::status_of(&err))
         }
     }
 }
@@ -404,7 +421,7 @@ fn main() -> ExitCode {
 /// Loads the job's config with the `--input` / `--output` overrides applied, and resolves its
 /// output location and input shards, refusing a job without either.
 fn load_job(args: &JobArgs) -> Result<(JobConfig, String, Vec<ShardRef>)> {
-    let mut config = JobConfig::load(&args.config)?;
+    let mut config = load_config(&args.config)?;
     if !args.input.is_empty() {
         config.job.input = args.input.clone();
     }
@@ -412,23 +429,81 @@ fn load_job(args: &JobArgs) -> Result<(JobConfig, String, Vec<ShardRef>)> {
         config.job.output = args.output.clone();
     }
     let Some(output) = config.job.output.clone() else {
-        bail!("no output location: set job.output in the config or pass --output");
+        return Err(usage(
+            "no output location: set job.output in the config or pass --output",
+        ));
     };
     if config.job.input.is_empty() {
-        bail!("no input shards: set job.input in the config or pass --input");
+        return Err(usage(
+            "no input shards: set job.input in the config or pass --input",
+        ));
     }
-    let shards = resolve_inputs(&config.job.input).context("cannot resolve the input shards")?;
+    let shards = resolve_inputs(&config.job.input)
+        .map_err(|e| match e {
+            // A listing that failed may work next time; a bad pattern will not.
+            ShardListError::Store(e) if e.is_transient() => anyhow::Error::new(e),
+            e => anyhow::Error::new(exit::Usage(e.into())),
+        })
+        .context("cannot resolve the input shards")?;
     if shards.is_empty() {
-        bail!("the input patterns {:?} name no shards", config.job.input);
+        return Err(usage(format!(
+            "the input patterns {:?} name no shards",
+            config.job.input
+        )));
     }
     Ok((config, output, shards))
 }
 
+/// Loads a job config (its errors are the user's to fix) and applies its `[storage]`
+/// settings to the object-store clients opened from now on.
+fn load_config(path: &std::path::Path) -> Result<JobConfig> {
+    let config = JobConfig::load(path).usage()?;
+    dfndr_shards::cloud::configure(config.storage.client());
+    Ok(config)
+}
+
+/// Opens an output location; a location that is wrong as written is a usage error.
+fn open_output(location: &str) -> Result<Arc<dyn Store>> {
+    open_store(location).map_err(|e| {
+        if e.is_transient() {
+            anyhow::Error::new(e)
+        } else {
+            anyhow::Error::new(exit::Usage(e.into()))
+        }
+    })
+}
+
+/// An error of a command that reads what the user names (status, verify, inspect, show-aug,
+/// export-wds, encode): the user's to fix (status 2) unless a store failed on the way (3).
+fn inspection_error(e: anyhow::Error) -> anyhow::Error {
+    let transient = e.chain().any(|c| {
+        c.downcast_ref::<dfndr_shards::store::StoreError>()
+            .is_some_and(|e| e.is_transient())
+            || matches!(c.downcast_ref::<JobError>(), Some(JobError::Store(e)) if e.is_transient())
+    });
+    if transient || exit::status_of(&e) == exit::USAGE {
+        e
+    } else {
+        anyhow::Error::new(exit::Usage(e))
+    }
+}
+
+/// A job-control error; a mismatched or foreign output and a bad placement are usage errors.
+fn job_error(e: JobError) -> anyhow::Error {
+    match e {
+        JobError::FingerprintMismatch { .. } | JobError::Card(_) | JobError::Placement(_) => {
+            anyhow::Error::new(exit::Usage(e.into()))
+        }
+        JobError::Store(e) if !e.is_transient() => anyhow::Error::new(exit::Usage(e.into())),
+        e => anyhow::Error::new(e),
+    }
+}
+
 fn import_command(args: &JobArgs, progress: &Progress) -> Result<ExitCode> {
     let (config, output, shards) = load_job(args)?;
-    let spec = import::ImportSpec::new(config)?;
+    let spec = import::ImportSpec::new(config).usage()?;
     let job = Job::new(
-        open_store(&output)?,
+        open_output(&output)?,
         WorkerIdentity::current(0),
         Duration::from_secs_f64(spec.config.job.lease_seconds),
     );
@@ -445,7 +520,8 @@ fn import_command(args: &JobArgs, progress: &Progress) -> Result<ExitCode> {
         "imported_from": "webdataset tars in Apple's layout",
         "created_unix": now_unix(),
     });
-    job.init_card(&card, &spec.fingerprint, args.force)?;
+    job.init_card(&card, &spec.fingerprint, args.force)
+        .map_err(job_error)?;
     import::run(&spec, &job, &shards, progress)
 }
 
@@ -457,8 +533,9 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
             .build_global()
             .context("cannot start the decoding threads")?;
     }
-    let placement = Placement::resolve(args.rank, args.world_size, |k| std::env::var(k).ok())?;
-    let store = open_store(&output)?;
+    let placement = Placement::resolve(args.rank, args.world_size, |k| std::env::var(k).ok())
+        .map_err(job_error)?;
+    let store = open_output(&output)?;
     let identity = WorkerIdentity::current(placement.rank);
     let job = Job::new(
         store,
@@ -505,7 +582,10 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         "augmentation": reinforce::augmentation_meta(&config),
         "created_unix": now_unix(),
     });
-    if job.init_card(&card, &fingerprint, args.job.force)? {
+    if job
+        .init_card(&card, &fingerprint, args.job.force)
+        .map_err(job_error)?
+    {
         tracing::info!(output = %output, "started a new job");
     }
     tracing::info!(
@@ -514,6 +594,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         world_size = placement.world_size,
         placement = placement.source,
         worker = %job.identity().worker,
+        simd = %dfndr_simd::level(),
         "worker starting"
     );
 
@@ -523,6 +604,17 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
             .context("cannot install the signal handler")?;
     }
     progress.set_total(shards.len());
+    let liveness = Arc::new(Liveness::new(Duration::from_secs_f64(
+        config.job.stall_seconds,
+    )));
+    let spool = {
+        let liveness = Arc::clone(&liveness);
+        Spool::new(
+            config.storage.spool_dir.as_ref().map(PathBuf::from),
+            config.storage.prefetch_shards,
+            Arc::new(move || liveness.beat()),
+        )
+    };
     let worker = reinforce::Worker {
         job,
         config,
@@ -532,6 +624,8 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         interrupted: Arc::clone(&interrupted),
         embed,
         caption,
+        spool,
+        liveness,
     };
     let summary = worker.run(&shards, progress)?;
     let skipped: u64 = summary.skipped.values().sum();
@@ -547,7 +641,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
     }
     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
         eprintln!("interrupted: claims released; run the same command again to resume");
-        return Ok(ExitCode::from(130));
+        return Ok(exit::code(exit::INTERRUPTED));
     }
     if !summary.failed.is_empty() {
         eprintln!("{} shards failed:", summary.failed.len());
@@ -560,9 +654,22 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
                 summary.failed.len() - 20
             );
         }
-        return Ok(ExitCode::from(1));
+        return Ok(exit::code(exit::SHARDS_FAILED));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses a `DFNDR_SIMD` value that names no level and, when it asks for scalar kernels,
+/// turns libjpeg-turbo's SIMD off too (`JSIMD_FORCENONE`, read when the first JPEG is
+/// decoded), so that the whole process runs the baseline code paths. Runs before any thread
+/// is started, so changing the environment is safe.
+fn force_simd_level() -> Result<()> {
+    let requested = dfndr_simd::requested()?;
+    if requested == Some(dfndr_simd::Level::Scalar) && std::env::var_os("JSIMD_FORCENONE").is_none()
+    {
+        std::env::set_var("JSIMD_FORCENONE", "1");
+    }
+    Ok(())
 }
 
 /// Exactly three values (one per RGB channel).
@@ -581,9 +688,11 @@ fn existing_output(
     config: &std::path::Path,
     output: Option<String>,
 ) -> Result<(JobConfig, String)> {
-    let config = JobConfig::load(config)?;
+    let config = load_config(config)?;
     let Some(output) = output.or_else(|| config.job.output.clone()) else {
-        bail!("no output location: pass OUTPUT or set job.output in the config");
+        return Err(usage(
+            "no output location: pass OUTPUT or set job.output in the config",
+        ));
     };
     Ok((config, output))
 }
@@ -596,7 +705,9 @@ fn embed_command(
 ) -> Result<ExitCode> {
     let (config, output) = existing_output(config, output)?;
     if config.teachers.is_empty() {
-        bail!("the config has no [[teachers]]: nothing to embed with");
+        return Err(usage(
+            "the config has no [[teachers]]: nothing to embed with",
+        ));
     }
     let stage = embed::EmbedStage::load(&config.teachers, &config.embed, device)?;
     let update = embed_existing::EmbedUpdate::new(stage);
@@ -611,7 +722,9 @@ fn caption_command(
 ) -> Result<ExitCode> {
     let (config, output) = existing_output(config, output)?;
     if config.captioners.is_empty() {
-        bail!("the config has no [[captioners]]: nothing to caption with");
+        return Err(usage(
+            "the config has no [[captioners]]: nothing to caption with",
+        ));
     }
     let stage =
         caption::CaptionStage::load(&config.captioners, &config.caption, device, config.job.seed)?;

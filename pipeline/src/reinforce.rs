@@ -18,14 +18,16 @@ use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, SCHEMA_VERSION};
 use dfndr_shards::job::{self, ClaimOutcome, ClaimRecord, DoneRecord, Job, Placement};
 use dfndr_shards::shardlist::ShardRef;
-use dfndr_shards::store::open_input;
+use dfndr_shards::spool::Spool;
 use dfndr_shards::wds::{RawSample, ReaderLimits, SkipReason, WdsEvent, WdsReader};
 use rayon::prelude::*;
 
 use crate::caption::CaptionStage;
 use crate::config::JobConfig;
-use crate::crash::{crash_point, CrashPoint};
+use crate::crash::{crash_point, pace, CrashPoint};
 use crate::embed::EmbedStage;
+use crate::exit;
+use crate::liveness::Liveness;
 use crate::output;
 use crate::paug::to_stored;
 use crate::progress::Progress;
@@ -68,6 +70,10 @@ pub struct Worker {
     pub embed: Option<EmbedStage>,
     /// The caption stage, when the config has captioners.
     pub caption: Option<CaptionStage>,
+    /// Local copies of the input shards (object-store inputs downloaded, ahead of use).
+    pub spool: Spool,
+    /// When the current shard last made progress (see [`Liveness`]).
+    pub liveness: Arc<Liveness>,
 }
 
 /// A decoded sample: its size, its views' parameters and, when teachers run, the views.
@@ -118,6 +124,7 @@ fn read_stage<R: std::io::Read>(
     uri: &str,
     out: std::sync::mpsc::SyncSender<stages::Message<ReadBatch>>,
     stop: &dyn Fn() -> bool,
+    liveness: &Liveness,
 ) -> f64 {
     let mut busy = 0.0;
     loop {
@@ -149,6 +156,7 @@ fn read_stage<R: std::io::Read>(
             }
         }
         busy += started.elapsed().as_secs_f64();
+        liveness.beat();
         if let Some(e) = error {
             let _ = out.send(Err(e));
             return busy;
@@ -359,7 +367,9 @@ impl Worker {
                 }
                 // "Done" means: record present and output of the recorded size. Checked once
                 // per shard and run; the listing alone is not trusted.
-                if done_names.contains(&shard.name) && self.job.is_done(&shard.name)? {
+                if done_names.contains(&shard.name)
+                    && self.job.is_done(&shard.name, &self.fingerprint)?
+                {
                     verified_done.insert(i);
                     self.job.clear_claim_of_done(&shard.name)?;
                     if first_pass {
@@ -390,16 +400,25 @@ impl Worker {
                 };
                 crash_point(CrashPoint::Claimed, &shard.name);
                 // Between our listing and our claim another worker may have finished it.
-                if self.job.is_done(&shard.name)? {
+                if self.job.is_done(&shard.name, &self.fingerprint)? {
                     self.job.release(&shard.name, &claim)?;
                     verified_done.insert(i);
                     progress.shard_finished(0);
                     continue;
                 }
                 attempted.insert(i);
+                // The next shard this worker will probably take downloads meanwhile.
+                if let Some(&next) = order.iter().find(|&&j| {
+                    j != i
+                        && !attempted.contains(&j)
+                        && !verified_done.contains(&j)
+                        && !done_names.contains(&shards[j].name)
+                }) {
+                    self.spool.prefetch(&shards[next].uri);
+                }
                 match self.process_with_heartbeat(shard, &mut claim, progress) {
                     Ok(ShardResult::Done(record)) => {
-                        self.job.release(&shard.name, &claim)?;
+                        self.job.release_after_publish(&shard.name, &claim);
                         summary.done_here += 1;
                         summary.rows += record.rows;
                         for (reason, n) in &record.skipped {
@@ -484,7 +503,13 @@ impl Worker {
         progress: &Progress,
     ) -> Result<ShardResult> {
         let lost = AtomicBool::new(false);
-        let interval = Duration::from_secs_f64((self.job.lease().as_secs_f64() / 4.0).max(0.01));
+        let interval = Duration::from_secs_f64(
+            (self.job.lease().as_secs_f64() / 4.0)
+                .min(self.liveness.stall.as_secs_f64() / 4.0)
+                .max(0.01),
+        );
+        self.liveness.beat();
+        let liveness = &*self.liveness;
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let mut hb_claim = claim.clone();
         std::thread::scope(|scope| {
@@ -494,6 +519,9 @@ impl Worker {
             scope.spawn(move || loop {
                 match stop_rx.recv_timeout(interval) {
                     Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if liveness.stalled() {
+                            exit_stalled(name, liveness);
+                        }
                         match job.heartbeat(name, &mut hb_claim) {
                             Ok(true) => {}
                             Ok(false) => {
@@ -528,7 +556,12 @@ impl Worker {
         let output_uri = store.uri_of(&output);
         store.discard_abandoned_staged(&output)?;
 
-        let input = open_input(&shard.uri)
+        let spooled = self
+            .spool
+            .take(&shard.uri)
+            .with_context(|| format!("cannot open input shard {}", shard.uri))?;
+        let input = spooled
+            .open()
             .with_context(|| format!("cannot open input shard {}", shard.uri))?;
         let limits = ReaderLimits {
             max_member_bytes: self.config.reader.max_member_bytes,
@@ -580,13 +613,20 @@ impl Worker {
             let (teacher_tx, teacher_rx) = stages::channel::<Batch>();
             let batch_size = self.config.job.batch_size;
             let uri = shard.uri.as_str();
+            let liveness = &*self.liveness;
             let reader = scope.spawn(move || {
-                read_stage(&mut events, batch_size, uri, read_tx, &|| {
-                    stopped("read").is_some()
-                })
+                read_stage(
+                    &mut events,
+                    batch_size,
+                    uri,
+                    read_tx,
+                    &|| stopped("read").is_some(),
+                    liveness,
+                )
             });
             let decode = scope.spawn(move || {
-                stages::run_stage(read_rx, decode_tx, |read: ReadBatch| {
+                stages::run_stage(read_rx, decode_tx, liveness, |read: ReadBatch| {
+                    pace("decode");
                     let decoded: Vec<_> = read
                         .samples
                         .par_iter()
@@ -609,16 +649,16 @@ impl Worker {
                 })
             });
             let caption = scope.spawn(move || match &self.caption {
-                Some(stage) => {
-                    stages::run_stage(decode_rx, caption_tx, |b| self.caption_stage(stage, b))
-                }
-                None => stages::run_stage(decode_rx, caption_tx, Ok),
+                Some(stage) => stages::run_stage(decode_rx, caption_tx, liveness, |b| {
+                    self.caption_stage(stage, b)
+                }),
+                None => stages::run_stage(decode_rx, caption_tx, liveness, Ok),
             });
             let teachers = scope.spawn(move || match &self.embed {
-                Some(stage) => {
-                    stages::run_stage(caption_rx, teacher_tx, |b| self.teacher_stage(stage, b))
-                }
-                None => stages::run_stage(caption_rx, teacher_tx, Ok),
+                Some(stage) => stages::run_stage(caption_rx, teacher_tx, liveness, |b| {
+                    self.teacher_stage(stage, b)
+                }),
+                None => stages::run_stage(caption_rx, teacher_tx, liveness, Ok),
             });
             let mut write_s = 0.0;
             let result = loop {
@@ -641,6 +681,7 @@ impl Worker {
                     break Err(e);
                 }
                 write_s += started.elapsed().as_secs_f64();
+                liveness.beat();
             };
             // Unblocks the stages if the writer stopped early; then collects their timings.
             drop(teacher_rx);
@@ -682,6 +723,21 @@ impl Worker {
         crash_point(CrashPoint::DoneWritten, &shard.name);
         Ok(ShardResult::Done(record))
     }
+}
+
+/// Gives up on a hung shard: the claim is no longer renewed (this thread stops), so another
+/// worker takes the shard over once the lease expires; the process exits with the runtime
+/// status, since whatever hangs (a read, a device) cannot be interrupted from here.
+fn exit_stalled(shard: &str, liveness: &Liveness) -> ! {
+    let idle = liveness.idle().as_secs_f64();
+    tracing::error!(
+        shard,
+        idle_seconds = format!("{idle:.1}"),
+        stall_seconds = liveness.stall.as_secs_f64(),
+        "no progress on the shard for longer than job.stall_seconds (a blocked read or a hung device?); no longer renewing its claim and exiting, so that another worker takes it over after the lease"
+    );
+    eprintln!("error: shard {shard} made no progress for {idle:.0} s (job.stall_seconds); exiting so that another worker can take it over");
+    std::process::exit(i32::from(exit::RUNTIME))
 }
 
 /// The augmentation config as recorded in shard metadata and the dataset card (null when

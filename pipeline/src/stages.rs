@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 
+use crate::liveness::Liveness;
+
 /// Batches a channel between two stages holds. One is enough for overlap (a stage hands its
 /// result over and starts the next batch while its neighbour works); more only adds memory.
 pub const QUEUE_BATCHES: usize = 1;
@@ -31,10 +33,12 @@ pub fn channel<T>() -> (SyncSender<Message<T>>, Receiver<Message<T>>) {
 
 /// Runs one middle stage until its input ends, fails or disconnects: turns every batch into
 /// the next stage's batch with `work` and forwards it (or the error `work` returned, after
-/// which the stage stops). Returns the seconds spent inside `work`.
+/// which the stage stops), reporting each batch to `liveness`. Returns the seconds spent
+/// inside `work`.
 pub fn run_stage<A, B>(
     input: Receiver<Message<A>>,
     output: SyncSender<Message<B>>,
+    liveness: &Liveness,
     mut work: impl FnMut(A) -> Result<B>,
 ) -> f64 {
     let mut busy = 0.0;
@@ -44,6 +48,7 @@ pub fn run_stage<A, B>(
                 let started = Instant::now();
                 let result = work(batch);
                 busy += started.elapsed().as_secs_f64();
+                liveness.beat();
                 result.map(Some)
             }
             Ok(None) => Ok(None),
@@ -76,6 +81,8 @@ mod tests {
 
     #[test]
     fn stages_keep_order_forward_the_end_and_stop_after_an_error() {
+        let live = Liveness::new(std::time::Duration::from_secs(60));
+        let live = &live;
         let (tx, rx) = channel::<u32>();
         let (tx2, rx2) = channel::<u32>();
         std::thread::scope(|s| {
@@ -85,7 +92,7 @@ mod tests {
                 }
                 tx.send(Ok(None)).ok();
             });
-            s.spawn(move || run_stage(rx, tx2, |x| Ok(x * 10)));
+            s.spawn(move || run_stage(rx, tx2, live, |x| Ok(x * 10)));
             let got: Vec<Option<u32>> = rx2.iter().map(|m| m.ok().flatten()).collect();
             assert_eq!(
                 got,
@@ -105,7 +112,7 @@ mod tests {
                 tx.send(Ok(None)).ok();
             });
             s.spawn(move || {
-                run_stage(rx, tx2, |x| {
+                run_stage(rx, tx2, live, |x| {
                     if x == 2 {
                         anyhow::bail!("bad batch {x}")
                     }
@@ -126,6 +133,8 @@ mod tests {
 
     #[test]
     fn a_stopped_writer_unblocks_every_stage() {
+        let live = Liveness::new(std::time::Duration::from_secs(60));
+        let live = &live;
         let (tx, rx) = channel::<u32>();
         let (tx2, rx2) = channel::<u32>();
         std::thread::scope(|s| {
@@ -136,7 +145,7 @@ mod tests {
                 }
                 sent
             });
-            s.spawn(move || run_stage(rx, tx2, Ok));
+            s.spawn(move || run_stage(rx, tx2, live, Ok));
             // The writer takes two batches and stops: the reader must not block forever.
             assert!(matches!(rx2.recv(), Ok(Ok(Some(0)))));
             assert!(matches!(rx2.recv(), Ok(Ok(Some(1)))));

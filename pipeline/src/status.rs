@@ -51,6 +51,9 @@ struct Status {
     stage_busy_share: BTreeMap<String, f64>,
     in_progress: Vec<InProgress>,
     failed: Vec<Failed>,
+    /// Done shards written under another config fingerprint than the dataset card's (left
+    /// from before a `--force` change of config; the next run redoes them).
+    fingerprint_mismatch: Vec<String>,
     input_error: Option<String>,
 }
 
@@ -154,13 +157,19 @@ pub fn run(output: &str, json: bool) -> Result<()> {
             })
             .count()
     });
+    let config_fingerprint = card
+        .get("config_fingerprint")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let fingerprint_mismatch = done
+        .iter()
+        .filter(|(_, rec)| rec.config_fingerprint != config_fingerprint)
+        .map(|(name, _)| name.clone())
+        .collect();
     let status = Status {
         output: output.to_string(),
-        config_fingerprint: card
-            .get("config_fingerprint")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string(),
+        config_fingerprint,
         shards_total,
         shards_done: done.len(),
         shards_in_progress: in_progress.len(),
@@ -184,6 +193,7 @@ pub fn run(output: &str, json: bool) -> Result<()> {
         stage_busy_share,
         in_progress,
         failed: failed_list,
+        fingerprint_mismatch,
         input_error,
     };
     if json {
@@ -267,6 +277,19 @@ fn print_text(s: &Status) {
                 "  {}  {}  heartbeat {:.0} s ago{stale}",
                 p.name, p.worker, p.heartbeat_age_s
             );
+        }
+    }
+    if !s.fingerprint_mismatch.is_empty() {
+        println!(
+            "{} done shards were written under another config fingerprint than the dataset \
+             card's; the next run of the current config redoes them:",
+            s.fingerprint_mismatch.len()
+        );
+        for name in s.fingerprint_mismatch.iter().take(20) {
+            println!("  {name}");
+        }
+        if s.fingerprint_mismatch.len() > 20 {
+            println!("  … and {} more", s.fingerprint_mismatch.len() - 20);
         }
     }
     if !s.failed.is_empty() {

@@ -17,13 +17,26 @@ const NORM_TOLERANCE: f32 = 1e-2;
 pub fn run(output: &str) -> Result<ExitCode> {
     let store = open_store(output)?;
     let job = Job::new(store, WorkerIdentity::current(0), Duration::from_secs(300));
-    if job.read_card()?.is_none() {
+    let Some(card) = job.read_card()? else {
         bail!("{output} is not a dfndr output: it has no dfndr.json");
-    }
+    };
+    let fingerprint = card
+        .get("config_fingerprint")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     let done = job.all_done()?;
     let mut bad = 0usize;
     for (name, rec) in &done {
-        match verify_shard(&job, rec) {
+        let checked = if rec.config_fingerprint != fingerprint {
+            Err(anyhow::anyhow!(
+                "written under config fingerprint {}, but the dataset card's is {fingerprint} \
+                 (a config changed with --force; rerun the job to redo the shard)",
+                rec.config_fingerprint
+            ))
+        } else {
+            verify_shard(&job, rec)
+        };
+        match checked {
             Ok(rows) => println!("ok      {name}  {rows} rows"),
             Err(problem) => {
                 bad += 1;

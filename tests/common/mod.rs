@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod s3;
 
 use std::collections::BTreeMap;
@@ -307,4 +308,14 @@ pub fn reinforce_demo_shard(extra: &str) -> DemoRun {
         shard,
         output,
     }
+}
+
+/// Whether two stored embeddings agree within dfndr's promise across batch compositions and
+/// CPU feature levels: every component at most one float16 step apart (a step is at most
+/// 2^-10 of the value), plus 1e-5 for values near zero.
+pub fn within_one_f16_step(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(p, q)| (p - q).abs() <= p.abs().max(q.abs()) * (1.0 / 1024.0) + 1e-5)
 }
