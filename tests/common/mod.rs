@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod azurite;
+pub mod emulator;
+pub mod gcs;
 pub mod proxy;
 pub mod s3;
 
