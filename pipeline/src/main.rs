@@ -7,6 +7,7 @@ mod crash;
 mod embed;
 mod embed_existing;
 mod encode;
+mod executor;
 mod exit;
 mod export;
 mod import;
@@ -615,19 +616,26 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
             Arc::new(move || liveness.beat()),
         )
     };
-    let worker = reinforce::Worker {
+    let executor = executor::Executor {
+        job: Job::new(Arc::clone(job.store()), job.identity().clone(), job.lease()),
+        placement,
+        max_attempts: config.job.max_attempts,
+        retry_failed: args.retry_failed,
+        interrupted: Arc::clone(&interrupted),
+        liveness,
+    };
+    let task = reinforce::Reinforce {
         job,
         config,
         fingerprint,
-        placement,
-        retry_failed: args.retry_failed,
-        interrupted: Arc::clone(&interrupted),
         embed,
         caption,
         spool,
-        liveness,
     };
-    let summary = worker.run(&shards, progress)?;
+    let summary = executor.run(&task, &shards, progress)?;
+    if let Err(e) = task.job.rebuild_manifest(SCHEMA_VERSION) {
+        tracing::warn!(error = %e, "could not rebuild manifest.json");
+    }
     let skipped: u64 = summary.skipped.values().sum();
     eprintln!(
         "{} of {} shards done ({} by this worker, {} already done); this worker wrote {} rows and skipped {} samples",

@@ -1,4 +1,5 @@
-//! `dfndr reinforce`: the worker loop over the shard list and the processing of one shard.
+//! `dfndr reinforce`: the processing of one shard, a task of the worker loop in
+//! [`crate::executor`].
 //!
 //! A shard runs through the staged executor of [`crate::stages`]: read (streaming tar, in
 //! batches of `job.batch_size`), decode and augmentation parameters (`paug`, rendered views
@@ -6,17 +7,15 @@
 //! embeddings of every view and caption (`image_emb`, `text_emb`, `syn_text_TAG_emb`), write
 //! (parquet), each stage on its own thread; then publish (output, then done record).
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use dfndr_augment::decode::{decode_rgb, DecodeError};
 use dfndr_augment::params::AugParams;
 use dfndr_augment::rgb::RgbImage;
-use dfndr_shards::format::{FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions, SCHEMA_VERSION};
-use dfndr_shards::job::{self, ClaimOutcome, ClaimRecord, DoneRecord, Job, Placement};
+use dfndr_shards::format::{FileMeta, Layout, Paug, Row, ShardWriter, SynCaptions};
+use dfndr_shards::job::{self, Job};
 use dfndr_shards::shardlist::ShardRef;
 use dfndr_shards::spool::Spool;
 use dfndr_shards::wds::{RawSample, ReaderLimits, SkipReason, WdsEvent, WdsReader};
@@ -26,54 +25,27 @@ use crate::caption::CaptionStage;
 use crate::config::JobConfig;
 use crate::crash::{crash_point, pace, CrashPoint};
 use crate::embed::EmbedStage;
-use crate::exit;
+use crate::executor::{ShardContext, ShardResult, ShardTask};
 use crate::liveness::Liveness;
 use crate::output;
 use crate::paug::to_stored;
 use crate::progress::Progress;
 use crate::stages::{self, StageBusy};
 
-/// How a worker's run ended.
-#[derive(Debug, Default)]
-pub struct RunSummary {
-    /// Shards in the job.
-    pub shards: usize,
-    /// Shards done (by anyone) when the worker stopped.
-    pub done: usize,
-    /// Shards done by this worker in this run.
-    pub done_here: usize,
-    /// Shards already done when this run looked at them.
-    pub already_done: usize,
-    /// Failed shards (by name) with their last error.
-    pub failed: BTreeMap<String, String>,
-    /// Rows written by this worker.
-    pub rows: u64,
-    /// Samples skipped by this worker, by reason.
-    pub skipped: BTreeMap<String, u64>,
-}
-
-/// Everything a worker needs, fixed for the run.
-pub struct Worker {
+/// The generation of shards from input shards, as a task of the [`Executor`].
+pub struct Reinforce {
     /// Job control over the output.
     pub job: Job,
     /// The config.
     pub config: JobConfig,
     /// Its fingerprint.
     pub fingerprint: String,
-    /// This worker's place.
-    pub placement: Placement,
-    /// Retry shards whose failed attempts reached the limit.
-    pub retry_failed: bool,
-    /// Set on SIGINT/SIGTERM: finish nothing more, release claims, exit.
-    pub interrupted: Arc<AtomicBool>,
     /// The teacher stage, when the config has teachers.
     pub embed: Option<EmbedStage>,
     /// The caption stage, when the config has captioners.
     pub caption: Option<CaptionStage>,
     /// Local copies of the input shards (object-store inputs downloaded, ahead of use).
     pub spool: Spool,
-    /// When the current shard last made progress (see [`Liveness`]).
-    pub liveness: Arc<Liveness>,
 }
 
 /// A decoded sample: its size, its views' parameters and, when teachers run, the views.
@@ -173,16 +145,25 @@ fn read_stage<R: std::io::Read>(
     }
 }
 
-/// Result of one shard.
-enum ShardResult {
-    Done(DoneRecord),
-    /// The claim was lost (we stalled past the lease and another worker took over).
-    Lost,
-    /// Interrupted by a signal.
-    Interrupted,
+impl ShardTask for Reinforce {
+    fn verb(&self) -> &'static str {
+        "done"
+    }
+
+    fn is_done(&self, shard: &ShardRef) -> Result<bool> {
+        Ok(self.job.is_done(&shard.name, &self.fingerprint)?)
+    }
+
+    fn prefetch(&self, shard: &ShardRef) {
+        self.spool.prefetch(&shard.uri);
+    }
+
+    fn process(&self, shard: &ShardRef, ctx: &ShardContext<'_>) -> Result<ShardResult> {
+        self.process_shard(shard, ctx)
+    }
 }
 
-impl Worker {
+impl Reinforce {
     /// The output layout of this job: only the columns of stages that exist.
     fn layout(&self) -> Layout {
         let paug = self.config.augment.num_augmentations > 0;
@@ -343,213 +324,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs the worker loop until every shard is done or has failed for good.
-    pub fn run(&self, shards: &[ShardRef], progress: &Progress) -> Result<RunSummary> {
-        let mut summary = RunSummary {
-            shards: shards.len(),
-            ..RunSummary::default()
-        };
-        let order = self.placement.work_order(shards.len());
-        let mut attempted: HashSet<usize> = HashSet::new();
-        let mut verified_done: HashSet<usize> = HashSet::new();
-        let poll = Duration::from_secs_f64((self.job.lease().as_secs_f64() / 4.0).clamp(0.05, 5.0));
-        let mut first_pass = true;
-        loop {
-            let done_names = self.job.done_names()?;
-            let mut waiting_on_others = false;
-            for &i in &order {
-                if self.interrupted.load(Ordering::SeqCst) {
-                    return Ok(self.finish(summary, shards, progress));
-                }
-                let shard = &shards[i];
-                if verified_done.contains(&i) || attempted.contains(&i) {
-                    continue;
-                }
-                // "Done" means: record present and output of the recorded size. Checked once
-                // per shard and run; the listing alone is not trusted.
-                if done_names.contains(&shard.name)
-                    && self.job.is_done(&shard.name, &self.fingerprint)?
-                {
-                    verified_done.insert(i);
-                    self.job.clear_claim_of_done(&shard.name)?;
-                    if first_pass {
-                        summary.already_done += 1;
-                    }
-                    progress.shard_finished(0);
-                    continue;
-                }
-                if let Some(failed) = self.job.failed_record(&shard.name)? {
-                    if failed.attempts >= self.config.job.max_attempts && !self.retry_failed {
-                        attempted.insert(i);
-                        summary.failed.insert(shard.name.clone(), failed.error);
-                        progress.shard_finished(0);
-                        continue;
-                    }
-                }
-                let mut claim = match self.job.claim(&shard.name)? {
-                    ClaimOutcome::Claimed { claim, took_over } => {
-                        if let Some(prev) = took_over {
-                            tracing::warn!(shard = %shard.name, previous = %prev, "took over a stale claim");
-                        }
-                        claim
-                    }
-                    ClaimOutcome::HeldByOther(_) => {
-                        waiting_on_others = true;
-                        continue;
-                    }
-                };
-                crash_point(CrashPoint::Claimed, &shard.name);
-                // Between our listing and our claim another worker may have finished it.
-                if self.job.is_done(&shard.name, &self.fingerprint)? {
-                    self.job.release(&shard.name, &claim)?;
-                    verified_done.insert(i);
-                    progress.shard_finished(0);
-                    continue;
-                }
-                attempted.insert(i);
-                // The next shard this worker will probably take downloads meanwhile.
-                if let Some(&next) = order.iter().find(|&&j| {
-                    j != i
-                        && !attempted.contains(&j)
-                        && !verified_done.contains(&j)
-                        && !done_names.contains(&shards[j].name)
-                }) {
-                    self.spool.prefetch(&shards[next].uri);
-                }
-                match self.process_with_heartbeat(shard, &mut claim, progress) {
-                    Ok(ShardResult::Done(record)) => {
-                        self.job.release_after_publish(&shard.name, &claim);
-                        summary.done_here += 1;
-                        summary.rows += record.rows;
-                        for (reason, n) in &record.skipped {
-                            *summary.skipped.entry(reason.clone()).or_default() += n;
-                        }
-                        verified_done.insert(i);
-                        progress.shard_finished(record.rows);
-                        tracing::info!(
-                            shard = %shard.name,
-                            rows = record.rows,
-                            skipped = record.skipped.values().sum::<u64>(),
-                            seconds = format!("{:.2}", record.seconds),
-                            "shard done"
-                        );
-                    }
-                    Ok(ShardResult::Lost) => {
-                        tracing::warn!(shard = %shard.name, "claim lost to another worker (stalled past the lease); shard left to it");
-                        // The new holder finishes it; keep watching in case it dies too.
-                        attempted.remove(&i);
-                        waiting_on_others = true;
-                    }
-                    Ok(ShardResult::Interrupted) => {
-                        self.job.release(&shard.name, &claim)?;
-                        return Ok(self.finish(summary, shards, progress));
-                    }
-                    Err(err) => {
-                        let message = format!("{err:#}");
-                        let record = self.job.write_failed(&shard.name, &shard.uri, &message)?;
-                        self.job.release(&shard.name, &claim)?;
-                        tracing::error!(shard = %shard.name, attempts = record.attempts, error = %message, "shard failed");
-                        summary.failed.insert(shard.name.clone(), message);
-                        progress.shard_finished(0);
-                    }
-                }
-            }
-            first_pass = false;
-            if !waiting_on_others {
-                break;
-            }
-            // Other workers hold the remaining shards: stay to take over if one of them dies.
-            progress.set_message("waiting for shards claimed by other workers");
-            let deadline = Instant::now() + poll;
-            while Instant::now() < deadline {
-                if self.interrupted.load(Ordering::SeqCst) {
-                    return Ok(self.finish(summary, shards, progress));
-                }
-                std::thread::sleep(Duration::from_millis(50).min(poll));
-            }
-        }
-        Ok(self.finish(summary, shards, progress))
-    }
-
-    fn finish(
-        &self,
-        mut summary: RunSummary,
-        shards: &[ShardRef],
-        progress: &Progress,
-    ) -> RunSummary {
-        progress.finish();
-        let done = self.job.done_names().unwrap_or_default();
-        summary.done = shards.iter().filter(|s| done.contains(&s.name)).count();
-        // Failures of other workers count too: the exit status describes the job.
-        if let Ok(failed) = self.job.all_failed() {
-            for (name, rec) in failed {
-                if !done.contains(&name) && shards.iter().any(|s| s.name == name) {
-                    summary.failed.entry(name).or_insert(rec.error);
-                }
-            }
-        }
-        summary.failed.retain(|name, _| !done.contains(name));
-        if let Err(e) = self.job.rebuild_manifest(SCHEMA_VERSION) {
-            tracing::warn!(error = %e, "could not rebuild manifest.json");
-        }
-        summary
-    }
-
-    /// Processes one shard while a helper thread keeps the claim's heartbeat fresh.
-    fn process_with_heartbeat(
-        &self,
-        shard: &ShardRef,
-        claim: &mut ClaimRecord,
-        progress: &Progress,
-    ) -> Result<ShardResult> {
-        let lost = AtomicBool::new(false);
-        let interval = Duration::from_secs_f64(
-            (self.job.lease().as_secs_f64() / 4.0)
-                .min(self.liveness.stall.as_secs_f64() / 4.0)
-                .max(0.01),
-        );
-        self.liveness.beat();
-        let liveness = &*self.liveness;
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let mut hb_claim = claim.clone();
-        std::thread::scope(|scope| {
-            let lost = &lost;
-            let job = &self.job;
-            let name = shard.name.as_str();
-            scope.spawn(move || loop {
-                match stop_rx.recv_timeout(interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if liveness.stalled() {
-                            exit_stalled(name, liveness);
-                        }
-                        match job.heartbeat(name, &mut hb_claim) {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                lost.store(true, Ordering::SeqCst);
-                                return;
-                            }
-                            // A transient storage error must not kill the shard; the lease
-                            // leaves room for several missed heartbeats.
-                            Err(e) => tracing::warn!(shard = name, error = %e, "heartbeat failed"),
-                        }
-                    }
-                    _ => return,
-                }
-            });
-            let result = self.process_shard(shard, claim, lost, progress);
-            let _ = stop_tx.send(());
-            result
-        })
-    }
-
     /// Reads, decodes and writes one shard, then publishes it (output, then done record).
-    fn process_shard(
-        &self,
-        shard: &ShardRef,
-        claim: &ClaimRecord,
-        lost: &AtomicBool,
-        progress: &Progress,
-    ) -> Result<ShardResult> {
+    fn process_shard(&self, shard: &ShardRef, ctx: &ShardContext<'_>) -> Result<ShardResult> {
+        let progress = ctx.progress;
         let started = Instant::now();
         let store = self.job.store();
         let output = job::output_path(&shard.name);
@@ -597,14 +374,11 @@ impl Worker {
         let mut busy = StageBusy::default();
         progress.shard_started(&shard.name);
         let stopped = |busy_stage: &str| {
-            if lost.load(Ordering::SeqCst) {
-                Some(ShardResult::Lost)
-            } else if self.interrupted.load(Ordering::SeqCst) {
+            let stop = ctx.stopped();
+            if matches!(stop, Some(ShardResult::Interrupted)) {
                 tracing::debug!(shard = %shard.name, stage = busy_stage, "stopping on a signal");
-                Some(ShardResult::Interrupted)
-            } else {
-                None
             }
+            stop
         };
         let flow = std::thread::scope(|scope| -> Result<Option<ShardResult>> {
             let (read_tx, read_rx) = stages::channel::<ReadBatch>();
@@ -613,7 +387,7 @@ impl Worker {
             let (teacher_tx, teacher_rx) = stages::channel::<Batch>();
             let batch_size = self.config.job.batch_size;
             let uri = shard.uri.as_str();
-            let liveness = &*self.liveness;
+            let liveness = ctx.liveness;
             let reader = scope.spawn(move || {
                 read_stage(
                     &mut events,
@@ -706,7 +480,7 @@ impl Worker {
         crash_point(CrashPoint::TempWritten, &shard.name);
         // Publishing after losing the claim would race the new holder; its output is the same,
         // so leaving it the work is always safe.
-        if lost.load(Ordering::SeqCst) || !self.job.still_holds(&shard.name, claim)? {
+        if !ctx.may_publish(&shard.name)? {
             return Ok(ShardResult::Lost);
         }
         let record = finished.commit(output::Producer {
@@ -723,21 +497,6 @@ impl Worker {
         crash_point(CrashPoint::DoneWritten, &shard.name);
         Ok(ShardResult::Done(record))
     }
-}
-
-/// Gives up on a hung shard: the claim is no longer renewed (this thread stops), so another
-/// worker takes the shard over once the lease expires; the process exits with the runtime
-/// status, since whatever hangs (a read, a device) cannot be interrupted from here.
-fn exit_stalled(shard: &str, liveness: &Liveness) -> ! {
-    let idle = liveness.idle().as_secs_f64();
-    tracing::error!(
-        shard,
-        idle_seconds = format!("{idle:.1}"),
-        stall_seconds = liveness.stall.as_secs_f64(),
-        "no progress on the shard for longer than job.stall_seconds (a blocked read or a hung device?); no longer renewing its claim and exiting, so that another worker takes it over after the lease"
-    );
-    eprintln!("error: shard {shard} made no progress for {idle:.0} s (job.stall_seconds); exiting so that another worker can take it over");
-    std::process::exit(i32::from(exit::RUNTIME))
 }
 
 /// The augmentation config as recorded in shard metadata and the dataset card (null when

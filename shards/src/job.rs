@@ -362,23 +362,14 @@ pub struct Job {
     store: Arc<dyn Store>,
     identity: WorkerIdentity,
     lease: Duration,
+    /// Folder of the claims, done, failed and takeover records: `_progress` for the job that
+    /// produces the shards, `_progress/tasks/TASK` for a task over the done shards.
+    progress: String,
 }
 
 /// Output path of a shard, relative to the output root.
 pub fn output_path(name: &str) -> String {
     format!("{SHARDS_DIR}/{name}.parquet")
-}
-
-fn claim_path(name: &str) -> String {
-    format!("{CLAIMS_DIR}/{name}")
-}
-
-fn done_path(name: &str) -> String {
-    format!("{DONE_DIR}/{name}.json")
-}
-
-fn failed_path(name: &str) -> String {
-    format!("{FAILED_DIR}/{name}.json")
 }
 
 /// A fresh random-enough token: hashes time, pid, a counter and stack address entropy.
@@ -413,7 +404,37 @@ impl Job {
             store,
             identity,
             lease,
+            progress: "_progress".to_string(),
         }
+    }
+
+    /// The job control of a task run over this output's done shards (`dfndr embed`, `dfndr
+    /// caption`): the same store, worker and lease, with claims, failures and completion
+    /// records of its own under `_progress/tasks/TASK`, so that they never mix with the
+    /// records of the job that produced the shards.
+    pub fn task(&self, task: &str) -> Job {
+        Job {
+            store: Arc::clone(&self.store),
+            identity: self.identity.clone(),
+            lease: self.lease,
+            progress: format!("_progress/tasks/{task}"),
+        }
+    }
+
+    fn dir(&self, kind: &str) -> String {
+        format!("{}/{kind}", self.progress)
+    }
+
+    fn claim_path(&self, name: &str) -> String {
+        format!("{}/{name}", self.dir("claims"))
+    }
+
+    fn done_path(&self, name: &str) -> String {
+        format!("{}/{name}.json", self.dir("done"))
+    }
+
+    fn failed_path(&self, name: &str) -> String {
+        format!("{}/{name}.json", self.dir("failed"))
     }
 
     /// The output store.
@@ -505,7 +526,7 @@ impl Job {
 
     /// The current claim on `name`, if any.
     pub fn read_claim(&self, name: &str) -> Result<Option<ClaimRecord>, JobError> {
-        self.read_json(&claim_path(name))
+        self.read_json(&self.claim_path(name))
     }
 
     /// Whether `claim` may be taken over now.
@@ -526,7 +547,7 @@ impl Job {
 
     /// Tries to claim shard `name` (see the module documentation for the protocol).
     pub fn claim(&self, name: &str) -> Result<ClaimOutcome, JobError> {
-        let path = claim_path(name);
+        let path = self.claim_path(name);
         // A few rounds: the claim may vanish or change between our reads.
         for _ in 0..4 {
             let ours = self.new_claim();
@@ -612,7 +633,7 @@ impl Job {
         let mut token = stale.token.clone();
         // Each level needs another death inside the takeover window; a few suffice.
         for _ in 0..16 {
-            let marker = format!("{TAKEOVERS_DIR}/{name}/{token}");
+            let marker = format!("{}/{name}/{token}", self.dir("takeovers"));
             if self.store.put_if_absent(&marker, &Self::to_json(ours))? {
                 return Ok(true);
             }
@@ -639,7 +660,7 @@ impl Job {
     /// Refreshes our claim's heartbeat. Returns false when the claim is no longer ours
     /// (taken over after we stalled past the lease): the caller must abandon the shard.
     pub fn heartbeat(&self, name: &str, claim: &mut ClaimRecord) -> Result<bool, JobError> {
-        let path = claim_path(name);
+        let path = self.claim_path(name);
         match self.read_json::<ClaimRecord>(&path)? {
             Some(current) if current.token == claim.token => {
                 claim.heartbeat_unix = now_unix();
@@ -658,7 +679,7 @@ impl Job {
     /// Releases our claim on `name` and its takeover markers.
     pub fn release(&self, name: &str, claim: &ClaimRecord) -> Result<(), JobError> {
         if self.still_holds(name, claim)? {
-            self.store.delete(&claim_path(name))?;
+            self.store.delete(&self.claim_path(name))?;
         }
         self.remove_takeover_markers(name)
     }
@@ -668,14 +689,14 @@ impl Job {
     pub fn clear_claim_of_done(&self, name: &str) -> Result<(), JobError> {
         if let Some(c) = self.read_claim(name)? {
             if self.is_stale(&c, now_unix()) {
-                self.store.delete(&claim_path(name))?;
+                self.store.delete(&self.claim_path(name))?;
             }
         }
         self.remove_takeover_markers(name)
     }
 
     fn remove_takeover_markers(&self, name: &str) -> Result<(), JobError> {
-        let dir = format!("{TAKEOVERS_DIR}/{name}");
+        let dir = format!("{}/{name}", self.dir("takeovers"));
         for marker in self.store.list(&dir)? {
             self.store.delete(&format!("{dir}/{marker}"))?;
         }
@@ -684,7 +705,7 @@ impl Job {
 
     /// The done record of `name`, if any.
     pub fn done_record(&self, name: &str) -> Result<Option<DoneRecord>, JobError> {
-        self.read_json(&done_path(name))
+        self.read_json(&self.done_path(name))
     }
 
     /// Whether `name` is done for a job with config `fingerprint`: its done record exists,
@@ -724,7 +745,7 @@ impl Job {
     pub fn done_names(&self) -> Result<HashSet<String>, JobError> {
         Ok(self
             .store
-            .list(DONE_DIR)?
+            .list(&self.dir("done"))?
             .into_iter()
             .filter_map(|f| f.strip_suffix(".json").map(str::to_string))
             .collect())
@@ -732,14 +753,15 @@ impl Job {
 
     /// Records `name` as done; the last step of a shard. Clears an earlier failure.
     pub fn write_done(&self, name: &str, record: &DoneRecord) -> Result<(), JobError> {
-        self.store.put(&done_path(name), &Self::to_json(record))?;
-        self.store.delete(&failed_path(name))?;
+        self.store
+            .put(&self.done_path(name), &Self::to_json(record))?;
+        self.store.delete(&self.failed_path(name))?;
         Ok(())
     }
 
     /// The failed record of `name`, if any.
     pub fn failed_record(&self, name: &str) -> Result<Option<FailedRecord>, JobError> {
-        self.read_json(&failed_path(name))
+        self.read_json(&self.failed_path(name))
     }
 
     /// Records a failed attempt at `name`, counting it on top of earlier attempts.
@@ -761,7 +783,7 @@ impl Job {
             failed_unix: now_unix(),
         };
         self.store
-            .put(&failed_path(name), &Self::to_json(&record))?;
+            .put(&self.failed_path(name), &Self::to_json(&record))?;
         Ok(record)
     }
 
@@ -779,7 +801,7 @@ impl Job {
     /// All failed records, by shard name.
     pub fn all_failed(&self) -> Result<BTreeMap<String, FailedRecord>, JobError> {
         let mut out = BTreeMap::new();
-        for file in self.store.list(FAILED_DIR)? {
+        for file in self.store.list(&self.dir("failed"))? {
             if let Some(name) = file.strip_suffix(".json") {
                 if let Some(rec) = self.failed_record(name)? {
                     out.insert(name.to_string(), rec);
@@ -792,7 +814,7 @@ impl Job {
     /// All current claims, by shard name (unparseable ones are left out).
     pub fn all_claims(&self) -> Result<BTreeMap<String, ClaimRecord>, JobError> {
         let mut out = BTreeMap::new();
-        for name in self.store.list(CLAIMS_DIR)? {
+        for name in self.store.list(&self.dir("claims"))? {
             if let Ok(Some(c)) = self.read_claim(&name) {
                 out.insert(name, c);
             }
