@@ -415,9 +415,9 @@ fn export_wds_writes_apples_layout_for_the_training_patch() {
             let log = text(&res);
             assert!(res.status.success(), "{log}");
             let want = if attempt == 0 {
-                "1 shards imported, 0 were already done"
+                "1 of 1 shards imported (1 by this worker, 0 already imported)"
             } else {
-                "0 shards imported, 1 were already done"
+                "1 of 1 shards imported (0 by this worker, 1 already imported)"
             };
             assert!(log.contains(want), "{log}");
         }

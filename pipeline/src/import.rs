@@ -1,9 +1,10 @@
 //! `dfndr import-wds`: webdataset tars in Apple's reinforced layout (DataCompDR, RayGen's
-//! DFNDR, `dfndr export-wds`) into a DFNDR output, with the same done records, manifest and
-//! resume behaviour as `dfndr reinforce`.
+//! DFNDR, `dfndr export-wds`) into a DFNDR output, through the same worker loop as `dfndr
+//! reinforce` (claims, takeover, retries, any number of workers). A sample whose
+//! reinforcement members are missing or do not match the config is skipped and counted
+//! (`invalid_reinforcement`), never fatal to its shard.
 
 use std::collections::BTreeMap;
-use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -12,18 +13,17 @@ use dfndr_augment::params::{from_apple, AppleLayout};
 use dfndr_shards::apple::{npz_decode, Matrix};
 use dfndr_shards::format::{
     CaptionerInfo, EmbLayout, FileMeta, Layout, Paug, Row, SynCaptions, SynLayout, TeacherInfo,
-    SCHEMA_VERSION,
 };
-use dfndr_shards::job::{self, ClaimOutcome, DoneRecord, Job};
+use dfndr_shards::job::{self, Job};
 use dfndr_shards::shardlist::ShardRef;
-use dfndr_shards::store::open_input;
+use dfndr_shards::spool::Spool;
 use dfndr_shards::wds::{RawSample, ReaderLimits, WdsEvent, WdsReader};
 use serde_json::Value;
 
 use crate::config::JobConfig;
+use crate::executor::{ShardContext, ShardResult, ShardTask};
 use crate::output;
 use crate::paug::to_stored;
-use crate::progress::Progress;
 
 /// The members of Apple's layout besides image, caption and json.
 const APPLE_MEMBERS: [&str; 3] = ["syn.json", "paug.json", "npz"];
@@ -112,120 +112,120 @@ impl ImportSpec {
     }
 }
 
-/// Imports every input shard that is not done yet; returns the exit status (1 when some
-/// shards failed).
-pub fn run(
-    spec: &ImportSpec,
-    job: &Job,
-    shards: &[ShardRef],
-    progress: &Progress,
-) -> Result<ExitCode> {
-    progress.set_total(shards.len());
-    let mut failed = BTreeMap::new();
-    let (mut imported, mut already) = (0usize, 0usize);
-    for shard in shards {
-        progress.shard_started(&shard.name);
-        if job.is_done(&shard.name, &spec.fingerprint)? {
-            already += 1;
-            progress.shard_finished(0);
-            continue;
-        }
-        let claim = match job.claim(&shard.name)? {
-            ClaimOutcome::Claimed { claim, .. } => claim,
-            ClaimOutcome::HeldByOther(other) => {
-                tracing::warn!(shard = %shard.name, holder = %other.identity.worker, "claimed by another worker; skipped");
-                continue;
-            }
-        };
-        match import_shard(spec, job, shard, progress) {
-            Ok(record) => {
-                job.write_done(&shard.name, &record)?;
-                imported += 1;
-                progress.shard_finished(record.rows);
-                tracing::info!(shard = %shard.name, rows = record.rows, "imported");
-            }
-            Err(e) => {
-                let message = format!("{e:#}");
-                job.write_failed(&shard.name, &shard.uri, &message)?;
-                tracing::error!(shard = %shard.name, error = %message, "import failed");
-                failed.insert(shard.name.clone(), message);
-                progress.shard_finished(0);
-            }
-        }
-        job.release(&shard.name, &claim)?;
-    }
-    progress.finish();
-    job.rebuild_manifest(SCHEMA_VERSION)?;
-    eprintln!(
-        "{imported} shards imported, {already} were already done, {} failed",
-        failed.len()
-    );
-    for (name, error) in &failed {
-        eprintln!("  {name}: {error}");
-    }
-    Ok(if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+/// The import of Apple-layout tars, as a task of the [`crate::executor::Executor`].
+pub struct ImportTask {
+    /// What the tars hold.
+    pub spec: ImportSpec,
+    /// Job control over the output.
+    pub job: Job,
+    /// Local copies of the input tars.
+    pub spool: Spool,
 }
 
-fn import_shard(
-    spec: &ImportSpec,
-    job: &Job,
-    shard: &ShardRef,
-    progress: &Progress,
-) -> Result<DoneRecord> {
-    let started = Instant::now();
-    let store = job.store();
-    let output = job::output_path(&shard.name);
-    let output_uri = store.uri_of(&output);
-    store.discard_abandoned_staged(&output)?;
-    let input = open_input(&shard.uri).with_context(|| format!("cannot open {}", shard.uri))?;
-    let limits = ReaderLimits {
-        max_member_bytes: spec.config.reader.max_member_bytes,
-    };
-    let events = WdsReader::new(input, limits).with_extra_members(&APPLE_MEMBERS);
-    let meta = FileMeta {
-        source: shard.uri.clone(),
-        config_fingerprint: spec.fingerprint.clone(),
-        augmentation: crate::reinforce::augmentation_meta(&spec.config),
-        teachers: spec.teachers.clone(),
-        captioners: spec.captioners.clone(),
-        ..FileMeta::default()
-    };
-    let mut writer = output::open(
-        store.as_ref(),
-        &output,
-        spec.layout(),
-        &meta,
-        spec.config.output.row_group_rows,
-    )?;
-    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
-    for event in events {
-        match event.with_context(|| format!("cannot read {}", shard.uri))? {
-            WdsEvent::Sample(sample) => {
-                let row = to_row(spec, &shard.uri, sample)?;
-                writer
-                    .write_row(&row)
-                    .with_context(|| format!("cannot write {output_uri}"))?;
-                progress.samples(1);
+/// Samples between two checks for a lost claim or a signal.
+const CHECK_EVERY: u64 = 64;
+
+impl ShardTask for ImportTask {
+    fn verb(&self) -> &'static str {
+        "imported"
+    }
+
+    fn is_done(&self, shard: &ShardRef) -> Result<bool> {
+        Ok(self.job.is_done(&shard.name, &self.spec.fingerprint)?)
+    }
+
+    fn prefetch(&self, shard: &ShardRef) {
+        self.spool.prefetch(&shard.uri);
+    }
+
+    fn process(&self, shard: &ShardRef, ctx: &ShardContext<'_>) -> Result<ShardResult> {
+        let spec = &self.spec;
+        let started = Instant::now();
+        let store = self.job.store();
+        let output = job::output_path(&shard.name);
+        let output_uri = store.uri_of(&output);
+        store.discard_abandoned_staged(&output)?;
+        let input = self
+            .spool
+            .take(&shard.uri)
+            .and_then(|s| s.open())
+            .with_context(|| format!("cannot open {}", shard.uri))?;
+        let limits = ReaderLimits {
+            max_member_bytes: spec.config.reader.max_member_bytes,
+        };
+        let events = WdsReader::new(input, limits).with_extra_members(&APPLE_MEMBERS);
+        let meta = FileMeta {
+            source: shard.uri.clone(),
+            config_fingerprint: spec.fingerprint.clone(),
+            augmentation: crate::reinforce::augmentation_meta(&spec.config),
+            teachers: spec.teachers.clone(),
+            captioners: spec.captioners.clone(),
+            ..FileMeta::default()
+        };
+        let mut writer = output::open(
+            store.as_ref(),
+            &output,
+            spec.layout(),
+            &meta,
+            spec.config.output.row_group_rows,
+        )?;
+        ctx.progress.shard_started(&shard.name);
+        let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+        let mut seen = 0u64;
+        for event in events {
+            seen += 1;
+            if seen % CHECK_EVERY == 0 {
+                ctx.liveness.beat();
+                if let Some(stop) = ctx.stopped() {
+                    return Ok(stop);
+                }
             }
-            WdsEvent::Skip(skip) => {
-                *skipped.entry(skip.reason.as_str().to_string()).or_default() += 1;
+            match event.with_context(|| format!("cannot read {}", shard.uri))? {
+                WdsEvent::Sample(sample) => {
+                    let key = sample.key.clone();
+                    match to_row(spec, &shard.uri, sample) {
+                        Ok(row) => {
+                            writer
+                                .write_row(&row)
+                                .with_context(|| format!("cannot write {output_uri}"))?;
+                            ctx.progress.samples(1);
+                        }
+                        // One bad sample never fails the shard: it is counted.
+                        Err(e) => {
+                            tracing::debug!(shard = %shard.name, %key, error = %format!("{e:#}"), "sample skipped");
+                            *skipped
+                                .entry(INVALID_REINFORCEMENT.to_string())
+                                .or_default() += 1;
+                        }
+                    }
+                }
+                WdsEvent::Skip(skip) => {
+                    *skipped.entry(skip.reason.as_str().to_string()).or_default() += 1;
+                }
             }
         }
+        ctx.liveness.beat();
+        let finished = output::finish(writer, &output_uri)?;
+        if !ctx.may_publish(&shard.name)? {
+            return Ok(ShardResult::Lost);
+        }
+        let record = finished.commit(output::Producer {
+            input: &shard.uri,
+            output: &output,
+            skipped,
+            started,
+            worker: &self.job.identity().worker,
+            fingerprint: &spec.fingerprint,
+            stage_seconds: BTreeMap::new(),
+        })?;
+        self.job.write_done(&shard.name, &record)?;
+        Ok(ShardResult::Done(record))
     }
-    output::finish(writer, &output_uri)?.commit(output::Producer {
-        input: &shard.uri,
-        output: &output,
-        skipped,
-        started,
-        worker: &job.identity().worker,
-        fingerprint: &spec.fingerprint,
-        stage_seconds: BTreeMap::new(),
-    })
 }
+
+/// Skip reason of a sample whose reinforcement members (paug.json, syn.json, npz) are
+/// missing or do not match the config.
+pub const INVALID_REINFORCEMENT: &str = "invalid_reinforcement";
 
 /// One sample of Apple's layout as a DFNDR row.
 fn to_row(spec: &ImportSpec, uri: &str, sample: RawSample) -> Result<Row> {

@@ -523,7 +523,21 @@ fn import_command(args: &JobArgs, progress: &Progress) -> Result<ExitCode> {
     });
     job.init_card(&card, &spec.fingerprint, args.force)
         .map_err(job_error)?;
-    import::run(&spec, &job, &shards, progress)
+    let liveness = liveness_of(&spec.config);
+    let settings = WorkerSettings {
+        placement: Placement::resolve(None, None, |k| std::env::var(k).ok()).map_err(job_error)?,
+        max_attempts: spec.config.job.max_attempts,
+        retry_failed: false,
+        liveness: Arc::clone(&liveness),
+    };
+    let task = import::ImportTask {
+        spool: spool_of(&spec.config, &liveness),
+        spec,
+        job,
+    };
+    run_task(
+        &task, &task.job, &task.job, &shards, settings, &output, progress,
+    )
 }
 
 fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
@@ -599,31 +613,8 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         "worker starting"
     );
 
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&interrupted))
-            .context("cannot install the signal handler")?;
-    }
-    progress.set_total(shards.len());
-    let liveness = Arc::new(Liveness::new(Duration::from_secs_f64(
-        config.job.stall_seconds,
-    )));
-    let spool = {
-        let liveness = Arc::clone(&liveness);
-        Spool::new(
-            config.storage.spool_dir.as_ref().map(PathBuf::from),
-            config.storage.prefetch_shards,
-            Arc::new(move || liveness.beat()),
-        )
-    };
-    let executor = executor::Executor {
-        job: Job::new(Arc::clone(job.store()), job.identity().clone(), job.lease()),
-        placement,
-        max_attempts: config.job.max_attempts,
-        retry_failed: args.retry_failed,
-        interrupted: Arc::clone(&interrupted),
-        liveness,
-    };
+    let liveness = liveness_of(&config);
+    let spool = spool_of(&config, &liveness);
     let task = reinforce::Reinforce {
         job,
         config,
@@ -632,13 +623,81 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         caption,
         spool,
     };
-    let summary = executor.run(&task, &shards, progress)?;
-    if let Err(e) = task.job.rebuild_manifest(SCHEMA_VERSION) {
+    run_task(
+        &task,
+        &task.job,
+        &task.job,
+        &shards,
+        WorkerSettings {
+            placement,
+            max_attempts: task.config.job.max_attempts,
+            retry_failed: args.retry_failed,
+            liveness,
+        },
+        &output,
+        progress,
+    )
+}
+
+/// How a worker loop runs, besides its task.
+struct WorkerSettings {
+    placement: Placement,
+    max_attempts: u32,
+    retry_failed: bool,
+    liveness: Arc<Liveness>,
+}
+
+/// The liveness of a worker with `config` (job.stall_seconds).
+fn liveness_of(config: &JobConfig) -> Arc<Liveness> {
+    Arc::new(Liveness::new(Duration::from_secs_f64(
+        config.job.stall_seconds,
+    )))
+}
+
+/// The input spool of a worker with `config` (`[storage]`); its downloads report progress.
+fn spool_of(config: &JobConfig, liveness: &Arc<Liveness>) -> Spool {
+    let liveness = Arc::clone(liveness);
+    Spool::new(
+        config.storage.spool_dir.as_ref().map(PathBuf::from),
+        config.storage.prefetch_shards,
+        Arc::new(move || liveness.beat()),
+    )
+}
+
+/// Runs `task` over `shards` in the worker loop (claims and records on `task_job`), rebuilds
+/// the manifest of `output_job`, prints what this worker did and returns the exit status of
+/// the job: 0 all done, 1 some shards failed, 130 interrupted.
+fn run_task(
+    task: &dyn executor::ShardTask,
+    task_job: &Job,
+    output_job: &Job,
+    shards: &[ShardRef],
+    settings: WorkerSettings,
+    output: &str,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupted))
+            .context("cannot install the signal handler")?;
+    }
+    progress.set_total(shards.len());
+    let executor = executor::Executor {
+        job: task_job.clone(),
+        placement: settings.placement,
+        max_attempts: settings.max_attempts,
+        retry_failed: settings.retry_failed,
+        interrupted: Arc::clone(&interrupted),
+        liveness: settings.liveness,
+    };
+    let summary = executor.run(task, shards, progress)?;
+    if let Err(e) = output_job.rebuild_manifest(SCHEMA_VERSION) {
         tracing::warn!(error = %e, "could not rebuild manifest.json");
     }
     let skipped: u64 = summary.skipped.values().sum();
+    let verb = task.verb();
     eprintln!(
-        "{} of {} shards done ({} by this worker, {} already done); this worker wrote {} rows and skipped {} samples",
+        "{} of {} shards {verb} ({} by this worker, {} already {verb}); this worker wrote {} rows and skipped {} samples",
         summary.done, summary.shards, summary.done_here, summary.already_done, summary.rows, skipped
     );
     for (reason, n) in &summary.skipped {

@@ -358,6 +358,7 @@ impl Placement {
 }
 
 /// Job control over an output location.
+#[derive(Clone)]
 pub struct Job {
     store: Arc<dyn Store>,
     identity: WorkerIdentity,
