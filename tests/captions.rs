@@ -198,7 +198,11 @@ fn caption_adds_the_same_captions_to_an_existing_output_and_embed_completes_it()
     };
     let o = caption(&full);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("2 shards captioned"), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 of 2 shards captioned (2 by this worker, 0 already captioned)"),
+        "{}",
+        text(&o)
+    );
     for shard in ["demo-00000", "demo-00001"] {
         let (reader, added) = rows_of(&plain_out.join(format!("shards/{shard}.parquet")));
         let (_, reference) = rows_of(&full_out.join(format!("shards/{shard}.parquet")));
@@ -227,7 +231,7 @@ fn caption_adds_the_same_captions_to_an_existing_output_and_embed_completes_it()
         .success());
     let o = caption(&full);
     assert!(
-        text(&o).contains("0 shards captioned, 2 were already up to date"),
+        text(&o).contains("2 of 2 shards captioned (0 by this worker, 2 already captioned)"),
         "{}",
         text(&o)
     );
@@ -236,7 +240,11 @@ fn caption_adds_the_same_captions_to_an_existing_output_and_embed_completes_it()
         .args(["embed", "--no-progress", "--config"])
         .arg(&full)
         .arg(&plain_out));
-    assert!(text(&o).contains("2 shards embedded"), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 of 2 shards embedded (2 by this worker, 0 already embedded)"),
+        "{}",
+        text(&o)
+    );
     let (reader, added) = rows_of(&plain_out.join("shards/demo-00000.parquet"));
     let (_, reference) = rows_of(&full_out.join("shards/demo-00000.parquet"));
     assert!(reader.layout().syn[0].with_emb);
@@ -451,4 +459,91 @@ fn export_wds_writes_apples_layout_for_the_training_patch() {
             1.0
         );
     }
+}
+
+/// `dfndr caption` and `dfndr embed` run in the worker loop: two workers at once rewrite each
+/// shard exactly once, a worker killed at its first claim is taken over, and a row whose
+/// original image no longer decodes is dropped and counted instead of failing its shard.
+#[test]
+fn caption_and_embed_workers_rewrite_each_shard_once_and_count_an_unreadable_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let input_dir = dir.path().join("in");
+    let sources = make_shards(&input_dir, 2, 6);
+    let input = format!("{}/shard-*.tar", input_dir.display());
+    let out = dir.path().join("out");
+    let plain_dir = dir.path().join("plain");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let plain = write_config(&plain_dir, &input, &out, BASE);
+    assert!(run(&mut reinforce(&plain)).status.success());
+    let full_dir = dir.path().join("full");
+    std::fs::create_dir_all(&full_dir).unwrap();
+    let full = write_config(
+        &full_dir,
+        &input,
+        &out,
+        &format!("{BASE}{CAPTIONER}{TEACHER}"),
+    );
+
+    // One image of shard-00001's source no longer decodes.
+    let broken_key = "000010002";
+    let members: Vec<(String, Vec<u8>)> = tar_members(&sources[1])
+        .into_iter()
+        .map(|(name, data)| {
+            let is_image =
+                name.starts_with(broken_key) && !name.ends_with(".txt") && !name.ends_with(".json");
+            (
+                name,
+                if is_image {
+                    b"not an image at all".to_vec()
+                } else {
+                    data
+                },
+            )
+        })
+        .collect();
+    std::fs::write(&sources[1], build_tar(&members)).unwrap();
+
+    let worker = |command: &str| {
+        let mut cmd = dfndr();
+        cmd.args([command, "--no-progress", "--config"])
+            .arg(&full)
+            .arg(&out)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    for (command, verb) in [("caption", "captioned"), ("embed", "embedded")] {
+        // A worker killed right after its first claim leaves that claim behind.
+        let killed = run(worker(command).env("DFNDR_CRASH_AT", "claimed"));
+        assert!(!killed.status.success());
+        let children: Vec<_> = (0..2).map(|_| worker(command).spawn().unwrap()).collect();
+        let logs: Vec<String> = children
+            .into_iter()
+            .map(|c| {
+                let o = c.wait_with_output().unwrap();
+                let log = text(&o);
+                eprintln!("--- {command} worker\n{log}");
+                assert!(o.status.success(), "{log}");
+                log
+            })
+            .collect();
+        let rewrites = logs
+            .iter()
+            .flat_map(|l| l.lines())
+            .filter(|l| l.contains(&format!("shard {verb}")))
+            .count();
+        assert_eq!(rewrites, 2, "each shard {verb} exactly once");
+    }
+    let records = done_records(&out);
+    let broken = &records["shard-00001"];
+    assert_eq!(broken["rows"], 5, "{broken}");
+    assert_eq!(broken["skipped"]["undecodable_image"], 1, "{broken}");
+    assert_eq!(records["shard-00000"]["rows"], 6);
+    let (reader, rows) = rows_of(&out.join("shards/shard-00001.parquet"));
+    assert!(reader.layout().syn[0].with_emb && reader.layout().text_emb);
+    assert_eq!(rows.len(), 5);
+    assert!(rows
+        .iter()
+        .all(|r| r.key != broken_key && r.syn[0].texts.len() == 3));
+    assert!(run(dfndr().arg("verify").arg(&out)).status.success());
 }

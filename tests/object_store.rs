@@ -520,6 +520,22 @@ fn four_workers_process_every_shard_exactly_once(backend: Backend) {
     exported.push("config.json".into());
     exported.sort();
     assert_eq!(open_store(&apple).unwrap().list("").unwrap(), exported);
+
+    // `dfndr embed` runs on the store's output like on a local one.
+    let teachers = job_config(&tmp.path().join("embed"), &input, &output, TINY_TEACHERS);
+    let embed = run(backend
+        .dfndr()
+        .args(["embed", "--no-progress", "--config"])
+        .arg(&teachers)
+        .arg(&output));
+    assert!(embed.status.success(), "{}", text(&embed));
+    assert!(
+        text(&embed).contains("12 of 12 shards embedded (12 by this worker"),
+        "{}",
+        text(&embed)
+    );
+    let verify = run(backend.dfndr().args(["verify", &output]));
+    assert!(verify.status.success(), "{}", text(&verify));
 }
 
 fn killed_worker_is_taken_over(backend: Backend) {

@@ -255,7 +255,11 @@ fn embed_adds_the_same_embeddings_to_an_existing_output() {
         .arg(&full)
         .arg(&plain_out));
     assert!(o.status.success());
-    assert!(text(&o).contains("2 shards embedded"), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 of 2 shards embedded (2 by this worker, 0 already embedded)"),
+        "{}",
+        text(&o)
+    );
     for shard in ["demo-00000", "demo-00001"] {
         let (reader, added) = rows_of(&plain_out.join(format!("shards/{shard}.parquet")));
         let (reference_reader, reference) =
@@ -284,7 +288,7 @@ fn embed_adds_the_same_embeddings_to_an_existing_output() {
         .arg(&plain_out));
     assert!(o.status.success());
     assert!(
-        text(&o).contains("0 shards embedded, 2 were already up to date"),
+        text(&o).contains("2 of 2 shards embedded (0 by this worker, 2 already embedded)"),
         "{}",
         text(&o)
     );

@@ -26,6 +26,18 @@ impl ShardUpdate for CaptionUpdate {
         "captioned"
     }
 
+    fn task(&self) -> &'static str {
+        "caption"
+    }
+
+    fn key(&self) -> String {
+        serde_json::to_string(&self.infos).unwrap_or_default()
+    }
+
+    fn needs_images(&self, _old: &Layout) -> bool {
+        true
+    }
+
     fn is_current(&self, meta: &FileMeta, layout: &Layout) -> bool {
         self.infos.iter().all(|info| {
             meta.captioners.contains(info) && layout.syn.iter().any(|s| s.tag == info.tag)
@@ -64,7 +76,7 @@ impl ShardUpdate for CaptionUpdate {
         _meta: &FileMeta,
         old: &Layout,
     ) -> Result<()> {
-        let inputs = images.map(batch, |_, img| Ok(self.stage.prepare(&img)))?;
+        let inputs = images.map(batch, |_, img| Ok(self.stage.prepare(img)))?;
         let keys: Vec<&str> = batch.iter().map(|r| r.key.as_str()).collect();
         let refs: Vec<&[Vec<f32>]> = inputs.iter().map(Vec::as_slice).collect();
         let captions = self.stage.caption_batch(&keys, &refs)?;

@@ -36,6 +36,18 @@ impl ShardUpdate for EmbedUpdate {
         "embedded"
     }
 
+    fn task(&self) -> &'static str {
+        "embed"
+    }
+
+    fn key(&self) -> String {
+        serde_json::to_string(&(&self.infos, self.stage.emb_layout().dtype)).unwrap_or_default()
+    }
+
+    fn needs_images(&self, old: &Layout) -> bool {
+        old.paug
+    }
+
     fn is_current(&self, meta: &FileMeta, layout: &Layout) -> bool {
         layout.text_emb
             && layout.syn.iter().all(|s| s.with_emb)
@@ -79,7 +91,7 @@ impl ShardUpdate for EmbedUpdate {
             let views: Vec<Vec<RgbImage>> = images.map(batch, |row, img| {
                 row.paug
                     .iter()
-                    .map(|p| Ok(aug.replay(&img, &from_stored(p)?, aug.size)))
+                    .map(|p| Ok(aug.replay(img, &from_stored(p)?, aug.size)))
                     .collect()
             })?;
             let groups: Vec<&[RgbImage]> = views.iter().map(Vec::as_slice).collect();

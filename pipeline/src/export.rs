@@ -11,12 +11,14 @@ use dfndr_augment::params::{to_apple, AppleLayout, AugConfig, Interpolation};
 use dfndr_shards::apple::{AppleSample, AppleTarWriter, Matrix};
 use dfndr_shards::format::{FileMeta, Layout, Row, ShardReader};
 use dfndr_shards::job::{Job, WorkerIdentity};
+use dfndr_shards::originals::OriginalsCursor;
+use dfndr_shards::spool::Spool;
 use dfndr_shards::store::{is_cloud_url, local_copy, local_path_of, open_store};
+use dfndr_shards::wds::ReaderLimits;
 use serde_json::{json, Map, Value};
 
 use crate::paug::from_stored;
 use crate::progress::Progress;
-use crate::rewrite::Originals;
 
 /// What the export of one output needs to know besides the rows.
 struct ShardContext {
@@ -71,28 +73,38 @@ pub fn run(output: &str, dest: &str, progress: &Progress) -> Result<u64> {
             apple: AppleLayout::of(&aug_config(&meta)?),
             dim: meta.teachers.iter().map(|t| t.dim).sum(),
         };
-        let rows: Vec<Row> = reader.rows()?.collect::<Result<_, _>>()?;
-        let originals = Originals::read(&rows, u64::MAX)?;
         let tar_name = format!("{name}.tar");
         let staged = dest_store.create_staged(&tar_name)?;
         let mut tar = AppleTarWriter::new(staged);
-        for row in &rows {
+        // Rows streamed, their originals read from the source shards in row order.
+        let spool = Spool::new(None, 0, std::sync::Arc::new(|| {}));
+        let mut originals = OriginalsCursor::new(&spool, ReaderLimits::default());
+        let mut exported = 0u64;
+        for row in reader.rows()? {
+            let row: Row = row?;
             let image = originals
-                .bytes(row)
-                .ok_or_else(|| anyhow!("no image for key {}", row.key))?;
-            let sample = to_apple_sample(row, image, &context)
+                .original(&row)
+                .with_context(|| format!("shard {name}: cannot open the source {}", row.source))?
+                .map_err(|missing| {
+                    anyhow!(
+                        "shard {name}, key {}: no original image ({missing:?}); Apple's layout needs one",
+                        row.key
+                    )
+                })?;
+            let sample = to_apple_sample(&row, &image, &context)
                 .with_context(|| format!("shard {name}, key {}", row.key))?;
             tar.write_sample(&sample)?;
             progress.samples(1);
+            exported += 1;
         }
         let mut staged = tar.finish()?;
         staged
             .flush()
             .with_context(|| format!("cannot write {}", dest_store.uri_of(&tar_name)))?;
         staged.commit()?;
-        samples += rows.len() as u64;
-        tracing::info!(shard = %name, rows = rows.len(), "exported");
-        progress.shard_finished(rows.len() as u64);
+        samples += exported;
+        tracing::info!(shard = %name, rows = exported, "exported");
+        progress.shard_finished(exported);
     }
     progress.finish();
     if let Some(config) = config {

@@ -174,7 +174,7 @@ impl ShardTask for ImportTask {
         let mut seen = 0u64;
         for event in events {
             seen += 1;
-            if seen % CHECK_EVERY == 0 {
+            if seen.is_multiple_of(CHECK_EVERY) {
                 ctx.liveness.beat();
                 if let Some(stop) = ctx.stopped() {
                     return Ok(stop);

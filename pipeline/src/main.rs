@@ -92,10 +92,14 @@ Add teacher embeddings to the done shards of an existing output.
 
 Uses the [[teachers]] and [embed] sections of --config. Every row's stored views (paug) are
 replayed on its original image (from the `image` column, else from the input shard named in
-`source`) and embedded, the ground-truth caption and every syn_text_TAG caption get text
-embeddings, and each shard is rewritten atomically with its done record updated. Shards that
-already carry this ensemble's embeddings are skipped, so the command can be rerun after a
-crash. Run it while no `dfndr reinforce` worker is writing to the same output.")]
+`source`, streamed in row order) and embedded, the ground-truth caption and every
+syn_text_TAG caption get text embeddings, and each shard is rewritten atomically with its done
+record updated. A row whose original image is missing or does not decode is dropped and counted
+(missing_original, undecodable_image). Runs in the worker loop of `dfndr reinforce`: any number
+of workers on one output (local or object store), claims and takeover, retries, liveness,
+SIGINT/SIGTERM release, the same exit statuses; shards that already carry this ensemble's
+embeddings are skipped, so the command can be rerun after a crash. Run it while no `dfndr
+reinforce` worker is writing to the same output.")]
     Embed {
         /// Job config with the [[teachers]] to use.
         #[arg(long)]
@@ -119,8 +123,11 @@ Every row's original image (from the `image` column, else from the input shard n
 is captioned and the syn_text_TAG column of each captioner is added or replaced; every other
 column is kept as it is. A replaced column loses its stale text embeddings: run `dfndr embed`
 afterwards to embed the new captions. Each shard is rewritten atomically with its done record
-updated; shards that already carry these captioners' columns are skipped, so the command can be
-rerun after a crash. Run it while no `dfndr reinforce` worker is writing to the same output.")]
+updated; a row whose original image is missing or does not decode is dropped and counted. Runs
+in the worker loop of `dfndr reinforce` (any number of workers, local or object-store outputs,
+claims, retries, liveness); shards that already carry these captioners' columns are skipped, so
+the command can be rerun after a crash. Run it while no `dfndr reinforce` worker is writing to
+the same output.")]
     Caption {
         /// Job config with the [[captioners]] to use.
         #[arg(long)]
@@ -778,7 +785,7 @@ fn embed_command(
     }
     let stage = embed::EmbedStage::load(&config.teachers, &config.embed, device)?;
     let update = embed_existing::EmbedUpdate::new(stage);
-    rewrite::run(&config, &output, &update, progress)
+    rewrite_command(&config, &output, &update, progress)
 }
 
 fn caption_command(
@@ -796,7 +803,56 @@ fn caption_command(
     let stage =
         caption::CaptionStage::load(&config.captioners, &config.caption, device, config.job.seed)?;
     let update = caption_existing::CaptionUpdate::new(stage);
-    rewrite::run(&config, &output, &update, progress)
+    rewrite_command(&config, &output, &update, progress)
+}
+
+/// Runs a column update over the done shards of `output` in the worker loop.
+fn rewrite_command(
+    config: &JobConfig,
+    output: &str,
+    update: &dyn rewrite::ShardUpdate,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    let placement = Placement::resolve(None, None, |k| std::env::var(k).ok()).map_err(job_error)?;
+    let output_job = Job::new(
+        open_output(output)?,
+        WorkerIdentity::current(placement.rank),
+        Duration::from_secs_f64(config.job.lease_seconds),
+    );
+    if output_job.read_card().map_err(job_error)?.is_none() {
+        return Err(usage(format!(
+            "{output} is not a dfndr output: it has no dfndr.json"
+        )));
+    }
+    let liveness = liveness_of(config);
+    let task = rewrite::Rewrite {
+        update,
+        job: output_job.task(update.task()),
+        output: output_job,
+        config,
+        spool: spool_of(config, &liveness),
+    };
+    let shards = task.shards()?;
+    if shards.is_empty() {
+        return Err(usage(format!(
+            "{output} has no done shards yet; run `dfndr reinforce` first"
+        )));
+    }
+    let settings = WorkerSettings {
+        placement,
+        max_attempts: config.job.max_attempts,
+        retry_failed: false,
+        liveness,
+    };
+    run_task(
+        &task,
+        &task.job,
+        &task.output,
+        &shards,
+        settings,
+        output,
+        progress,
+    )
 }
 
 fn encode_command(cli: EncodeCli) -> Result<()> {

@@ -8,12 +8,15 @@
 //! - [`mod@format`]: the DFNDR v1 parquet format (writer, reader, metadata).
 //! - [`apple`]: Apple's reinforced webdataset layout (export and import), `.npy` / `.npz`.
 //! - [`spool`]: input shards fetched to local files (ahead of use) before they are read.
+//! - [`originals`]: the original image of each row (its `image` column or its source shard,
+//!   streamed in row order).
 //! - [`job`]: claims, heartbeats, done and failed records, manifest, config fingerprint.
 
 pub mod apple;
 pub mod cloud;
 pub mod format;
 pub mod job;
+pub mod originals;
 pub mod shardlist;
 pub mod spool;
 pub mod store;
