@@ -15,6 +15,7 @@ use dfndr_shards::shardlist::ShardRef;
 use crate::crash::{crash_point, CrashPoint};
 use crate::exit;
 use crate::liveness::Liveness;
+use crate::output;
 use crate::progress::Progress;
 
 /// How a worker's run ended.
@@ -72,6 +73,26 @@ impl ShardContext<'_> {
         } else {
             None
         }
+    }
+
+    /// The last steps of the shard protocol for an output written under a temporary name:
+    /// publish it if the claim is still ours (output, then done record, with the crash points
+    /// the job-control tests stop at), or leave the shard to the worker that took it over.
+    pub fn publish(
+        &self,
+        name: &str,
+        finished: output::Finished,
+        producer: output::Producer<'_>,
+    ) -> Result<ShardResult> {
+        crash_point(CrashPoint::TempWritten, name);
+        if !self.may_publish(name)? {
+            return Ok(ShardResult::Lost);
+        }
+        let record = finished.commit(producer)?;
+        crash_point(CrashPoint::Renamed, name);
+        self.job.write_done(name, &record)?;
+        crash_point(CrashPoint::DoneWritten, name);
+        Ok(ShardResult::Done(record))
     }
 
     /// Whether we may publish: the claim is still ours. Publishing after losing it would race

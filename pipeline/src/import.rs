@@ -206,20 +206,19 @@ impl ShardTask for ImportTask {
         }
         ctx.liveness.beat();
         let finished = output::finish(writer, &output_uri)?;
-        if !ctx.may_publish(&shard.name)? {
-            return Ok(ShardResult::Lost);
-        }
-        let record = finished.commit(output::Producer {
-            input: &shard.uri,
-            output: &output,
-            skipped,
-            started,
-            worker: &self.job.identity().worker,
-            fingerprint: &spec.fingerprint,
-            stage_seconds: BTreeMap::new(),
-        })?;
-        self.job.write_done(&shard.name, &record)?;
-        Ok(ShardResult::Done(record))
+        ctx.publish(
+            &shard.name,
+            finished,
+            output::Producer {
+                input: &shard.uri,
+                output: &output,
+                skipped,
+                started,
+                worker: &self.job.identity().worker,
+                fingerprint: &spec.fingerprint,
+                stage_seconds: BTreeMap::new(),
+            },
+        )
     }
 }
 

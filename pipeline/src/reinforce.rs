@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::caption::CaptionStage;
 use crate::config::JobConfig;
-use crate::crash::{crash_point, pace, CrashPoint};
+use crate::crash::pace;
 use crate::embed::EmbedStage;
 use crate::executor::{ShardContext, ShardResult, ShardTask};
 use crate::liveness::Liveness;
@@ -477,25 +477,19 @@ impl Reinforce {
         }
 
         let finished = output::finish(writer, &output_uri)?;
-        crash_point(CrashPoint::TempWritten, &shard.name);
-        // Publishing after losing the claim would race the new holder; its output is the same,
-        // so leaving it the work is always safe.
-        if !ctx.may_publish(&shard.name)? {
-            return Ok(ShardResult::Lost);
-        }
-        let record = finished.commit(output::Producer {
-            input: &shard.uri,
-            output: &output,
-            skipped,
-            started,
-            worker: &self.job.identity().worker,
-            fingerprint: &self.fingerprint,
-            stage_seconds: busy.0,
-        })?;
-        crash_point(CrashPoint::Renamed, &shard.name);
-        self.job.write_done(&shard.name, &record)?;
-        crash_point(CrashPoint::DoneWritten, &shard.name);
-        Ok(ShardResult::Done(record))
+        ctx.publish(
+            &shard.name,
+            finished,
+            output::Producer {
+                input: &shard.uri,
+                output: &output,
+                skipped,
+                started,
+                worker: &self.job.identity().worker,
+                fingerprint: &self.fingerprint,
+                stage_seconds: busy.0,
+            },
+        )
     }
 }
 
