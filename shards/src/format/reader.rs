@@ -26,6 +26,7 @@ use parquet::file::reader::ChunkReader;
 use super::meta::FileMeta;
 use super::row::{AugOp, Paug, Row, SynCaptions};
 use super::schema::{col, EmbDtype, Layout};
+use super::values::ValueLimits;
 use super::{FormatError, SCHEMA_VERSION};
 
 /// Rows decoded per arrow batch unless [`ShardReader::with_batch_rows`] says otherwise.
@@ -56,7 +57,12 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
     /// ([`FormatError::NotParquet`]); that `dfndr.schema_version` exists
     /// ([`FormatError::NotDfndr`]) and equals [`SCHEMA_VERSION`]
     /// ([`FormatError::UnsupportedSchemaVersion`]); that every column chunk uses a codec this
-    /// build decodes; the rest of the metadata; the schema ([`Layout::from_arrow_schema`]).
+    /// build decodes; the rest of the metadata; the schema ([`Layout::from_arrow_schema`]); that
+    /// the metadata matches the schema ([`FileMeta::validate`]).
+    ///
+    /// Every row is then checked as it is decoded: its shape against the layout
+    /// ([`Row::check`]) and its values against their valid ranges ([`Row::validate_values`],
+    /// with the view count and augmentation size the metadata records).
     pub fn open(reader: R) -> Result<Self, FormatError> {
         let metadata = guard("reading the parquet footer", || {
             ParquetMetaDataReader::new()
@@ -89,6 +95,9 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
             )?)
         })?;
         let layout = Layout::from_arrow_schema(arrow_meta.schema())?;
+        // The writer's check, so that a file whose teachers do not add up to D is refused
+        // before any row is decoded.
+        meta.validate(&layout)?;
         Ok(ShardReader {
             builder: ParquetRecordBatchReaderBuilder::new_with_metadata(reader, arrow_meta),
             meta,
@@ -188,9 +197,14 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
             let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
             builder = builder.with_projection(mask);
         }
+        let mut limits = ValueLimits::from_augmentation(&self.meta.augmentation);
+        if !self.read_layout.paug {
+            limits.views = None;
+        }
         Ok(Rows {
             reader: builder.build()?,
             layout: self.read_layout,
+            limits,
             batch: None,
             pos: 0,
             index: 0,
@@ -239,6 +253,7 @@ fn check_codecs(metadata: &ParquetMetaData) -> Result<(), FormatError> {
 pub struct Rows {
     reader: ParquetRecordBatchReader,
     layout: Layout,
+    limits: ValueLimits,
     batch: Option<BatchView>,
     pos: usize,
     index: u64,
@@ -262,7 +277,7 @@ impl Iterator for Rows {
             }
             if let Some(view) = &self.batch {
                 if self.pos < view.len {
-                    let result = view.row(self.pos, self.index, &self.layout);
+                    let result = view.row(self.pos, self.index, &self.layout, &self.limits);
                     self.pos += 1;
                     self.index += 1;
                     if result.is_err() {
@@ -643,7 +658,13 @@ impl BatchView {
     }
 
     /// Decodes row `i` of the batch; `index` is its position in the file, for messages.
-    fn row(&self, i: usize, index: u64, layout: &Layout) -> Result<Row, FormatError> {
+    fn row(
+        &self,
+        i: usize,
+        index: u64,
+        layout: &Layout,
+        limits: &ValueLimits,
+    ) -> Result<Row, FormatError> {
         let required = |array: &dyn Array, name: &str| -> Result<(), FormatError> {
             if array.is_null(i) {
                 Err(corrupt(index, name, "is null"))
@@ -728,6 +749,12 @@ impl BatchView {
                     index,
                     key: key.clone(),
                     reason,
+                })?;
+            row.validate_values(limits)
+                .map_err(|problem| FormatError::InvalidValue {
+                    index,
+                    key: key.clone(),
+                    problem,
                 })?;
             Ok(row)
         };
