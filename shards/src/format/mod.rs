@@ -5,12 +5,14 @@
 //! - [`meta`]: [`FileMeta`], the self-describing key-value metadata of every file.
 //! - [`writer`]: [`ShardWriter`], streaming rows into a zstd parquet file one row group at a time.
 //! - [`reader`]: [`ShardReader`], checking the schema version first and decoding rows batch by batch.
+//! - `physical`: the reader's checks of codecs, row counts, chunk ranges and page headers.
 //! - [`values`]: the valid ranges of stored values (crop boxes, op indices, magnitudes), checked
 //!   on write and on read.
 //!
 //! The user-facing description of the format is `docs/FORMAT.md`; the two must agree.
 
 pub mod meta;
+mod physical;
 pub mod reader;
 pub mod row;
 pub mod schema;

@@ -19,11 +19,11 @@ use parquet::arrow::arrow_reader::{
     ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::ProjectionMask;
-use parquet::basic::Compression;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::metadata::ParquetMetaDataReader;
 use parquet::file::reader::ChunkReader;
 
 use super::meta::FileMeta;
+use super::physical::{check_codecs, check_pages, check_row_groups};
 use super::row::{AugOp, Paug, Row, SynCaptions};
 use super::schema::{col, EmbDtype, Layout};
 use super::values::ValueLimits;
@@ -57,8 +57,10 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
     /// ([`FormatError::NotParquet`]); that `dfndr.schema_version` exists
     /// ([`FormatError::NotDfndr`]) and equals [`SCHEMA_VERSION`]
     /// ([`FormatError::UnsupportedSchemaVersion`]); that every column chunk uses a codec this
-    /// build decodes; the rest of the metadata; the schema ([`Layout::from_arrow_schema`]); that
-    /// the metadata matches the schema ([`FileMeta::validate`]).
+    /// build decodes; that the row groups' row counts add up and every column chunk and page
+    /// lies inside the file and claims no more decompressed bytes than its data can hold; the
+    /// rest of the metadata; the schema ([`Layout::from_arrow_schema`]); that the metadata
+    /// matches the schema ([`FileMeta::validate`]).
     ///
     /// Every row is then checked as it is decoded: its shape against the layout
     /// ([`Row::check`]) and its values against their valid ranges ([`Row::validate_values`],
@@ -81,6 +83,11 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
         // Before anything is decoded: a codec this build lacks would otherwise fail mid-stream
         // with a terse "disabled feature" error.
         check_codecs(&metadata)?;
+        // Row counts, chunk ranges and page sizes are stored numbers the decoder sums, slices
+        // and allocates by; see physical.rs.
+        check_row_groups(&metadata, reader.len())?;
+        check_pages(&metadata, &reader)
+            .map_err(|e| FormatError::Corrupt(format!("checking the page headers: {e}")))?;
         let meta = FileMeta::from_key_values(kv)?;
         let num_rows = u64::try_from(metadata.file_metadata().num_rows()).map_err(|_| {
             FormatError::NotParquet(parquet::errors::ParquetError::General(format!(
@@ -201,8 +208,9 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
         if !self.read_layout.paug {
             limits.views = None;
         }
+        let reader = guard("preparing the row decoder", move || Ok(builder.build()?))?;
         Ok(Rows {
-            reader: builder.build()?,
+            reader,
             layout: self.read_layout,
             limits,
             batch: None,
@@ -228,25 +236,6 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, FormatError>) -> Result<T,
             .unwrap_or_else(|| "unknown panic".into());
         Err(FormatError::Corrupt(format!("{what}: {message}")))
     })
-}
-
-/// Refuses column chunks compressed with a codec this build cannot decode. Keep in sync with
-/// the parquet features of the workspace Cargo.toml (`zstd` only).
-fn check_codecs(metadata: &ParquetMetaData) -> Result<(), FormatError> {
-    for group in metadata.row_groups() {
-        for chunk in group.columns() {
-            match chunk.compression() {
-                Compression::UNCOMPRESSED | Compression::ZSTD(_) => {}
-                other => {
-                    return Err(FormatError::UnsupportedCompression {
-                        column: chunk.column_path().string(),
-                        codec: other.to_string(),
-                    })
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Iterator over the rows of a [`ShardReader`]. Ends after the first error.
