@@ -71,7 +71,10 @@ pub fn run(output: &str, dest: &str, progress: &Progress) -> Result<u64> {
             apple: AppleLayout::of(&aug_config(&meta)?),
             dim: meta.teachers.iter().map(|t| t.dim).sum(),
         };
-        let rows: Vec<Row> = reader.rows()?.collect::<Result<_, _>>()?;
+        let rows: Vec<Row> = reader
+            .rows()?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("shard {uri}"))?;
         let originals = Originals::read(&rows, u64::MAX)?;
         let tar_name = format!("{name}.tar");
         let staged = dest_store.create_staged(&tar_name)?;
