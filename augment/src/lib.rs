@@ -5,6 +5,7 @@
 //! - [`rng`]: seeded randomness, one generator per (job seed, key, view).
 //! - [`params`]: augmentation parameters: sampling, replay, normalisation, Apple's form.
 //! - [`resize`], [`ops`]: PIL/torchvision-exact resampling and RandAugment ops.
+//! - [`validate`]: range checks of parameters read from outside (shards, `paug.json`).
 
 pub mod decode;
 mod jpeg;
@@ -13,5 +14,6 @@ pub mod params;
 pub mod resize;
 pub mod rgb;
 pub mod rng;
+pub mod validate;
 
 pub use rgb::RgbImage;

@@ -142,6 +142,13 @@ impl Default for AugConfig {
     }
 }
 
+/// Largest `size` a config may have; it also bounds the translation magnitudes of stored
+/// parameters whose generation size is unknown (see [`crate::ops::Op::magnitude_range`]).
+pub const MAX_SIZE: u32 = 4096;
+
+/// Most RandAugment ops per view a config may ask for (`rand_augment.num_ops`).
+pub const MAX_NUM_OPS: usize = 16;
+
 /// Invalid augmentation settings.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("invalid augmentation config: {0}")]
@@ -151,7 +158,7 @@ impl AugConfig {
     /// Checks values that would make sampling meaningless.
     pub fn validate(&self) -> Result<(), AugConfigError> {
         let err = |m: &str| Err(AugConfigError(m.to_string()));
-        if self.size == 0 || self.size > 4096 {
+        if self.size == 0 || self.size > MAX_SIZE {
             return err("size must be between 1 and 4096");
         }
         let [s0, s1] = self.scale;
@@ -176,7 +183,7 @@ impl AugConfig {
             if !(0.0..=1.0).contains(&ra.p) {
                 return err("rand_augment.p must be within [0, 1]");
             }
-            if ra.num_ops > 16 {
+            if ra.num_ops > MAX_NUM_OPS {
                 return err("rand_augment.num_ops must be at most 16");
             }
         }
@@ -458,6 +465,11 @@ pub fn to_apple(params: &AugParams, layout: AppleLayout) -> serde_json::Value {
 }
 
 /// Reads one view from Apple's compressed form (see [`to_apple`]).
+///
+/// Checks what needs no image: the structure, crop values that fit `i32`, known op indices,
+/// and magnitudes per [`crate::validate::check_ops`] at the largest size ([`MAX_SIZE`]).
+/// Whether the crop lies inside the image, and translations at the actual generation size,
+/// are [`AugParams::validate`]'s to check once the image size is known.
 pub fn from_apple(
     value: &serde_json::Value,
     layout: AppleLayout,
@@ -479,17 +491,29 @@ pub fn from_apple(
             parts.len()
         )));
     }
-    let crop_vals: Vec<i64> = parts[0]
+    let crop_vals: [i64; 4] = parts[0]
         .as_array()
-        .filter(|a| a.len() == 4)
-        .and_then(|a| a.iter().map(serde_json::Value::as_i64).collect())
+        .and_then(|a| {
+            a.iter()
+                .map(serde_json::Value::as_i64)
+                .collect::<Option<Vec<_>>>()
+        })
+        .and_then(|v| <[i64; 4]>::try_from(v).ok())
         .ok_or_else(|| bad(format!("crop must be 4 integers, found {}", parts[0])))?;
-    let to_i32 = |v: i64| i32::try_from(v).map_err(|_| bad(format!("crop value {v} out of range")));
-    let crop = CropBox {
-        top: to_i32(crop_vals[0])?,
-        left: to_i32(crop_vals[1])?,
-        height: to_i32(crop_vals[2])?,
-        width: to_i32(crop_vals[3])?,
+    let [top, left, height, width] = crop_vals.map(i32::try_from);
+    let crop = match (top, left, height, width) {
+        (Ok(top), Ok(left), Ok(height), Ok(width)) => CropBox {
+            top,
+            left,
+            height,
+            width,
+        },
+        _ => {
+            let [t, l, h, w] = crop_vals;
+            return Err(bad(format!(
+                "crop ({t}, {l}, {h}, {w}) does not fit 32-bit pixel coordinates"
+            )));
+        }
     };
     let mut next = 1;
     let flip = if layout.flip {
@@ -508,19 +532,51 @@ pub fn from_apple(
                 parts[next]
             ))
         })?;
-        for entry in list {
+        for (i, entry) in list.iter().enumerate() {
             let pair = entry.as_array().filter(|p| p.len() == 2);
             let (op, magnitude) = pair
                 .and_then(|p| Some((p[0].as_u64()?, p[1].as_f64()?)))
-                .ok_or_else(|| bad(format!("op must be [index, magnitude], found {entry}")))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "ops[{i}] must be [index, magnitude], found {entry}"
+                    ))
+                })?;
             let op = u8::try_from(op)
                 .ok()
                 .and_then(Op::from_index)
-                .ok_or_else(|| bad(format!("unknown RandAugment op index {op}")))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "ops[{i}].op {op} is not a RandAugment op index (valid: 0..{})",
+                        Op::ALL.len()
+                    ))
+                })?;
             ops.push((op, magnitude as f32));
         }
     }
+    // f64 magnitudes past f32's range became infinite above; check_ops refuses those too.
+    crate::validate::check_ops(&ops, MAX_SIZE).map_err(|e| bad(e.to_string()))?;
     Ok(AugParams { crop, flip, ops })
+}
+
+/// Reads a whole `KEY.paug.json` (`{"param_aug": [view, ...]}`) with [`from_apple`]; errors
+/// name the view (`param_aug[1]: ...`).
+pub fn from_apple_json(
+    bytes: &[u8],
+    layout: AppleLayout,
+) -> Result<Vec<AugParams>, ApplePaugError> {
+    let doc: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApplePaugError(format!("paug.json is not JSON: {e}")))?;
+    let views = doc
+        .get("param_aug")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| ApplePaugError("paug.json has no param_aug list".into()))?;
+    views
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            from_apple(v, layout).map_err(|e| ApplePaugError(format!("param_aug[{i}]: {}", e.0)))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -226,6 +226,8 @@ fn apple_paug_json_round_trips_exactly() {
                 c.top >= 0 && c.left >= 0 && c.top + c.height <= h && c.left + c.width <= w,
                 "{view}"
             );
+            // What Apple's transforms store passes the checks made on import (224 px views).
+            assert_eq!(params.validate(w as u32, h as u32, 224), Ok(()), "{view}");
             if params.ops.is_empty() {
                 skipped += 1;
             }

@@ -2,7 +2,7 @@
 //! written without teachers, or imported, or captioned later), replaying each row's stored
 //! views. Shards that already carry this ensemble's embeddings of every column are skipped.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use dfndr_augment::params::AugConfig;
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{FileMeta, Layout, Row, SynLayout, TeacherInfo};
@@ -89,6 +89,19 @@ impl ShardUpdate for EmbedUpdate {
         if old.paug {
             let aug = aug_of(meta)?;
             let views: Vec<Vec<RgbImage>> = images.map(batch, |row, img| {
+                // The reader checked the crop boxes against the recorded size; an original of
+                // another size (a changed source shard) would be cut in the wrong places.
+                if (img.width, img.height) != (row.width, row.height) {
+                    bail!(
+                        "key {}: the original image is {}x{}, but the row records {}x{}; its source {} has changed since the shard was written",
+                        row.key,
+                        img.width,
+                        img.height,
+                        row.width,
+                        row.height,
+                        row.source
+                    );
+                }
                 row.paug
                     .iter()
                     .map(|p| Ok(aug.replay(img, &from_stored(p)?, aug.size)))

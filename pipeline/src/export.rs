@@ -81,7 +81,7 @@ pub fn run(output: &str, dest: &str, progress: &Progress) -> Result<u64> {
         let mut originals = OriginalsCursor::new(&spool, ReaderLimits::default());
         let mut exported = 0u64;
         for row in reader.rows()? {
-            let row: Row = row?;
+            let row: Row = row.with_context(|| format!("shard {uri}"))?;
             let image = originals
                 .original(&row)
                 .with_context(|| format!("shard {name}: cannot open the source {}", row.source))?

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use dfndr_augment::decode::probe;
-use dfndr_augment::params::{from_apple, AppleLayout};
-use dfndr_shards::apple::{npz_decode, Matrix};
+use dfndr_augment::params::{from_apple_json, AppleLayout};
+use dfndr_shards::apple::{npz_decode, syn_decode, Matrix};
 use dfndr_shards::format::{
     CaptionerInfo, EmbLayout, FileMeta, Layout, Paug, Row, SynCaptions, SynLayout, TeacherInfo,
 };
@@ -18,7 +18,6 @@ use dfndr_shards::job::{self, Job};
 use dfndr_shards::shardlist::ShardRef;
 use dfndr_shards::spool::Spool;
 use dfndr_shards::wds::{RawSample, ReaderLimits, WdsEvent, WdsReader};
-use serde_json::Value;
 
 use crate::config::JobConfig;
 use crate::executor::{ShardContext, ShardResult, ShardTask};
@@ -192,7 +191,7 @@ impl ShardTask for ImportTask {
                         }
                         // One bad sample never fails the shard: it is counted.
                         Err(e) => {
-                            tracing::debug!(shard = %shard.name, %key, error = %format!("{e:#}"), "sample skipped");
+                            tracing::warn!(shard = %shard.uri, %key, error = %format!("{e:#}"), "sample skipped: its reinforcement members are invalid");
                             *skipped
                                 .entry(INVALID_REINFORCEMENT.to_string())
                                 .or_default() += 1;
@@ -226,38 +225,33 @@ impl ShardTask for ImportTask {
 /// missing or do not match the config.
 pub const INVALID_REINFORCEMENT: &str = "invalid_reinforcement";
 
-/// One sample of Apple's layout as a DFNDR row.
+/// One sample of Apple's layout as a DFNDR row. Every stored value is checked before it is
+/// used: the views' crop boxes against the image's size, op indices and magnitudes, caption
+/// types, array shapes; errors name the member and field (the caller adds shard and key).
 fn to_row(spec: &ImportSpec, uri: &str, sample: RawSample) -> Result<Row> {
-    let key = sample.key.clone();
     let member = |ext: &str| {
         sample
             .extras
             .iter()
             .find(|(e, _)| e == ext)
             .map(|(_, d)| d.as_slice())
+            .ok_or_else(|| anyhow!("no {ext} member"))
     };
-    let json = |ext: &str| -> Result<Value> {
-        let bytes = member(ext).ok_or_else(|| anyhow!("key {key}: no {ext} member"))?;
-        serde_json::from_slice(bytes).with_context(|| format!("key {key}: {ext} is not JSON"))
-    };
-    let paug_json = json("paug.json")?;
-    let views = paug_json
-        .get("param_aug")
-        .and_then(Value::as_array)
-        .ok_or_else(|| anyhow!("key {key}: paug.json has no param_aug list"))?;
-    let k = spec.config.augment.num_augmentations as usize;
+    let (_, width, height) = probe(&sample.image).context("unreadable image")?;
+    let aug = &spec.config.augment;
+    let views = from_apple_json(member("paug.json")?, AppleLayout::of(aug))?;
+    let k = aug.num_augmentations as usize;
     if views.len() != k {
         bail!(
-            "key {key}: {} augmentations stored, the config says num_augmentations = {k}",
+            "paug.json: {} augmentations stored, the config says num_augmentations = {k}",
             views.len()
         );
     }
-    let apple = AppleLayout::of(&spec.config.augment);
-    let paug: Vec<Paug> = views
-        .iter()
-        .map(|v| from_apple(v, apple).map(|p| to_stored(&p)))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("key {key}: paug.json"))?;
+    for (i, view) in views.iter().enumerate() {
+        view.validate(width, height, aug.size)
+            .with_context(|| format!("paug.json: param_aug[{i}]"))?;
+    }
+    let paug: Vec<Paug> = views.iter().map(to_stored).collect();
 
     let tags: Vec<&str> = spec
         .config
@@ -265,36 +259,18 @@ fn to_row(spec: &ImportSpec, uri: &str, sample: RawSample) -> Result<Row> {
         .iter()
         .map(|c| c.tag.as_str())
         .collect();
-    let syn_json = if tags.is_empty() {
-        Value::Null
-    } else {
-        json("syn.json")?
-    };
     // DataCompDR names its single list `syn_text`; dfndr's export `syn_text_TAG`.
-    let syn_key = |tag: &str| -> Option<String> {
-        let tagged = format!("syn_text_{tag}");
-        if syn_json.get(&tagged).is_some() {
-            Some(tagged)
-        } else if tags.len() == 1 && syn_json.get("syn_text").is_some() {
-            Some("syn_text".into())
-        } else {
-            None
-        }
+    let syn = if tags.is_empty() {
+        Vec::new()
+    } else {
+        syn_decode(member("syn.json")?, &tags)?
     };
-    let mut syn = Vec::with_capacity(tags.len());
-    for tag in &tags {
-        let name =
-            syn_key(tag).ok_or_else(|| anyhow!("key {key}: syn.json has no syn_text_{tag}"))?;
-        let texts: Vec<String> = serde_json::from_value(syn_json[&name].clone())
-            .with_context(|| format!("key {key}: {name} is not a list of strings"))?;
-        syn.push((name, texts));
-    }
 
     let (mut image_emb, mut text_emb) = (Vec::new(), Vec::new());
     let mut syn_emb: Vec<Vec<Vec<f32>>> = vec![Vec::new(); syn.len()];
     if !spec.teachers.is_empty() {
-        let npz = member("npz").ok_or_else(|| anyhow!("key {key}: no npz member (embeddings)"))?;
-        let arrays = npz_decode(npz).with_context(|| format!("key {key}: npz"))?;
+        let npz = member("npz").context("embeddings")?;
+        let arrays = npz_decode(npz).context("npz")?;
         let dim = spec.dim();
         let array = |name: &str| -> Option<Result<&Matrix>> {
             let (_, m) = arrays.iter().find(|(n, _)| n == name)?;
@@ -302,25 +278,23 @@ fn to_row(spec: &ImportSpec, uri: &str, sample: RawSample) -> Result<Row> {
                 Ok(m)
             } else {
                 Err(anyhow!(
-                    "key {key}: {name} has {} columns, the teachers give {dim}",
+                    "npz: {name} has {} columns, the teachers give {dim}",
                     m.cols
                 ))
             })
         };
-        let need = |name: &str| {
-            array(name).unwrap_or_else(|| Err(anyhow!("key {key}: npz has no {name}")))
-        };
+        let need = |name: &str| array(name).unwrap_or_else(|| Err(anyhow!("npz has no {name}")));
         let images = need("image_emb")?;
         if images.rows != k {
             bail!(
-                "key {key}: image_emb has {} rows for {k} augmentations",
+                "npz: image_emb has {} rows for {k} augmentations",
                 images.rows
             );
         }
         image_emb = images.to_rows();
         let texts = need("text_emb")?.to_rows();
         if texts.is_empty() {
-            bail!("key {key}: text_emb is empty");
+            bail!("npz: text_emb is empty");
         }
         let mut rest = texts.into_iter();
         text_emb = rest.by_ref().take(1).collect();
@@ -336,15 +310,13 @@ fn to_row(spec: &ImportSpec, uri: &str, sample: RawSample) -> Result<Row> {
         for ((name, texts), emb) in syn.iter().zip(&syn_emb) {
             if emb.len() != texts.len() {
                 bail!(
-                    "key {key}: {} embeddings for {} {name} captions",
+                    "npz: {} embeddings for {} {name} captions",
                     emb.len(),
                     texts.len()
                 );
             }
         }
     }
-    let (_, width, height) =
-        probe(&sample.image).with_context(|| format!("key {key}: unreadable image"))?;
     Ok(Row {
         key: sample.key,
         source: uri.to_string(),

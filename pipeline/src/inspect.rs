@@ -63,7 +63,7 @@ fn inspect_parquet(path: &Path, rows: usize) -> Result<()> {
         println!("augmentation    {}", meta.augmentation);
     }
     for (i, row) in reader.rows()?.take(rows).enumerate() {
-        let row = row?;
+        let row = row.with_context(|| format!("shard {}", path.display()))?;
         println!();
         println!("[{i}] key       {}", row.key);
         println!("    caption   {}", clip(&row.caption, 100));

@@ -90,4 +90,28 @@ mod tests {
         assert!(from_stored(&bad).is_err());
         assert!(describe(&bad).starts_with("crop 40x30") && describe(&bad).contains("op99"));
     }
+
+    /// The shards crate checks stored magnitudes with its own copy of the ranges (it does not
+    /// depend on the augment crate); both must be the sampler's.
+    #[test]
+    fn shard_value_ranges_are_the_samplers() {
+        use dfndr_shards::format::{magnitude_range, MAX_AUG_SIZE, NUM_AUG_OPS, OP_NAMES};
+        assert_eq!(usize::from(NUM_AUG_OPS), Op::ALL.len());
+        assert_eq!(MAX_AUG_SIZE, dfndr_augment::params::MAX_SIZE);
+        assert_eq!(
+            dfndr_shards::format::MAX_OPS_PER_VIEW,
+            dfndr_augment::params::MAX_NUM_OPS
+        );
+        for op in Op::ALL {
+            assert_eq!(OP_NAMES[usize::from(op.index())], op.name());
+            for size in [1, 2, 64, 96, 224, 256, 1000, 4096] {
+                assert_eq!(
+                    magnitude_range(op.index(), size),
+                    Some(op.magnitude_range(size)),
+                    "{op:?} at {size}"
+                );
+            }
+        }
+        assert_eq!(magnitude_range(NUM_AUG_OPS, 224), None);
+    }
 }

@@ -37,8 +37,10 @@ pub fn run(shard: &Path, key: &str, out: &Path, size: Option<u32>) -> Result<Pat
     let config: AugConfig = serde_json::from_value(reader.meta().augmentation.clone())
         .context("the shard's augmentation metadata is not a dfndr augmentation config")?;
     let mut found = None;
+    // Rows are checked as they are read (crop boxes inside the recorded size, op indices,
+    // magnitudes); a bad one stops here with its key and field.
     for row in reader.rows()? {
-        let row = row?;
+        let row = row.with_context(|| format!("shard {}", shard.display()))?;
         if row.key == key {
             found = Some(row);
             break;
@@ -53,6 +55,19 @@ pub fn run(shard: &Path, key: &str, out: &Path, size: Option<u32>) -> Result<Pat
     };
     let original = decode_rgb(&bytes, DEFAULT_MAX_PIXELS)
         .with_context(|| format!("cannot decode the original image of {key}"))?;
+    // The crop boxes were checked against the recorded size; an original of another size
+    // (a changed source shard) would be cut in the wrong places.
+    if (original.width, original.height) != (row.width, row.height) {
+        bail!(
+            "shard {}, key {key}: the original image is {}x{}, but the row records {}x{}; the source shard {} has changed since the shard was written",
+            shard.display(),
+            original.width,
+            original.height,
+            row.width,
+            row.height,
+            row.source
+        );
+    }
     let size = size.unwrap_or(config.size);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
 

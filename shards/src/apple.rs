@@ -32,6 +32,14 @@ pub enum AppleError {
     /// A `.npz` archive that cannot be read.
     #[error("npz archive: {0}")]
     Npz(String),
+    /// A `KEY.syn.json` that is not an object of caption lists.
+    #[error("syn.json: {field} {detail}")]
+    Syn {
+        /// The offending entry, e.g. `syn_text[2]`, or `document` for the whole file.
+        field: String,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// Writing the tar failed.
     #[error("cannot write the tar: {0}")]
     Io(#[from] std::io::Error),
@@ -112,6 +120,11 @@ pub fn npy_encode(m: &Matrix) -> Vec<u8> {
 
 /// Decodes a `.npy` file holding a 1-D (one row) or 2-D little-endian float array of
 /// float16, float32 or float64 in C order.
+///
+/// The header's shape is only believed once the data behind it is there: its size is computed
+/// with checked arithmetic and compared with the bytes present before anything is allocated, so
+/// a header claiming `(2**40, 2**40)` is an error, not an allocation. Rows of zero values (shape
+/// `(n, 0)` with n > 0) are refused: they hold no data to bound n by, and no embedding is empty.
 pub fn npy_decode(name: &str, bytes: &[u8]) -> Result<Matrix, AppleError> {
     let bad = |detail: String| AppleError::Npy {
         name: name.to_string(),
@@ -121,15 +134,17 @@ pub fn npy_decode(name: &str, bytes: &[u8]) -> Result<Matrix, AppleError> {
         return Err(bad("not a .npy array".into()));
     }
     let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
         2 | 3 if bytes.len() >= 12 => (
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             12,
         ),
         v => return Err(bad(format!("unsupported .npy version {v}"))),
     };
+    // Saturating: a version 2 header length is a full u32 (past the end reads as truncated).
+    let data_start = start.saturating_add(header_len);
     let header = bytes
-        .get(start..start + header_len)
+        .get(start..data_start)
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or_else(|| bad("truncated header".into()))?;
     let field = |key: &str| -> Option<&str> {
@@ -175,14 +190,18 @@ pub fn npy_decode(name: &str, bytes: &[u8]) -> Result<Matrix, AppleError> {
             )))
         }
     };
-    let count = rows
+    if cols == 0 && rows > 0 {
+        return Err(bad(format!("shape ({shape_text}) has rows of zero values")));
+    }
+    let too_large = || bad(format!("shape ({shape_text}) is too large"));
+    let needed = rows
         .checked_mul(cols)
-        .ok_or_else(|| bad(format!("shape ({shape_text}) too large")))?;
-    let data = &bytes[start + header_len..];
-    if data.len() != count * width {
+        .and_then(|count| count.checked_mul(width))
+        .ok_or_else(too_large)?;
+    let data = bytes.get(data_start..).unwrap_or_default();
+    if data.len() != needed {
         return Err(bad(format!(
-            "shape ({shape_text}) needs {} bytes of data, found {}",
-            count * width,
+            "shape ({shape_text}) needs {needed} bytes of data, found {}",
             data.len()
         )));
     }
@@ -251,8 +270,10 @@ fn npz_decode_limited(bytes: &[u8], limit: u64) -> Result<Vec<(String, Matrix)>,
             .trim_end_matches(".npy")
             .to_string();
         // The declared size is only a hint: a hostile archive may lie about it, and a
-        // deflated member may expand a thousandfold; reading stops past the limit.
-        let mut data = Vec::with_capacity(file.size().min(1 << 24) as usize);
+        // deflated member may expand a thousandfold; reading stops past the limit. A stored
+        // member is no larger than the archive, so that bounds the first allocation.
+        let hint = file.size().min(bytes.len() as u64).min(limit);
+        let mut data = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
         (&mut file)
             .take(limit + 1)
             .read_to_end(&mut data)
@@ -265,6 +286,66 @@ fn npz_decode_limited(bytes: &[u8], limit: u64) -> Result<Vec<(String, Matrix)>,
         out.push((name.clone(), npy_decode(&name, &data)?));
     }
     Ok(out)
+}
+
+/// Reads `KEY.syn.json`: for each captioner tag, the name and captions of its list.
+///
+/// The list of tag `TAG` is `syn_text_TAG` (dfndr's export, RayGen with several captioners);
+/// with a single tag, DataCompDR's `syn_text` is accepted too. Every caption must be a string:
+/// an error names the list and position of the first one that is not.
+pub fn syn_decode(bytes: &[u8], tags: &[&str]) -> Result<Vec<(String, Vec<String>)>, AppleError> {
+    let err = |field: &str, detail: String| AppleError::Syn {
+        field: field.to_string(),
+        detail,
+    };
+    let doc: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| err("document", format!("is not JSON: {e}")))?;
+    let object = doc
+        .as_object()
+        .ok_or_else(|| err("document", format!("is {}, not an object", kind(&doc))))?;
+    let mut out = Vec::with_capacity(tags.len());
+    for tag in tags {
+        let tagged = format!("syn_text_{tag}");
+        let name = if object.contains_key(&tagged) {
+            tagged
+        } else if tags.len() == 1 && object.contains_key("syn_text") {
+            "syn_text".to_string()
+        } else {
+            return Err(err(&tagged, "is missing".into()));
+        };
+        let Some(value) = object.get(&name) else {
+            return Err(err(&name, "is missing".into()));
+        };
+        let list = value
+            .as_array()
+            .ok_or_else(|| err(&name, format!("is {}, not a list of captions", kind(value))))?;
+        let texts = list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    err(
+                        &format!("{name}[{i}]"),
+                        format!("is {}, not a string", kind(v)),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push((name, texts));
+    }
+    Ok(out)
+}
+
+/// A JSON value's kind, for messages (the value itself may be huge).
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// Appends one file to a tar with fixed metadata (reproducible archives).
@@ -373,6 +454,94 @@ mod tests {
             assert!(err.contains(want), "{err}");
         }
         assert!(npy_decode("x", b"not numpy").is_err());
+    }
+
+    /// A `.npy` file with `shape` in its header and `data` after it.
+    fn npy_with_shape(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(dict.len() as u16 + 1).to_le_bytes());
+        b.extend_from_slice(dict.as_bytes());
+        b.push(b'\n');
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn npy_shapes_are_believed_only_with_their_data() {
+        // Regression cases: the product overflows, or the bytes are missing; both must be
+        // errors before any allocation of the claimed size.
+        for (descr, shape, want) in [
+            ("<f4", "(1099511627776, 1099511627776)", "too large"),
+            ("<f8", "(2305843009213693952, 1)", "too large"),
+            (
+                "<f4",
+                "(1099511627776, 1)",
+                "needs 4398046511104 bytes of data, found 8",
+            ),
+            ("<f4", "(1099511627776, 0)", "rows of zero values"),
+            ("<f4", "(0,)", "rows of zero values"),
+            ("<f4", "(18446744073709551616, 1)", "bad shape"),
+            ("<f4", "(-1, 2)", "bad shape"),
+        ] {
+            let err = npy_decode("image_emb", &npy_with_shape(descr, shape, &[0; 8]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("image_emb: ") && err.contains(want),
+                "{shape}: {err}"
+            );
+        }
+        // An empty list of rows is fine.
+        let empty = npy_decode("x", &npy_with_shape("<f4", "(0, 768)", &[])).unwrap();
+        assert_eq!((empty.rows, empty.cols, empty.data.len()), (0, 768, 0));
+        // Truncated and oversized headers.
+        assert!(npy_decode("x", b"\x93NUMPY\x01\x00\xff\xff{").is_err());
+        assert!(npy_decode("x", b"\x93NUMPY\x02\x00\xff\xff\xff\xff{").is_err());
+        assert!(npy_decode("x", b"\x93NUMPY\x02\x00").is_err());
+    }
+
+    #[test]
+    fn syn_json_lists_must_hold_strings() {
+        let ok = syn_decode(br#"{"syn_text": ["a dog", "a cat"]}"#, &["coca"]).unwrap();
+        assert_eq!(
+            ok,
+            vec![("syn_text".to_string(), vec!["a dog".into(), "a cat".into()])]
+        );
+        let two = syn_decode(
+            br#"{"syn_text_a": ["x"], "syn_text_b": [], "syn_text": ["ignored"]}"#,
+            &["a", "b"],
+        )
+        .unwrap();
+        assert_eq!(two[0], ("syn_text_a".to_string(), vec!["x".to_string()]));
+        assert_eq!(two[1], ("syn_text_b".to_string(), vec![]));
+        for (doc, tags, want) in [
+            (
+                &br#"{"syn_text": ["a dog", 5]}"#[..],
+                &["coca"][..],
+                "syn.json: syn_text[1] is a number, not a string",
+            ),
+            (
+                br#"{"syn_text_coca": "a dog"}"#,
+                &["coca"],
+                "syn.json: syn_text_coca is a string, not a list of captions",
+            ),
+            (
+                br#"{"syn_text": []}"#,
+                &["a", "b"],
+                "syn.json: syn_text_a is missing",
+            ),
+            (
+                br#"[1, 2]"#,
+                &["a"],
+                "syn.json: document is a list, not an object",
+            ),
+            (b"{", &["a"], "syn.json: document is not JSON"),
+            (b"", &["a"], "syn.json: document is not JSON"),
+        ] {
+            let err = syn_decode(doc, tags).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use arrow_array::{RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Fields, Schema};
 use dfndr_shards::format::{
-    AugOp, CaptionerInfo, EmbDtype, EmbLayout, FileMeta, FormatError, Layout, Paug, Row,
-    ShardReader, ShardWriter, SynCaptions, SynLayout, TeacherInfo, WriterOptions, SCHEMA_VERSION,
+    magnitude_range, AugOp, CaptionerInfo, EmbDtype, EmbLayout, FileMeta, FormatError, Layout,
+    Paug, Row, ShardReader, ShardWriter, SynCaptions, SynLayout, TeacherInfo, WriterOptions,
+    MAX_AUG_SIZE, SCHEMA_VERSION,
 };
 use half::f16;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -239,29 +240,41 @@ fn arb_vecs(n: std::ops::Range<usize>, dim: usize) -> impl Strategy<Value = Vec<
     prop::collection::vec(prop::collection::vec(-1.0f32..=1.0, dim..=dim), n)
 }
 
-fn arb_paug() -> impl Strategy<Value = Paug> {
+/// Any valid side `[start, start + len)` of a `size`-pixel image side, as i32 (sides of up to
+/// u32::MAX pixels still store their crop boxes as int32).
+fn arb_span(size: u32) -> impl Strategy<Value = (i32, i32)> {
+    let size = size.min(i32::MAX as u32) as i32;
+    (0..size).prop_flat_map(move |start| (Just(start), 1..=size - start))
+}
+
+/// A valid view of a `width` x `height` image: the crop inside it, magnitudes in their range.
+fn arb_paug(width: u32, height: u32) -> impl Strategy<Value = Paug> {
     (
-        any::<[i32; 4]>(),
+        arb_span(height),
+        arb_span(width),
         any::<bool>(),
         prop::collection::vec(
-            (
-                0u8..14,
-                any::<f32>().prop_filter("not NaN", |m| !m.is_nan()),
-            )
-                .prop_map(|(op, magnitude)| AugOp { op, magnitude }),
+            (0u8..14, 0.0f64..=1.0).prop_map(|(op, t)| {
+                let (min, max) = magnitude_range(op, MAX_AUG_SIZE).unwrap();
+                let magnitude = (f64::from(min) + t * (f64::from(max) - f64::from(min))) as f32;
+                AugOp {
+                    op,
+                    magnitude: magnitude.clamp(min, max),
+                }
+            }),
             0..3,
         ),
     )
-        .prop_map(|(crop, flip, ops)| Paug { crop, flip, ops })
+        .prop_map(|((top, h), (left, w), flip, ops)| Paug {
+            crop: [top, left, h, w],
+            flip,
+            ops,
+        })
 }
 
 fn arb_row(layout: Layout) -> impl Strategy<Value = Row> {
     let dim = layout.emb.map_or(1, |e| e.dim);
-    let paug = if layout.paug {
-        prop::collection::vec(arb_paug(), 0..4).boxed()
-    } else {
-        Just(vec![]).boxed()
-    };
+    let paug_on = layout.paug;
     let syn: Vec<BoxedStrategy<SynCaptions>> = layout
         .syn
         .iter()
@@ -300,15 +313,23 @@ fn arb_row(layout: Layout) -> impl Strategy<Value = Row> {
             ".*",
             prop::option::of(".*"),
             ".*",
-            any::<u32>(),
-            any::<u32>(),
-        ),
+            1..=u32::MAX,
+            1..=u32::MAX,
+        )
+            .prop_flat_map(move |base| {
+                // Views need the image size; any number of them (no num_augmentations here).
+                let paug = if paug_on {
+                    prop::collection::vec(arb_paug(base.4, base.5), 0..4).boxed()
+                } else {
+                    Just(vec![]).boxed()
+                };
+                (Just(base), paug)
+            }),
         image,
-        paug,
         text_emb,
         syn,
     )
-        .prop_flat_map(move |(base, image, paug, text_emb, syn)| {
+        .prop_flat_map(move |((base, paug), image, text_emb, syn)| {
             // image_emb has one entry per view when both columns exist.
             let image_emb = match (with_image_emb, tie_to_paug) {
                 (false, _) => Just(vec![]).boxed(),
@@ -430,6 +451,8 @@ fn f32_embeddings_are_exact_and_f16_are_rounded_to_nearest() {
         };
         let row = Row {
             key: "k".into(),
+            width: 1,
+            height: 1,
             text_emb: vec![tricky.clone()],
             ..Row::default()
         };
@@ -616,6 +639,8 @@ fn absent_stages_have_no_columns() {
     let row = Row {
         key: "a".into(),
         caption: "c".into(),
+        width: 1,
+        height: 1,
         ..Row::default()
     };
     let (_, back_layout, rows) = read_all(write_file(
@@ -959,7 +984,6 @@ fn writer_refuses_rows_that_do_not_match_the_layout() {
     type Breaker = fn(&mut Row);
     let cases: Vec<(&str, Breaker)> = vec![
         ("image", |r| r.image = None),
-        ("op index", |r| r.paug[0].ops[0].op = 14),
         ("image_emb[1] has 3 values", |r| {
             r.image_emb[1].pop();
         }),
@@ -986,6 +1010,31 @@ fn writer_refuses_rows_that_do_not_match_the_layout() {
         let msg = err.to_string();
         assert!(
             msg.contains(want) && msg.contains("000000001"),
+            "{want}: {msg}"
+        );
+    }
+    // Values out of range are refused too, naming the field.
+    let values: Vec<(&str, Breaker)> = vec![
+        ("paug[0].ops[0].op 14 is not a RandAugment op index", |r| {
+            r.paug[0].ops[0].op = 14
+        }),
+        (
+            "paug[1].crop (0, 0, 481, 640) lies outside the 640x480 image",
+            |r| r.paug[1].crop[2] = 481,
+        ),
+        ("paug[0].ops[0].magnitude of Rotate is NaN", |r| {
+            r.paug[0].ops[0].magnitude = f32::NAN
+        }),
+        ("width x height is 0x480", |r| r.width = 0),
+    ];
+    for (want, breaker) in values {
+        let mut row = full_row(1);
+        breaker(&mut row);
+        let err = w.write_row(&row).unwrap_err();
+        assert!(matches!(err, FormatError::InvalidValue { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(want) && msg.contains("key 000000001"),
             "{want}: {msg}"
         );
     }

@@ -129,6 +129,33 @@ impl Op {
     }
 }
 
+impl Op {
+    /// The closed range `[min, max]` of the magnitudes [`crate::params::sample_rand_augment`]
+    /// can draw for this op on a `size` x `size` RandAugment input, under any valid config
+    /// (at least 2 magnitude bins, any bin, either sign): the hull of
+    /// [`Op::magnitude_bins`] and, for signed ops, their negatives.
+    ///
+    /// Stored magnitudes outside it were not sampled by dfndr or torchvision; readers refuse
+    /// them. Signed ops span `[-end, end]` with `end` the last bin (0.3, 150/331 * size, 30,
+    /// 0.9); Posterize keeps 4 to 8 bits (`8 - round(i / ((n - 1) / 4))`, i < n); Solarize
+    /// thresholds lie in `[0, 255]`; the ops without a magnitude store 0. `dfndr_shards`
+    /// keeps the same table (`format::magnitude_range`) to check shards on read; the `dfndr`
+    /// crate tests that the two agree.
+    pub fn magnitude_range(self, size: u32) -> (f32, f32) {
+        // The last bin is `end as f32` exactly (linspace's second half counts back from it).
+        let signed = |end: f64| (-(end as f32), end as f32);
+        match self {
+            Op::Identity | Op::AutoContrast | Op::Equalize => (0.0, 0.0),
+            Op::ShearX | Op::ShearY => signed(0.3),
+            Op::TranslateX | Op::TranslateY => signed(150.0 / 331.0 * size as f64),
+            Op::Rotate => signed(30.0),
+            Op::Brightness | Op::Color | Op::Contrast | Op::Sharpness => signed(0.9),
+            Op::Posterize => (4.0, 8.0),
+            Op::Solarize => (0.0, 255.0),
+        }
+    }
+}
+
 /// torch's CPU `linspace` for `f32`.
 fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
     match steps {
@@ -281,6 +308,32 @@ mod tests {
         assert_eq!(Op::Solarize.magnitude_bins(1, 1, 1).0, vec![255.0]);
         // torch: (8 - (torch.arange(1) / 0.0).round().int()) == -2147483640
         assert_eq!(Op::Posterize.magnitude_bins(1, 1, 1).0, vec![-2147483640.0]);
+    }
+
+    /// Every magnitude the sampler can draw lies in [`Op::magnitude_range`], and the range's
+    /// ends are drawn by some config, so the range is exactly the hull of the sampled values.
+    #[test]
+    fn magnitude_range_is_the_hull_of_the_bins() {
+        for size in [1u32, 2, 64, 96, 224, 256, 4096] {
+            for op in Op::ALL {
+                let (min, max) = op.magnitude_range(size);
+                let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                for bins in (2..=64).chain([100, 101, 255, 1000, 4097]) {
+                    let (values, signed) = op.magnitude_bins(bins, size, size);
+                    for v in values {
+                        for v in if signed { vec![v, -v] } else { vec![v] } {
+                            assert!(
+                                (min..=max).contains(&v),
+                                "{op:?} size {size} bins {bins}: {v} outside [{min}, {max}]"
+                            );
+                            lo = lo.min(v);
+                            hi = hi.max(v);
+                        }
+                    }
+                }
+                assert_eq!((lo, hi), (min, max), "{op:?} size {size}");
+            }
+        }
     }
 
     #[test]

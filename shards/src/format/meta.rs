@@ -93,7 +93,8 @@ impl Default for FileMeta {
 
 impl FileMeta {
     /// Checks what the writer can check: the version, finite logit scales (JSON has no NaN), and
-    /// that the teachers' dims add up to the embedding dim when both are known.
+    /// that the teachers' dims add up to the embedding dim when both are known. The reader runs
+    /// the same check on open.
     pub fn validate(&self, layout: &Layout) -> Result<(), FormatError> {
         if self.schema_version != SCHEMA_VERSION {
             return Err(FormatError::InvalidMeta(format!(
@@ -108,10 +109,15 @@ impl FileMeta {
             )));
         }
         if let (Some(emb), false) = (layout.emb, self.teachers.is_empty()) {
-            let total: usize = self.teachers.iter().map(|t| t.dim).sum();
-            if layout.has_emb_columns() && total != emb.dim {
+            // Checked: on read the dims come from the file and may be anything.
+            let total = self
+                .teachers
+                .iter()
+                .try_fold(0usize, |sum, t| sum.checked_add(t.dim));
+            if layout.has_emb_columns() && total != Some(emb.dim) {
                 return Err(FormatError::InvalidMeta(format!(
-                    "the teachers' dims add up to {total}, but the embedding columns have dim {}",
+                    "the teachers' dims add up to {}, but the embedding columns have dim {}",
+                    total.map_or_else(|| "more than fits in memory".into(), |t| t.to_string()),
                     emb.dim
                 )));
             }

@@ -5,19 +5,27 @@
 //! - [`meta`]: [`FileMeta`], the self-describing key-value metadata of every file.
 //! - [`writer`]: [`ShardWriter`], streaming rows into a zstd parquet file one row group at a time.
 //! - [`reader`]: [`ShardReader`], checking the schema version first and decoding rows batch by batch.
+//! - `physical`: the reader's checks of codecs, row counts, chunk ranges and page headers.
+//! - [`values`]: the valid ranges of stored values (crop boxes, op indices, magnitudes), checked
+//!   on write and on read.
 //!
 //! The user-facing description of the format is `docs/FORMAT.md`; the two must agree.
 
 pub mod meta;
+mod physical;
 pub mod reader;
 pub mod row;
 pub mod schema;
+pub mod values;
 pub mod writer;
 
 pub use meta::{CaptionerInfo, FileMeta, TeacherInfo};
 pub use reader::{Rows, ShardReader};
 pub use row::{AugOp, Paug, Row, SynCaptions, NUM_AUG_OPS};
 pub use schema::{col, EmbDtype, EmbLayout, Layout, SynLayout};
+pub use values::{
+    magnitude_range, PaugError, ValueError, ValueLimits, MAX_AUG_SIZE, MAX_OPS_PER_VIEW, OP_NAMES,
+};
 pub use writer::{ShardWriter, WriterOptions};
 
 /// The DFNDR format version this build writes and the only one it reads.
@@ -104,6 +112,18 @@ pub enum FormatError {
         key: String,
         /// What is wrong with it.
         reason: String,
+    },
+
+    /// A stored value outside its valid range (a crop box outside the image, an unknown op, a
+    /// NaN magnitude, ...), refused by the writer or found by the reader.
+    #[error("row {index}, key {key}: {problem}")]
+    InvalidValue {
+        /// Zero-based index of the row in the file (as written or as read).
+        index: u64,
+        /// The row's `key`.
+        key: String,
+        /// The field and what is wrong with it.
+        problem: values::ValueError,
     },
 
     /// The parquet decoder gave up on corrupt data (including failures the parquet crate

@@ -19,13 +19,14 @@ use parquet::arrow::arrow_reader::{
     ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::ProjectionMask;
-use parquet::basic::Compression;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::metadata::ParquetMetaDataReader;
 use parquet::file::reader::ChunkReader;
 
 use super::meta::FileMeta;
+use super::physical::{check_codecs, check_pages, check_row_groups};
 use super::row::{AugOp, Paug, Row, SynCaptions};
 use super::schema::{col, EmbDtype, Layout};
+use super::values::ValueLimits;
 use super::{FormatError, SCHEMA_VERSION};
 
 /// Rows decoded per arrow batch unless [`ShardReader::with_batch_rows`] says otherwise.
@@ -56,7 +57,14 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
     /// ([`FormatError::NotParquet`]); that `dfndr.schema_version` exists
     /// ([`FormatError::NotDfndr`]) and equals [`SCHEMA_VERSION`]
     /// ([`FormatError::UnsupportedSchemaVersion`]); that every column chunk uses a codec this
-    /// build decodes; the rest of the metadata; the schema ([`Layout::from_arrow_schema`]).
+    /// build decodes; that the row groups' row counts add up and every column chunk and page
+    /// lies inside the file and claims no more decompressed bytes than its data can hold; the
+    /// rest of the metadata; the schema ([`Layout::from_arrow_schema`]); that the metadata
+    /// matches the schema ([`FileMeta::validate`]).
+    ///
+    /// Every row is then checked as it is decoded: its shape against the layout
+    /// ([`Row::check`]) and its values against their valid ranges ([`Row::validate_values`],
+    /// with the view count and augmentation size the metadata records).
     pub fn open(reader: R) -> Result<Self, FormatError> {
         let metadata = guard("reading the parquet footer", || {
             ParquetMetaDataReader::new()
@@ -75,6 +83,11 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
         // Before anything is decoded: a codec this build lacks would otherwise fail mid-stream
         // with a terse "disabled feature" error.
         check_codecs(&metadata)?;
+        // Row counts, chunk ranges and page sizes are stored numbers the decoder sums, slices
+        // and allocates by; see physical.rs.
+        check_row_groups(&metadata, reader.len())?;
+        check_pages(&metadata, &reader)
+            .map_err(|e| FormatError::Corrupt(format!("checking the page headers: {e}")))?;
         let meta = FileMeta::from_key_values(kv)?;
         let num_rows = u64::try_from(metadata.file_metadata().num_rows()).map_err(|_| {
             FormatError::NotParquet(parquet::errors::ParquetError::General(format!(
@@ -89,6 +102,9 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
             )?)
         })?;
         let layout = Layout::from_arrow_schema(arrow_meta.schema())?;
+        // The writer's check, so that a file whose teachers do not add up to D is refused
+        // before any row is decoded.
+        meta.validate(&layout)?;
         Ok(ShardReader {
             builder: ParquetRecordBatchReaderBuilder::new_with_metadata(reader, arrow_meta),
             meta,
@@ -188,9 +204,15 @@ impl<R: ChunkReader + 'static> ShardReader<R> {
             let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
             builder = builder.with_projection(mask);
         }
+        let mut limits = ValueLimits::from_augmentation(&self.meta.augmentation);
+        if !self.read_layout.paug {
+            limits.views = None;
+        }
+        let reader = guard("preparing the row decoder", move || Ok(builder.build()?))?;
         Ok(Rows {
-            reader: builder.build()?,
+            reader,
             layout: self.read_layout,
+            limits,
             batch: None,
             pos: 0,
             index: 0,
@@ -216,29 +238,11 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, FormatError>) -> Result<T,
     })
 }
 
-/// Refuses column chunks compressed with a codec this build cannot decode. Keep in sync with
-/// the parquet features of the workspace Cargo.toml (`zstd` only).
-fn check_codecs(metadata: &ParquetMetaData) -> Result<(), FormatError> {
-    for group in metadata.row_groups() {
-        for chunk in group.columns() {
-            match chunk.compression() {
-                Compression::UNCOMPRESSED | Compression::ZSTD(_) => {}
-                other => {
-                    return Err(FormatError::UnsupportedCompression {
-                        column: chunk.column_path().string(),
-                        codec: other.to_string(),
-                    })
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Iterator over the rows of a [`ShardReader`]. Ends after the first error.
 pub struct Rows {
     reader: ParquetRecordBatchReader,
     layout: Layout,
+    limits: ValueLimits,
     batch: Option<BatchView>,
     pos: usize,
     index: u64,
@@ -262,7 +266,7 @@ impl Iterator for Rows {
             }
             if let Some(view) = &self.batch {
                 if self.pos < view.len {
-                    let result = view.row(self.pos, self.index, &self.layout);
+                    let result = view.row(self.pos, self.index, &self.layout, &self.limits);
                     self.pos += 1;
                     self.index += 1;
                     if result.is_err() {
@@ -643,7 +647,13 @@ impl BatchView {
     }
 
     /// Decodes row `i` of the batch; `index` is its position in the file, for messages.
-    fn row(&self, i: usize, index: u64, layout: &Layout) -> Result<Row, FormatError> {
+    fn row(
+        &self,
+        i: usize,
+        index: u64,
+        layout: &Layout,
+        limits: &ValueLimits,
+    ) -> Result<Row, FormatError> {
         let required = |array: &dyn Array, name: &str| -> Result<(), FormatError> {
             if array.is_null(i) {
                 Err(corrupt(index, name, "is null"))
@@ -728,6 +738,12 @@ impl BatchView {
                     index,
                     key: key.clone(),
                     reason,
+                })?;
+            row.validate_values(limits)
+                .map_err(|problem| FormatError::InvalidValue {
+                    index,
+                    key: key.clone(),
+                    problem,
                 })?;
             Ok(row)
         };

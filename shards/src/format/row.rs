@@ -71,7 +71,8 @@ impl Row {
     /// Checks the row against `layout`, returning a human-readable reason on mismatch.
     ///
     /// The same check runs on write and on read, so any file that reads is one the writer would
-    /// have produced.
+    /// have produced. Values (crop boxes, op indices, magnitudes) are checked by
+    /// [`Row::validate_values`].
     pub fn check(&self, layout: &Layout) -> Result<(), String> {
         if layout.embed_images != self.image.is_some() {
             return Err(if layout.embed_images {
@@ -82,14 +83,6 @@ impl Row {
         }
         if !layout.paug && !self.paug.is_empty() {
             return Err("paug is set but the layout has no paug column".into());
-        }
-        for (k, p) in self.paug.iter().enumerate() {
-            if let Some(bad) = p.ops.iter().find(|o| o.op >= NUM_AUG_OPS) {
-                return Err(format!(
-                    "paug[{k}] has op index {}, valid indices are 0..{NUM_AUG_OPS}",
-                    bad.op
-                ));
-            }
         }
         let dim = layout.emb.map(|e| e.dim);
         check_embs("image_emb", layout.image_emb, dim, &self.image_emb)?;

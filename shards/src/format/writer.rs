@@ -25,6 +25,7 @@ use parquet::schema::types::ColumnPath;
 use super::meta::FileMeta;
 use super::row::Row;
 use super::schema::{self, col, EmbDtype, EmbLayout, Layout};
+use super::values::ValueLimits;
 use super::FormatError;
 
 /// Above this many bytes of strings and images buffered, a row group is closed early: arrow's
@@ -58,6 +59,7 @@ pub struct ShardWriter<W: Write + Send> {
     writer: ArrowWriter<W>,
     schema: SchemaRef,
     layout: Layout,
+    limits: ValueLimits,
     columns: Columns,
     row_group_rows: usize,
     rows: u64,
@@ -94,10 +96,15 @@ impl<W: Write + Send> ShardWriter<W> {
             ArrowWriterOptions::new().with_properties(props),
         )?;
         let columns = Columns::new(&layout);
+        let mut limits = ValueLimits::from_augmentation(&meta.augmentation);
+        if !layout.paug {
+            limits.views = None;
+        }
         Ok(ShardWriter {
             writer,
             schema,
             layout,
+            limits,
             columns,
             row_group_rows: options.row_group_rows,
             rows: 0,
@@ -120,7 +127,9 @@ impl<W: Write + Send> ShardWriter<W> {
         self.writer.bytes_written()
     }
 
-    /// Appends one row, closing a row group when it is full.
+    /// Appends one row, closing a row group when it is full. Refuses a row that does not match
+    /// the layout ([`Row::check`]) or holds a value outside its range ([`Row::validate_values`]),
+    /// the same checks the reader makes.
     pub fn write_row(&mut self, row: &Row) -> Result<(), FormatError> {
         if self.poisoned {
             return Err(FormatError::WriterPoisoned);
@@ -131,6 +140,12 @@ impl<W: Write + Send> ShardWriter<W> {
             reason,
         };
         row.check(&self.layout).map_err(mismatch)?;
+        row.validate_values(&self.limits)
+            .map_err(|problem| FormatError::InvalidValue {
+                index: self.rows,
+                key: row.key.clone(),
+                problem,
+            })?;
         let bytes = row_bytes(row);
         if bytes > MAX_BUFFERED_BYTES {
             return Err(mismatch(format!(
