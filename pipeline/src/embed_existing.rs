@@ -2,14 +2,14 @@
 //! written without teachers, or imported, or captioned later), replaying each row's stored
 //! views. Shards that already carry this ensemble's embeddings of every column are skipped.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use dfndr_augment::params::AugConfig;
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{FileMeta, Layout, Row, SynLayout, TeacherInfo};
 
 use crate::embed::EmbedStage;
-use crate::paug::from_stored;
 use crate::rewrite::{Originals, ShardUpdate};
+use dfndr_dataset::views::{augmentation_of, replay_views};
 
 /// The teacher-embedding update.
 pub struct EmbedUpdate {
@@ -27,8 +27,7 @@ impl EmbedUpdate {
 }
 
 fn aug_of(meta: &FileMeta) -> Result<AugConfig> {
-    serde_json::from_value(meta.augmentation.clone())
-        .context("the shard's augmentation metadata is not a dfndr augmentation config")
+    Ok(augmentation_of(meta)?)
 }
 
 impl ShardUpdate for EmbedUpdate {
@@ -102,10 +101,7 @@ impl ShardUpdate for EmbedUpdate {
                         row.source
                     );
                 }
-                row.paug
-                    .iter()
-                    .map(|p| Ok(aug.replay(img, &from_stored(p)?, aug.size)))
-                    .collect()
+                Ok(replay_views(&aug, &row.paug, img, aug.size)?)
             })?;
             let groups: Vec<&[RgbImage]> = views.iter().map(Vec::as_slice).collect();
             for (row, embs) in batch.iter_mut().zip(self.stage.embed_view_groups(&groups)?) {

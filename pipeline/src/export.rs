@@ -17,8 +17,8 @@ use dfndr_shards::store::{is_cloud_url, local_copy, local_path_of, open_store};
 use dfndr_shards::wds::ReaderLimits;
 use serde_json::{json, Map, Value};
 
-use crate::paug::from_stored;
 use crate::progress::Progress;
+use dfndr_dataset::paug::from_stored;
 
 /// What the export of one output needs to know besides the rows.
 struct ShardContext {
@@ -116,11 +116,7 @@ pub fn run(output: &str, dest: &str, progress: &Progress) -> Result<u64> {
 
 /// The augmentation config recorded in a shard.
 fn aug_config(meta: &FileMeta) -> Result<AugConfig> {
-    if meta.augmentation.is_null() {
-        bail!("the shard has no augmentations (num_augmentations = 0): Apple's layout needs them");
-    }
-    serde_json::from_value(meta.augmentation.clone())
-        .context("the shard's augmentation metadata is not a valid augmentation config")
+    dfndr_dataset::views::augmentation_of(meta).context("Apple's layout needs augmentation views")
 }
 
 /// A float32 config value as the shortest decimal that reads back to it (0.48145466, not
@@ -213,7 +209,7 @@ fn to_apple_sample(row: &Row, image: &[u8], ctx: &ShardContext) -> Result<AppleS
         .paug
         .iter()
         .map(|p| from_stored(p).map(|params| to_apple(&params, ctx.apple)))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let mut arrays = Vec::new();
     if ctx.layout.image_emb && ctx.layout.text_emb {
         arrays.push((

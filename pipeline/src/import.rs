@@ -22,7 +22,7 @@ use dfndr_shards::wds::{RawSample, ReaderLimits, WdsEvent, WdsReader};
 use crate::config::JobConfig;
 use crate::executor::{ShardContext, ShardResult, ShardTask};
 use crate::output;
-use crate::paug::to_stored;
+use dfndr_dataset::paug::to_stored;
 
 /// The members of Apple's layout besides image, caption and json.
 const APPLE_MEMBERS: [&str; 3] = ["syn.json", "paug.json", "npz"];

@@ -75,7 +75,7 @@ fn inspect_parquet(path: &Path, rows: usize) -> Result<()> {
         if layout.paug {
             println!("    paug      {} view(s)", row.paug.len());
             for (k, p) in row.paug.iter().enumerate() {
-                println!("      [{k}] {}", crate::paug::describe(p));
+                println!("      [{k}] {}", dfndr_dataset::paug::describe(p));
             }
         }
         if layout.image_emb {

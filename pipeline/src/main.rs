@@ -14,7 +14,6 @@ mod import;
 mod inspect;
 mod liveness;
 mod output;
-mod paug;
 mod progress;
 mod reinforce;
 mod rewrite;

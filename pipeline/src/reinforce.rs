@@ -28,9 +28,9 @@ use crate::embed::EmbedStage;
 use crate::executor::{ShardContext, ShardResult, ShardTask};
 use crate::liveness::Liveness;
 use crate::output;
-use crate::paug::to_stored;
 use crate::progress::Progress;
 use crate::stages::{self, StageBusy};
+use dfndr_dataset::paug::to_stored;
 
 /// The generation of shards from input shards, as a task of the [`Executor`].
 pub struct Reinforce {

@@ -140,6 +140,12 @@ impl Rewrite<'_> {
         let (mut kept, mut images) = (Vec::new(), Vec::new());
         for (row, img) in decoded {
             match img {
+                // Crop boxes are in the recorded size: an original of another size (its
+                // source shard was changed) would be cut in the wrong places.
+                Ok(img) if (img.width, img.height) != (row.width, row.height) => {
+                    tracing::warn!(shard, key = %row.key, "row dropped: its original image is {}x{}, the row records {}x{}", img.width, img.height, row.width, row.height);
+                    *skipped.entry("changed_original".to_string()).or_default() += 1;
+                }
                 Ok(img) => {
                     kept.push(row);
                     images.push(img);

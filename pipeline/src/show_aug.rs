@@ -12,7 +12,7 @@ use dfndr_shards::format::ShardReader;
 use dfndr_shards::store::open_input;
 use dfndr_shards::wds::{ReaderLimits, WdsEvent, WdsReader};
 
-use crate::paug::{describe, from_stored};
+use dfndr_dataset::paug::{describe, from_stored};
 
 /// Colours of the crop boxes drawn on the original, one per view (cycled).
 const BOX_COLOURS: [[u8; 3]; 6] = [

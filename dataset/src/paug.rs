@@ -1,10 +1,11 @@
 //! The `paug` column's stored form of augmentation parameters, both ways, and its one-line
 //! description shared by `inspect` and `show-aug`.
 
-use anyhow::{anyhow, Result};
 use dfndr_augment::ops::Op;
 use dfndr_augment::params::{AugParams, CropBox};
 use dfndr_shards::format::{AugOp, Paug};
+
+use crate::DatasetError;
 
 /// The stored form of sampled parameters.
 pub fn to_stored(p: &AugParams) -> Paug {
@@ -23,16 +24,16 @@ pub fn to_stored(p: &AugParams) -> Paug {
 }
 
 /// The stored parameters as typed values; an unknown op index is an error.
-pub fn from_stored(p: &Paug) -> Result<AugParams> {
+pub fn from_stored(p: &Paug) -> Result<AugParams, DatasetError> {
     let ops = p
         .ops
         .iter()
         .map(|o| {
             Op::from_index(o.op)
                 .map(|op| (op, o.magnitude))
-                .ok_or_else(|| anyhow!("unknown RandAugment op index {}", o.op))
+                .ok_or(DatasetError::UnknownOp(o.op))
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(AugParams {
         crop: CropBox {
             top: p.crop[0],
