@@ -132,6 +132,10 @@ test: s3-server azurite gcs-emulator
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
 	CARGO=$(CARGO) tools/test-simd-levels.sh
+	@# dfndr-dataset reads local data only: it builds without the object-store client stack.
+	$(CARGO) check --quiet -p dfndr-dataset
+	@if $(CARGO) tree -p dfndr-dataset -e normal | grep -q object_store; then \
+	  echo "error: dfndr-dataset depends on object_store" >&2; exit 1; fi
 
 lint:
 	$(CARGO) fmt --all -- --check

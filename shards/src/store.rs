@@ -61,6 +61,9 @@ pub enum StoreError {
         /// The store's error message.
         error: String,
     },
+    /// An object-store URL in a build without object-store support.
+    #[error("{0}: this build has no object-store support (dfndr-shards' `cloud` feature)")]
+    NoCloudSupport(String),
     /// A command that needs a local path was given an object-store URL.
     #[error("{0}: this needs a local path or file:// URL, not an object-store URL")]
     NotLocal(String),
