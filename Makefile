@@ -90,6 +90,12 @@ gpu-kit: cuda gpu-wheels
 	tar cJf target/gpu-kit.tar.xz -C target gpu-kit
 	@ls -l target/gpu-kit.tar.xz
 
+## qemu's user-mode emulator (Debian's qemu-user): tests/emulated_cpu.rs runs dfndr as a CPU
+## without AVX-512, so the kernels users' AVX2 machines take (gemm's included) are tested here.
+.PHONY: qemu-user
+qemu-user:
+	@command -v qemu-x86_64 >/dev/null 2>&1 || (apt-get update && apt-get install -y qemu-user)
+
 ## A real S3-compatible server for the object-store tests: moto's server mode from PyPI, in a
 ## virtual environment under target/ (the tests find it there, or via DFNDR_MOTO_SERVER).
 s3-server: $(MOTO_VENV)/bin/moto_server
@@ -127,7 +133,7 @@ $(GCS_VENV)/bin/fake-gcs-server:
 ## Every test: unit, property, format, reader, object-store and end-to-end job-control tests;
 ## plus lints. Then the numeric and end-to-end tests again at every SIMD level below this
 ## machine's best (tools/test-simd-levels.sh), so users' AVX2-only and older CPUs are covered.
-test: s3-server azurite gcs-emulator
+test: s3-server azurite gcs-emulator qemu-user
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace

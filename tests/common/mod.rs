@@ -16,6 +16,32 @@ use std::process::{Command, Output};
 /// The `dfndr` binary built by cargo for these tests.
 pub fn dfndr() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dfndr"));
+    test_env(&mut cmd);
+    cmd
+}
+
+/// The `dfndr` binary run by qemu's user-mode emulator as the CPU model `cpu` (e.g. an AVX2
+/// machine without AVX-512), so that every kernel dispatcher, gemm's included, takes that
+/// CPU's path. `make qemu-user` installs the emulator.
+pub fn dfndr_on_cpu(cpu: &str) -> Command {
+    let qemu = "qemu-x86_64";
+    let present = Command::new(qemu)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        present,
+        "this test runs dfndr on an emulated CPU: run `make qemu-user` (Debian's qemu-user)"
+    );
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-cpu", cpu]).arg(env!("CARGO_BIN_EXE_dfndr"));
+    test_env(&mut cmd);
+    cmd
+}
+
+/// The environment of every dfndr the tests start: no fault injection, no scheduler
+/// placement from the caller's shell.
+fn test_env(cmd: &mut Command) {
     cmd.env_remove("DFNDR_CRASH_AT")
         .env_remove("SLURM_PROCID")
         .env_remove("SLURM_NTASKS")
@@ -23,7 +49,6 @@ pub fn dfndr() -> Command {
         .env_remove("SLURM_ARRAY_TASK_COUNT")
         .env_remove("JOB_COMPLETION_INDEX")
         .env("DFNDR_LOG", "info");
-    cmd
 }
 
 /// Runs a command and returns its output, printing it for failing tests.
