@@ -134,8 +134,16 @@ fn a_config_changed_with_force_redoes_every_shard_of_the_old_fingerprint() {
     let o = run(dfndr().arg("verify").arg(&out));
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("written under config fingerprint"));
-    // The rerun redoes both; nothing of the old config remains done.
+    // A shard that fails under the new config is a failure, although the old config's done
+    // record is still there.
+    let source = std::fs::read(&shards[1]).unwrap();
+    std::fs::write(&shards[1], b"no longer a tar archive").unwrap();
     let o = run(&mut reinforce(&new));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("shard-00001"), "{}", text(&o));
+    std::fs::write(&shards[1], source).unwrap();
+    // The rerun redoes both; nothing of the old config remains done.
+    let o = run(reinforce(&new).arg("--retry-failed"));
     assert!(o.status.success(), "{}", text(&o));
     for (name, record) in done_records(&out) {
         assert_eq!(record["config_fingerprint"], new_fp.as_str(), "{name}");

@@ -26,4 +26,17 @@ pub enum DatasetError {
     /// Stored parameters that do not fit the row's image.
     #[error("{0}")]
     Params(String),
+    /// An original image of another size than the row records: its source shard changed
+    /// since the row was written, and the stored crop boxes would cut it in the wrong places.
+    #[error("the original image is {found_width}x{found_height}, but the row records {width}x{height} (its source shard changed since the row was written)")]
+    ChangedOriginal {
+        /// Recorded width.
+        width: u32,
+        /// Recorded height.
+        height: u32,
+        /// Width of the image found.
+        found_width: u32,
+        /// Height of the image found.
+        found_height: u32,
+    },
 }

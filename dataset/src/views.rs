@@ -16,6 +16,20 @@ pub fn augmentation_of(meta: &FileMeta) -> Result<AugConfig, DatasetError> {
         .map_err(|e| DatasetError::BadAugmentation(e.to_string()))
 }
 
+/// Checks that a row's original image `img` has the size the row records (`width` x
+/// `height`), which its stored crop boxes are in.
+pub fn check_original(width: u32, height: u32, img: &RgbImage) -> Result<(), DatasetError> {
+    if (img.width, img.height) == (width, height) {
+        return Ok(());
+    }
+    Err(DatasetError::ChangedOriginal {
+        width,
+        height,
+        found_width: img.width,
+        found_height: img.height,
+    })
+}
+
 /// The stored views `paug` of a row replayed on its original image `img` at `size` pixels
 /// (the job's `aug.size` reproduces what the teachers saw; a student replays at its own).
 /// Each view's parameters are checked against the image first.
@@ -61,6 +75,11 @@ mod tests {
         let views = replay_views(&aug, &params, &img, 32).unwrap();
         assert_eq!(views.len(), 3);
         assert!(views.iter().all(|v| (v.width, v.height) == (32, 32)));
+        check_original(120, 80, &img).unwrap();
+        assert!(matches!(
+            check_original(80, 120, &img),
+            Err(DatasetError::ChangedOriginal { width: 80, .. })
+        ));
         let mut bad = params[0].clone();
         bad.crop = [0, 0, 1 << 30, 1 << 30];
         let err = replay_views(&aug, &[bad], &img, 32).unwrap_err();

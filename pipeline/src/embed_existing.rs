@@ -2,8 +2,7 @@
 //! written without teachers, or imported, or captioned later), replaying each row's stored
 //! views. Shards that already carry this ensemble's embeddings of every column are skipped.
 
-use anyhow::{bail, Result};
-use dfndr_augment::params::AugConfig;
+use anyhow::Result;
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{FileMeta, Layout, Row, SynLayout, TeacherInfo};
 
@@ -24,10 +23,6 @@ impl EmbedUpdate {
         let infos = stage.teacher_infos();
         Self { stage, infos }
     }
-}
-
-fn aug_of(meta: &FileMeta) -> Result<AugConfig> {
-    Ok(augmentation_of(meta)?)
 }
 
 impl ShardUpdate for EmbedUpdate {
@@ -55,7 +50,7 @@ impl ShardUpdate for EmbedUpdate {
 
     fn updated(&self, meta: &FileMeta, old: &Layout) -> Result<(FileMeta, Layout)> {
         if old.paug {
-            aug_of(meta)?;
+            augmentation_of(meta)?;
         }
         let layout = Layout {
             emb: Some(self.stage.emb_layout()),
@@ -86,21 +81,9 @@ impl ShardUpdate for EmbedUpdate {
         old: &Layout,
     ) -> Result<()> {
         if old.paug {
-            let aug = aug_of(meta)?;
+            let aug = augmentation_of(meta)?;
             let views: Vec<Vec<RgbImage>> = images.map(batch, |row, img| {
-                // The reader checked the crop boxes against the recorded size; an original of
-                // another size (a changed source shard) would be cut in the wrong places.
-                if (img.width, img.height) != (row.width, row.height) {
-                    bail!(
-                        "key {}: the original image is {}x{}, but the row records {}x{}; its source {} has changed since the shard was written",
-                        row.key,
-                        img.width,
-                        img.height,
-                        row.width,
-                        row.height,
-                        row.source
-                    );
-                }
+                // The rewrite gave only originals of the recorded size (check_original).
                 Ok(replay_views(&aug, &row.paug, img, aug.size)?)
             })?;
             let groups: Vec<&[RgbImage]> = views.iter().map(Vec::as_slice).collect();

@@ -154,7 +154,7 @@ impl Executor {
             let mut waiting_on_others = false;
             for &i in &order {
                 if self.interrupted.load(Ordering::SeqCst) {
-                    return Ok(self.finish(summary, shards, progress));
+                    return Ok(self.finish(task, summary, shards, progress));
                 }
                 let shard = &shards[i];
                 if verified_done.contains(&i) || attempted.contains(&i) {
@@ -235,7 +235,7 @@ impl Executor {
                     }
                     Ok(ShardResult::Interrupted) => {
                         self.job.release(&shard.name, &claim)?;
-                        return Ok(self.finish(summary, shards, progress));
+                        return Ok(self.finish(task, summary, shards, progress));
                     }
                     Err(err) => {
                         let message = format!("{err:#}");
@@ -256,32 +256,44 @@ impl Executor {
             let deadline = Instant::now() + poll;
             while Instant::now() < deadline {
                 if self.interrupted.load(Ordering::SeqCst) {
-                    return Ok(self.finish(summary, shards, progress));
+                    return Ok(self.finish(task, summary, shards, progress));
                 }
                 std::thread::sleep(Duration::from_millis(50).min(poll));
             }
         }
-        Ok(self.finish(summary, shards, progress))
+        Ok(self.finish(task, summary, shards, progress))
     }
 
     fn finish(
         &self,
+        task: &dyn ShardTask,
         mut summary: RunSummary,
         shards: &[ShardRef],
         progress: &Progress,
     ) -> RunSummary {
         progress.finish();
-        let done = self.job.done_names().unwrap_or_default();
-        summary.done = shards.iter().filter(|s| done.contains(&s.name)).count();
         // Failures of other workers count too: the exit status describes the job.
         if let Ok(failed) = self.job.all_failed() {
             for (name, rec) in failed {
-                if !done.contains(&name) && shards.iter().any(|s| s.name == name) {
+                if shards.iter().any(|s| s.name == name) {
                     summary.failed.entry(name).or_insert(rec.error);
                 }
             }
         }
-        summary.failed.retain(|name, _| !done.contains(name));
+        // A failure stands unless its shard is done for this task since: a done record of
+        // another config (before a --force change) does not make up for it. Checked for the
+        // failed shards only, which are few.
+        summary.failed.retain(|name, _| {
+            !shards
+                .iter()
+                .find(|s| &s.name == name)
+                .is_some_and(|s| task.is_done(s).unwrap_or(false))
+        });
+        let done = self.job.done_names().unwrap_or_default();
+        summary.done = shards
+            .iter()
+            .filter(|s| done.contains(&s.name) && !summary.failed.contains_key(&s.name))
+            .count();
         summary
     }
 

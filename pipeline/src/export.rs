@@ -77,7 +77,7 @@ pub fn run(output: &str, dest: &str, progress: &Progress) -> Result<u64> {
         let staged = dest_store.create_staged(&tar_name)?;
         let mut tar = AppleTarWriter::new(staged);
         // Rows streamed, their originals read from the source shards in row order.
-        let spool = Spool::new(None, 0, std::sync::Arc::new(|| {}));
+        let spool = Spool::on_demand();
         let mut originals = OriginalsCursor::new(&spool, ReaderLimits::default());
         let mut exported = 0u64;
         for row in reader.rows()? {

@@ -31,10 +31,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dfndr_shards::format::SCHEMA_VERSION;
-use dfndr_shards::job::{now_unix, Job, JobError, Placement, WorkerIdentity};
-use dfndr_shards::shardlist::{resolve_inputs, ShardListError, ShardRef};
+use dfndr_shards::job::{now_unix, Job, Placement, WorkerIdentity};
+use dfndr_shards::shardlist::{resolve_inputs, ShardRef};
 use dfndr_shards::spool::Spool;
-use dfndr_shards::store::{local_copy_of, open_store, Store};
+use dfndr_shards::store::{local_copy_of, open_store};
 
 use crate::config::JobConfig;
 use crate::exit::{usage, UsageResult};
@@ -355,6 +355,15 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return exit::code(exit::USAGE);
     }
+    // Errors that do not tell whose they are: runtime for the commands that run workers,
+    // the user's for those that read what the user names.
+    let default_status = match &cli.command {
+        Command::Reinforce(_)
+        | Command::Embed { .. }
+        | Command::Caption { .. }
+        | Command::ImportWds { .. } => exit::RUNTIME,
+        _ => exit::USAGE,
+    };
     let progress = match &cli.command {
         Command::Reinforce(args) => Progress::new(!args.no_progress),
         Command::Embed { no_progress, .. }
@@ -385,25 +394,20 @@ fn main() -> ExitCode {
             device,
             ..
         } => caption_command(&config, output, device.as_deref(), &progress),
-        Command::Encode(cli) => encode_command(cli)
-            .map(|_| ExitCode::SUCCESS)
-            .map_err(inspection_error),
-        Command::Status { output, json } => status::run(&output, json)
-            .map(|_| ExitCode::SUCCESS)
-            .map_err(inspection_error),
-        Command::Verify { output } => verify::run(&output).map_err(inspection_error),
+        Command::Encode(cli) => encode_command(cli).map(|_| ExitCode::SUCCESS),
+        Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
+        Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => local_copy_of(&file)
             .with_context(|| format!("cannot open {file}"))
             .and_then(|copy| inspect::run(copy.path(), rows))
-            .map(|_| ExitCode::SUCCESS)
-            .map_err(inspection_error),
+            .map(|_| ExitCode::SUCCESS),
         Command::ImportWds { job, .. } => import_command(&job, &progress),
-        Command::ExportWds { output, dest, .. } => export::run(&output, &dest, &progress)
-            .map(|samples| {
+        Command::ExportWds { output, dest, .. } => {
+            export::run(&output, &dest, &progress).map(|samples| {
                 eprintln!("exported {samples} samples to {dest}");
                 ExitCode::SUCCESS
             })
-            .map_err(inspection_error),
+        }
         Command::ShowAug {
             shard,
             key,
@@ -412,15 +416,14 @@ fn main() -> ExitCode {
         } => local_copy_of(&shard)
             .with_context(|| format!("cannot open {shard}"))
             .and_then(|copy| show_aug::run(copy.path(), &key, &out, size))
-            .map(|_| ExitCode::SUCCESS)
-            .map_err(inspection_error),
+            .map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
         Err(err) => {
             progress.finish();
             eprintln!("error: {err:#}");
-            exit::code(exit::status_of(&err))
+            exit::code(exit::status_of(&err, default_status))
         }
     }
 }
@@ -445,13 +448,7 @@ fn load_job(args: &JobArgs) -> Result<(JobConfig, String, Vec<ShardRef>)> {
             "no input shards: set job.input in the config or pass --input",
         ));
     }
-    let shards = resolve_inputs(&config.job.input)
-        .map_err(|e| match e {
-            // A listing that failed may work next time; a bad pattern will not.
-            ShardListError::Store(e) if e.is_transient() => anyhow::Error::new(e),
-            e => anyhow::Error::new(exit::Usage(e.into())),
-        })
-        .context("cannot resolve the input shards")?;
+    let shards = resolve_inputs(&config.job.input).context("cannot resolve the input shards")?;
     if shards.is_empty() {
         return Err(usage(format!(
             "the input patterns {:?} name no shards",
@@ -469,49 +466,13 @@ fn load_config(path: &std::path::Path) -> Result<JobConfig> {
     Ok(config)
 }
 
-/// Opens an output location; a location that is wrong as written is a usage error.
-fn open_output(location: &str) -> Result<Arc<dyn Store>> {
-    open_store(location).map_err(|e| {
-        if e.is_transient() {
-            anyhow::Error::new(e)
-        } else {
-            anyhow::Error::new(exit::Usage(e.into()))
-        }
-    })
-}
-
-/// An error of a command that reads what the user names (status, verify, inspect, show-aug,
-/// export-wds, encode): the user's to fix (status 2) unless a store failed on the way (3).
-fn inspection_error(e: anyhow::Error) -> anyhow::Error {
-    let transient = e.chain().any(|c| {
-        c.downcast_ref::<dfndr_shards::store::StoreError>()
-            .is_some_and(|e| e.is_transient())
-            || matches!(c.downcast_ref::<JobError>(), Some(JobError::Store(e)) if e.is_transient())
-    });
-    if transient || exit::status_of(&e) == exit::USAGE {
-        e
-    } else {
-        anyhow::Error::new(exit::Usage(e))
-    }
-}
-
-/// A job-control error; a mismatched or foreign output and a bad placement are usage errors.
-fn job_error(e: JobError) -> anyhow::Error {
-    match e {
-        JobError::FingerprintMismatch { .. } | JobError::Card(_) | JobError::Placement(_) => {
-            anyhow::Error::new(exit::Usage(e.into()))
-        }
-        JobError::Store(e) if !e.is_transient() => anyhow::Error::new(exit::Usage(e.into())),
-        e => anyhow::Error::new(e),
-    }
-}
-
 fn import_command(args: &JobArgs, progress: &Progress) -> Result<ExitCode> {
     let (config, output, shards) = load_job(args)?;
     let spec = import::ImportSpec::new(config).usage()?;
+    let placement = Placement::resolve(None, None, |k| std::env::var(k).ok())?;
     let job = Job::new(
-        open_output(&output)?,
-        WorkerIdentity::current(0),
+        open_store(&output)?,
+        WorkerIdentity::current(placement.rank),
         Duration::from_secs_f64(spec.config.job.lease_seconds),
     );
     let card = serde_json::json!({
@@ -527,11 +488,10 @@ fn import_command(args: &JobArgs, progress: &Progress) -> Result<ExitCode> {
         "imported_from": "webdataset tars in Apple's layout",
         "created_unix": now_unix(),
     });
-    job.init_card(&card, &spec.fingerprint, args.force)
-        .map_err(job_error)?;
+    job.init_card(&card, &spec.fingerprint, args.force)?;
     let liveness = liveness_of(&spec.config);
     let settings = WorkerSettings {
-        placement: Placement::resolve(None, None, |k| std::env::var(k).ok()).map_err(job_error)?,
+        placement,
         max_attempts: spec.config.job.max_attempts,
         retry_failed: false,
         liveness: Arc::clone(&liveness),
@@ -554,9 +514,8 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
             .build_global()
             .context("cannot start the decoding threads")?;
     }
-    let placement = Placement::resolve(args.rank, args.world_size, |k| std::env::var(k).ok())
-        .map_err(job_error)?;
-    let store = open_output(&output)?;
+    let placement = Placement::resolve(args.rank, args.world_size, |k| std::env::var(k).ok())?;
+    let store = open_store(&output)?;
     let identity = WorkerIdentity::current(placement.rank);
     let job = Job::new(
         store,
@@ -603,10 +562,7 @@ fn reinforce(args: ReinforceArgs, progress: &Progress) -> Result<ExitCode> {
         "augmentation": reinforce::augmentation_meta(&config),
         "created_unix": now_unix(),
     });
-    if job
-        .init_card(&card, &fingerprint, args.job.force)
-        .map_err(job_error)?
-    {
+    if job.init_card(&card, &fingerprint, args.job.force)? {
         tracing::info!(output = %output, "started a new job");
     }
     tracing::info!(
@@ -812,13 +768,13 @@ fn rewrite_command(
     update: &dyn rewrite::ShardUpdate,
     progress: &Progress,
 ) -> Result<ExitCode> {
-    let placement = Placement::resolve(None, None, |k| std::env::var(k).ok()).map_err(job_error)?;
+    let placement = Placement::resolve(None, None, |k| std::env::var(k).ok())?;
     let output_job = Job::new(
-        open_output(output)?,
+        open_store(output)?,
         WorkerIdentity::current(placement.rank),
         Duration::from_secs_f64(config.job.lease_seconds),
     );
-    if output_job.read_card().map_err(job_error)?.is_none() {
+    if output_job.read_card()?.is_none() {
         return Err(usage(format!(
             "{output} is not a dfndr output: it has no dfndr.json"
         )));

@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 use dfndr_augment::decode::decode_rgb;
 use dfndr_augment::rgb::RgbImage;
+use dfndr_dataset::views::check_original;
 use dfndr_shards::format::{FileMeta, Layout, Row, ShardReader};
 use dfndr_shards::job::{sha256_of, DoneRecord, Job};
 use dfndr_shards::originals::OriginalsCursor;
@@ -140,10 +141,8 @@ impl Rewrite<'_> {
         let (mut kept, mut images) = (Vec::new(), Vec::new());
         for (row, img) in decoded {
             match img {
-                // Crop boxes are in the recorded size: an original of another size (its
-                // source shard was changed) would be cut in the wrong places.
-                Ok(img) if (img.width, img.height) != (row.width, row.height) => {
-                    tracing::warn!(shard, key = %row.key, "row dropped: its original image is {}x{}, the row records {}x{}", img.width, img.height, row.width, row.height);
+                Ok(img) if check_original(row.width, row.height, &img).is_err() => {
+                    tracing::warn!(shard, key = %row.key, "row dropped: its original image is {}x{}, the row records {}x{} (its source changed)", img.width, img.height, row.width, row.height);
                     *skipped.entry("changed_original".to_string()).or_default() += 1;
                 }
                 Ok(img) => {

@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use dfndr_augment::decode::{decode_rgb, DEFAULT_MAX_PIXELS};
-use dfndr_augment::params::{AugConfig, AugParams};
+use dfndr_augment::params::AugParams;
 use dfndr_augment::resize::{resize, Filter};
 use dfndr_augment::RgbImage;
-use dfndr_shards::format::ShardReader;
-use dfndr_shards::store::open_input;
-use dfndr_shards::wds::{ReaderLimits, WdsEvent, WdsReader};
-
 use dfndr_dataset::paug::{describe, from_stored};
+use dfndr_dataset::views::{augmentation_of, check_original};
+use dfndr_shards::format::ShardReader;
+use dfndr_shards::originals::OriginalsCursor;
+use dfndr_shards::spool::Spool;
+use dfndr_shards::wds::ReaderLimits;
 
 /// Colours of the crop boxes drawn on the original, one per view (cycled).
 const BOX_COLOURS: [[u8; 3]; 6] = [
@@ -34,8 +35,7 @@ pub fn run(shard: &Path, key: &str, out: &Path, size: Option<u32>) -> Result<Pat
             shard.display()
         );
     }
-    let config: AugConfig = serde_json::from_value(reader.meta().augmentation.clone())
-        .context("the shard's augmentation metadata is not a dfndr augmentation config")?;
+    let config = augmentation_of(reader.meta())?;
     let mut found = None;
     // Rows are checked as they are read (crop boxes inside the recorded size, op indices,
     // magnitudes); a bad one stops here with its key and field.
@@ -49,25 +49,25 @@ pub fn run(shard: &Path, key: &str, out: &Path, size: Option<u32>) -> Result<Pat
     let Some(row) = found else {
         bail!("no row with key {key:?} in {}", shard.display());
     };
-    let bytes = match row.image {
-        Some(bytes) => bytes,
-        None => original_from_source(&row.source, key)?,
-    };
+    let spool = Spool::on_demand();
+    let bytes = OriginalsCursor::new(&spool, ReaderLimits::default())
+        .original(&row)
+        .with_context(|| {
+            format!(
+                "the shard does not embed images and its source {} cannot be opened",
+                row.source
+            )
+        })?
+        .map_err(|missing| {
+            anyhow!(
+                "key {key:?}: no original image in the source shard {} ({missing:?})",
+                row.source
+            )
+        })?;
     let original = decode_rgb(&bytes, DEFAULT_MAX_PIXELS)
         .with_context(|| format!("cannot decode the original image of {key}"))?;
-    // The crop boxes were checked against the recorded size; an original of another size
-    // (a changed source shard) would be cut in the wrong places.
-    if (original.width, original.height) != (row.width, row.height) {
-        bail!(
-            "shard {}, key {key}: the original image is {}x{}, but the row records {}x{}; the source shard {} has changed since the shard was written",
-            shard.display(),
-            original.width,
-            original.height,
-            row.width,
-            row.height,
-            row.source
-        );
-    }
+    check_original(row.width, row.height, &original)
+        .with_context(|| format!("shard {}, key {key}", shard.display()))?;
     let size = size.unwrap_or(config.size);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
 
@@ -93,21 +93,6 @@ pub fn run(shard: &Path, key: &str, out: &Path, size: Option<u32>) -> Result<Pat
     );
     println!("contact sheet -> {}", sheet_path.display());
     Ok(sheet_path)
-}
-
-/// Reads the encoded image of `key` from the input shard the row came from.
-fn original_from_source(source: &str, key: &str) -> Result<Vec<u8>> {
-    let input = open_input(source).with_context(|| {
-        format!("the shard does not embed images and its source {source} cannot be opened")
-    })?;
-    for event in WdsReader::new(input, ReaderLimits::default()) {
-        match event {
-            Ok(WdsEvent::Sample(s)) if s.key == key => return Ok(s.image),
-            Ok(_) => {}
-            Err(e) => return Err(anyhow!(e)).with_context(|| format!("cannot read {source}")),
-        }
-    }
-    bail!("key {key:?} not found in the source shard {source}")
 }
 
 fn save_png(img: &RgbImage, path: &Path) -> Result<()> {

@@ -117,6 +117,12 @@ impl Spool {
         }
     }
 
+    /// A spool in the system's temporary folder that fetches only on demand, for commands
+    /// that read one shard at a time with no watchdog.
+    pub fn on_demand() -> Spool {
+        Spool::new(None, 0, Arc::new(|| {}))
+    }
+
     /// The local file of `uri`: the one fetched in advance (waiting for it to finish), else
     /// fetched now.
     pub fn take(&self, uri: &str) -> Result<SpooledInput, StoreError> {

@@ -203,17 +203,6 @@ pub fn open_parent(uri: &str) -> Result<(Arc<dyn Store>, String), StoreError> {
     Ok((Arc::new(LocalStore::new(parent)), name))
 }
 
-/// Opens an input shard (a local path, `file://` or object-store URL) for streaming reads.
-pub fn open_input(uri: &str) -> Result<Box<dyn Read + Send>, StoreError> {
-    if is_cloud_url(uri) {
-        let (store, key) = CloudStore::open_object(uri)?;
-        return store.open_read(&key);
-    }
-    let path = local_path_of(uri)?;
-    let file = File::open(&path).map_err(|source| io_error(&path, source))?;
-    Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
-}
-
 /// The local path named by `location` (a plain path or a `file://` URL); object-store URLs
 /// are [`StoreError::NotLocal`], other URL schemes [`StoreError::UnsupportedScheme`].
 pub fn local_path_of(location: &str) -> Result<PathBuf, StoreError> {
