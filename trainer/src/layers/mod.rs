@@ -1,0 +1,100 @@
+//! Convolutional building blocks with timm's state-dict key names, each with a training
+//! (batch statistics, differentiable) and an evaluation forward.
+
+mod batch_norm;
+mod conv;
+
+pub use batch_norm::{BatchNorm2d, NormConfig};
+pub use conv::{Conv2d, ConvBn, ConvKind, SqueezeExcite};
+
+use candle_core::{DType, Result, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+
+/// Whether a forward trains (batch statistics, running averages updated) or evaluates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// BatchNorm normalises with batch statistics and updates its running averages.
+    Train,
+    /// BatchNorm normalises with its running averages.
+    Eval,
+}
+
+/// Builds a student's layers: trainable parameters through a [`VarBuilder`] over one
+/// [`VarMap`], non-trainable buffers (BatchNorm running statistics) in a second map under the
+/// same key names, so that together they are the model's state dict.
+#[derive(Clone)]
+pub struct Builder<'a> {
+    vb: VarBuilder<'a>,
+    buffers: VarMap,
+    norm: NormConfig,
+}
+
+impl<'a> Builder<'a> {
+    /// A builder over `params` (trainable) and `buffers`, on `vb`'s device, float32.
+    pub fn new(vb: VarBuilder<'a>, buffers: VarMap, norm: NormConfig) -> Self {
+        Self { vb, buffers, norm }
+    }
+
+    /// The builder one key level down (`PREFIX.name`).
+    pub fn pp(&self, name: impl ToString) -> Self {
+        Self {
+            vb: self.vb.pp(name),
+            buffers: self.buffers.clone(),
+            norm: self.norm,
+        }
+    }
+
+    /// The parameter builder at this prefix.
+    pub fn vb(&self) -> &VarBuilder<'a> {
+        &self.vb
+    }
+
+    /// BatchNorm settings of the model.
+    pub fn norm(&self) -> NormConfig {
+        self.norm
+    }
+
+    /// A trainable parameter `PREFIX.name`.
+    pub fn param(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        self.vb.get_with_hints(shape, name, init)
+    }
+
+    /// A non-trainable buffer `PREFIX.name`, as a variable so it can be updated in place.
+    pub fn buffer(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Var> {
+        let prefix = self.vb.prefix();
+        let path = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        self.buffers
+            .get(shape, &path, init, DType::F32, self.vb.device())?;
+        let data = self.buffers.data().lock().map_err(|_| {
+            candle_core::Error::Msg("the buffer map's lock was poisoned".to_string())
+        })?;
+        match data.get(&path) {
+            Some(var) => Ok(var.clone()),
+            None => candle_core::bail!("buffer {path} was not registered"),
+        }
+    }
+}
+
+/// `LayerScale2d`: `x · gamma` with `gamma: [C, 1, 1]` (key `PREFIX.gamma`).
+#[derive(Clone, Debug)]
+pub struct LayerScale2d {
+    gamma: Tensor,
+}
+
+impl LayerScale2d {
+    /// Loads `PREFIX.gamma`, initialised to `init`.
+    pub fn new(b: &Builder, dim: usize, init: f64) -> Result<Self> {
+        Ok(Self {
+            gamma: b.param((dim, 1, 1), "gamma", Init::Const(init))?,
+        })
+    }
+
+    /// Scales each channel of `[N, C, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.gamma)
+    }
+}

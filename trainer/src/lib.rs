@@ -1,0 +1,21 @@
+//! dfndr-trainer: distillation of MobileCLIP2 students on DFNDR datasets.
+//!
+//! - [`ops`]: differentiable CPU kernels candle lacks (depthwise convolution, batch-statistics
+//!   BatchNorm).
+//! - [`layers`], [`fastvit`]: the image towers in their train-time (branched) form with timm's
+//!   key names; [`student`]: image tower + OpenCLIP text tower + logit scale.
+//! - [`loss`]: Apple's `DRClipLoss`; [`optim`]: AdamW with OpenCLIP's parameter groups,
+//!   gradient clipping and the cosine schedule, with state that can be checkpointed.
+
+pub mod error;
+pub mod fastvit;
+pub mod layers;
+pub mod loss;
+pub mod ops;
+pub mod optim;
+pub mod step;
+pub mod student;
+
+pub use error::{Result, TrainError};
+pub use layers::Mode;
+pub use student::{Student, StudentConfig};
