@@ -15,6 +15,9 @@ pub enum TrainError {
     /// Inputs to a step disagree with each other or with the configuration.
     #[error("batch: {0}")]
     Batch(String),
+    /// Reading or writing a file failed; the message names it.
+    #[error("{0}")]
+    Io(String),
     /// A broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),

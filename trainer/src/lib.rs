@@ -5,8 +5,10 @@
 //! - [`layers`], [`fastvit`]: the image towers in their train-time (branched) form with timm's
 //!   key names; [`student`]: image tower + OpenCLIP text tower + logit scale.
 //! - [`loss`]: Apple's `DRClipLoss`; [`optim`]: AdamW with OpenCLIP's parameter groups,
-//!   gradient clipping and the cosine schedule, with state that can be checkpointed.
+//!   gradient clipping and the cosine schedule, with state that can be checkpointed;
+//!   [`checkpoint`]: atomic checkpoints from which a run continues bit for bit.
 
+pub mod checkpoint;
 pub mod error;
 pub mod fastvit;
 pub mod layers;

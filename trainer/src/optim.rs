@@ -209,7 +209,13 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
             let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-            total += v.par_iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            // Fixed chunks summed in order: rayon's own `sum` splits by thread timing, which
+            // would make the norm (and so a resumed run) differ in the last bits.
+            let partial: Vec<f64> = v
+                .par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            total += partial.iter().sum::<f64>();
         }
     }
     let norm = total.sqrt();
