@@ -1,0 +1,104 @@
+//! MobileCLIP2-S0 training steps on CPU: the same random weights and in-memory batch the
+//! reference script saved, Apple's loss (distillation only, two 768-d teachers at 70/60),
+//! AdamW with OpenCLIP's groups, clipping 1.0. Run through `bench/train.sh`.
+//!
+//! Usage: train_bench --weights FILE --data FILE [--steps N]
+//! Prints one JSON line on stdout: samples/s of the median step, every step's seconds, and
+//! the median split into forward+loss, backward and clip+optimiser.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use dfndr_trainer::loss::{LossConfig, TeacherLayout};
+use dfndr_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use dfndr_trainer::step::{forward_loss, Batch};
+use dfndr_trainer::{Mode, Student, StudentConfig};
+
+const S0: &str = r#"
+embed_dim = 512
+[vision]
+image_size = 256
+arch = "fastvit_mci0"
+[text]
+width = 512
+heads = 8
+layers = 12
+no_causal_mask = true
+"#;
+
+fn main() -> Result<()> {
+    let (mut weights, mut data, mut steps) = (None, None, 3usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--weights" => weights = Some(value()?),
+            "--data" => data = Some(value()?),
+            "--steps" => steps = value()?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let (Some(weights), Some(data)) = (weights, data) else {
+        bail!("usage: train_bench --weights FILE --data FILE [--steps N]");
+    };
+    let dev = Device::Cpu;
+    let config: StudentConfig = toml::from_str(S0)?;
+    let student = Student::new(&config, &dev)?;
+    student.load(&candle_core::safetensors::load(&weights, &dev)?, true)?;
+    let d = candle_core::safetensors::load(&data, &dev)?;
+    let get = |k: &str| d.get(k).cloned().with_context(|| format!("{data} has no {k}"));
+    let ids: Vec<Vec<u32>> = get("texts")?
+        .to_dtype(candle_core::DType::I64)?
+        .to_vec2::<i64>()?
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect();
+    let b = get("images")?.dim(0)?;
+    let batch = Batch {
+        images: get("images")?,
+        text_gt: ids[..b].to_vec(),
+        text_syn: ids[b..].to_vec(),
+        teacher_image: get("teacher_image")?,
+        teacher_gt: get("teacher_gt")?,
+        teacher_syn: get("teacher_syn")?,
+    };
+    let layout = TeacherLayout {
+        dims: vec![768, 768],
+        scales: vec![70.0, 60.0],
+    };
+    let loss_cfg = LossConfig::default();
+    let mut opt = AdamW::new(student.parameters()?, AdamWConfig::default());
+    let vars: Vec<_> = student.parameters()?.into_iter().map(|(_, v)| v).collect();
+    let mut rows = Vec::new();
+    let mut last_loss = 0.0;
+    for step in 0..=steps {
+        let t0 = Instant::now();
+        let terms = forward_loss(&student, &batch, &layout, &loss_cfg, Mode::Train)?;
+        let t1 = Instant::now();
+        let mut grads = terms.total.backward()?;
+        let t2 = Instant::now();
+        clip_grad_norm(&mut grads, &vars, 1.0)?;
+        opt.step(&grads, 1e-3)?;
+        let t3 = Instant::now();
+        last_loss = terms.total.to_scalar::<f32>()?;
+        if step > 0 {
+            let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
+            rows.push((s(t0, t3), s(t0, t1), s(t1, t2), s(t2, t3)));
+        }
+    }
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let median = rows[rows.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({
+            "samples_per_s": b as f64 / median.0,
+            "step_seconds": rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            "forward_seconds": median.1,
+            "backward_seconds": median.2,
+            "optimizer_seconds": median.3,
+            "loss": last_loss,
+        })
+    );
+    Ok(())
+}
