@@ -47,7 +47,11 @@ fn main() -> Result<()> {
     let student = Student::new(&config, &dev)?;
     student.load(&candle_core::safetensors::load(&weights, &dev)?, true)?;
     let d = candle_core::safetensors::load(&data, &dev)?;
-    let get = |k: &str| d.get(k).cloned().with_context(|| format!("{data} has no {k}"));
+    let get = |k: &str| {
+        d.get(k)
+            .cloned()
+            .with_context(|| format!("{data} has no {k}"))
+    };
     let ids: Vec<Vec<u32>> = get("texts")?
         .to_dtype(candle_core::DType::I64)?
         .to_vec2::<i64>()?
