@@ -20,6 +20,7 @@ mod rewrite;
 mod show_aug;
 mod stages;
 mod status;
+mod train;
 mod verify;
 
 use std::path::PathBuf;
@@ -85,6 +86,36 @@ status`), 2 on a usage or configuration error (retrying cannot help), 3 on a run
 storage error such as an unreachable store or a worker hung for job.stall_seconds (retry
 later), 130 when interrupted (claims released).")]
     Reinforce(ReinforceArgs),
+    /// Distil a MobileCLIP2 student on a DFNDR dataset (resumes from its checkpoints).
+    #[command(long_about = "\
+Distil a MobileCLIP2 student on a DFNDR dataset.
+
+The config (configs/train/*.toml) names the student (configs/students/*.toml), the dataset (a
+dfndr output folder, local or on an object store), the optimiser and schedule (AdamW with
+OpenCLIP's weight-decay groups, cosine with linear warm-up, gradient clipping), Apple's loss
+weights and the checkpoint interval. Each sample is a stored augmentation view replayed at the
+student's size with its teacher embedding, the ground-truth caption and one synthetic caption
+with theirs.
+
+The output folder gets checkpoints/ (model in OpenCLIP's key names, optimiser moments, data
+position; the newest few kept), metrics.jsonl (every loss term, learning rate, gradient norm,
+logit scale, skips and the step time split into data/forward/backward/optimiser), loss.png and
+config.json. Run the same command again after a crash or preemption and it continues from the
+newest checkpoint; on the CPU the result equals an uninterrupted run's bit for bit.
+
+Exit status: 0 when the run reached its last step, 2 on a configuration or dataset error
+(retrying cannot help), 3 on a runtime error, 130 when interrupted (a checkpoint was written).")]
+    Train {
+        /// Training config (e.g. configs/train/s0-demo.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output folder (default: train-out/CONFIG_NAME).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Disable the progress bar even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Add teacher embeddings to the shards of an existing output.
     #[command(long_about = "\
 Add teacher embeddings to the done shards of an existing output.
@@ -361,7 +392,8 @@ fn main() -> ExitCode {
         Command::Reinforce(_)
         | Command::Embed { .. }
         | Command::Caption { .. }
-        | Command::ImportWds { .. } => exit::RUNTIME,
+        | Command::ImportWds { .. }
+        | Command::Train { .. } => exit::RUNTIME,
         _ => exit::USAGE,
     };
     let progress = match &cli.command {
@@ -395,6 +427,14 @@ fn main() -> ExitCode {
             ..
         } => caption_command(&config, output, device.as_deref(), &progress),
         Command::Encode(cli) => encode_command(cli).map(|_| ExitCode::SUCCESS),
+        Command::Train {
+            config,
+            output,
+            no_progress,
+        } => {
+            let output = output.unwrap_or_else(|| train::default_output(&config));
+            train::run(&config, &output, !no_progress)
+        }
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),
         Command::Inspect { file, rows } => local_copy_of(&file)

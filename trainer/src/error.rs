@@ -15,6 +15,10 @@ pub enum TrainError {
     /// Inputs to a step disagree with each other or with the configuration.
     #[error("batch: {0}")]
     Batch(String),
+    /// The dataset cannot be trained on (missing columns, another teacher layout, unreadable
+    /// manifest); the message says which shard and why.
+    #[error("data: {0}")]
+    Data(String),
     /// Reading or writing a file failed; the message names it.
     #[error("{0}")]
     Io(String),

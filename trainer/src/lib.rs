@@ -9,12 +9,15 @@
 //!   [`checkpoint`]: atomic checkpoints from which a run continues bit for bit.
 
 pub mod checkpoint;
+pub mod data;
 pub mod error;
 pub mod fastvit;
 pub mod layers;
 pub mod loss;
 pub mod ops;
 pub mod optim;
+pub mod plot;
+pub mod run;
 pub mod step;
 pub mod student;
 

@@ -114,6 +114,12 @@ pub struct StepReport {
     pub lr: f64,
     /// exp(logit_scale) after the update and clamp.
     pub logit_scale: f64,
+    /// Seconds in the forward pass and the loss.
+    pub forward_seconds: f64,
+    /// Seconds in the backward pass.
+    pub backward_seconds: f64,
+    /// Seconds in clipping, the optimiser and the clamp.
+    pub optimizer_seconds: f64,
 }
 
 /// One training step: loss, backward, clip to `grad_clip` (global L2 norm; `None` for no
@@ -127,6 +133,7 @@ pub fn train_step(
     lr: f64,
     grad_clip: Option<f64>,
 ) -> Result<StepReport> {
+    let t0 = std::time::Instant::now();
     let terms = forward_loss(student, batch, layout, config, Mode::Train)?;
     let loss = LossValues::of(&terms)?;
     if !loss.total.is_finite() {
@@ -135,7 +142,9 @@ pub fn train_step(
             loss.total
         )));
     }
+    let t1 = std::time::Instant::now();
     let mut grads = terms.total.backward()?;
+    let t2 = std::time::Instant::now();
     let vars: Vec<_> = student.parameters()?.into_iter().map(|(_, v)| v).collect();
     let grad_norm = match grad_clip {
         Some(max) => clip_grad_norm(&mut grads, &vars, max)?,
@@ -144,10 +153,14 @@ pub fn train_step(
     optimizer.step(&grads, lr)?;
     let clamped = student.logit_scale().clamp(0.0, MAX_LOGIT_SCALE.ln())?;
     set_logit_scale(student, &clamped)?;
+    let t3 = std::time::Instant::now();
     Ok(StepReport {
         loss,
         grad_norm,
         lr,
+        forward_seconds: (t1 - t0).as_secs_f64(),
+        backward_seconds: (t2 - t1).as_secs_f64(),
+        optimizer_seconds: (t3 - t2).as_secs_f64(),
         logit_scale: student
             .logit_scale()
             .exp()?

@@ -49,9 +49,40 @@ pub struct StudentConfig {
     /// BatchNorm settings of the image tower.
     #[serde(default)]
     pub norm: NormConfig,
+    /// Input normalisation of the images.
+    #[serde(default)]
+    pub preprocess: Preprocess,
     /// Initial `logit_scale` (the log of the scale): OpenCLIP's ln(1/0.07).
     #[serde(default = "default_logit_scale")]
     pub init_logit_scale: f64,
+}
+
+/// How images are normalised for the student (`(x − mean) / std` on values in [0, 1]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Per-channel mean (default: OpenAI CLIP's; Apple's S0/S2/B release uses 0).
+    #[serde(default = "default_mean")]
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation (default: OpenAI CLIP's; Apple's S0/S2/B release uses 1).
+    #[serde(default = "default_std")]
+    pub std: [f32; 3],
+}
+
+fn default_mean() -> [f32; 3] {
+    dfndr_augment::params::CLIP_MEAN
+}
+fn default_std() -> [f32; 3] {
+    dfndr_augment::params::CLIP_STD
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Self {
+            mean: default_mean(),
+            std: default_std(),
+        }
+    }
 }
 
 fn default_logit_scale() -> f64 {
