@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod fastvit;
+pub mod init;
 pub mod layers;
 pub mod loss;
 pub mod ops;

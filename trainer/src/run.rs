@@ -290,7 +290,7 @@ pub fn train(
     )
     .map_err(|e| io(&output.join("config.json"), e))?;
 
-    let student = Student::new(student_config, &Device::Cpu)?;
+    let student = Student::with_seed(student_config, config.seed, &Device::Cpu)?;
     let mut optimizer = AdamW::new(student.parameters()?, config.optim.adamw.clone());
     let latest = checkpoint::latest(&ckpt_dir)?;
     let (mut step, mut resume) = match &latest {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::fastvit::{FastVit, FastVitConfig};
+use crate::init::SeededVarMap;
 use crate::layers::{Builder, Mode, NormConfig};
 
 /// Key prefix of the image tower inside an OpenCLIP MobileCLIP2 state dict.
@@ -156,12 +157,21 @@ pub struct Student {
 }
 
 impl Student {
-    /// A student with freshly initialised weights on `device`.
+    /// A student with initial weights drawn from seed 0 on `device`.
     pub fn new(config: &StudentConfig, device: &Device) -> Result<Self> {
+        Self::with_seed(config, 0, device)
+    }
+
+    /// A student with initial weights drawn from `seed` (the same seed, the same weights).
+    pub fn with_seed(config: &StudentConfig, seed: u64, device: &Device) -> Result<Self> {
         let fastvit = config.fastvit()?;
         let params = VarMap::new();
         let buffers = VarMap::new();
-        let vb = VarBuilder::from_varmap(&params, DType::F32, device);
+        let vb = VarBuilder::from_backend(
+            Box::new(SeededVarMap::new(params.clone(), seed)),
+            DType::F32,
+            device.clone(),
+        );
         let b = Builder::new(vb.clone(), buffers.clone(), config.norm);
         let visual = FastVit::new(&b.pp(VISUAL_PREFIX), &fastvit)?;
         // Training needs the differentiable kernels: the fused ones would silently cut the

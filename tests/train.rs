@@ -1,0 +1,236 @@
+//! `dfndr train` end to end on a dataset `dfndr reinforce` writes: a run killed with SIGKILL
+//! at several steps (and one stopped with SIGINT) resumes to the same losses and the same
+//! bytes of weights as an uninterrupted run; bad datasets and configs are clear errors or
+//! counted skips.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{demo_dir, dfndr, run, text, TINY_TEACHERS};
+
+const CAPTIONER: &str = "[[captioners]]\ntag = \"coca\"\nweights = \"random:5\"\nnum_captions = 2\n[captioners.arch]\nembed_dim = 32\n[captioners.arch.vision]\nimage_size = 64\npatch_size = 16\nwidth = 32\nlayers = 1\nhead_width = 16\nattentional_pool = true\nattn_pooler_heads = 2\nattn_pooler_queries = 8\n[captioners.arch.text]\nwidth = 32\nheads = 2\nlayers = 1\nembed_cls = true\ncontext_length = 76\n[captioners.arch.multimodal]\nwidth = 32\nheads = 2\nlayers = 1\n[captioners.generation]\nseq_len = 10\n";
+
+/// A reinforced copy of the two demo shards (inputs copied, so tests may damage them).
+fn dataset(dir: &Path, teachers: bool) -> PathBuf {
+    let inputs = dir.join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    for s in ["demo-00000.tar", "demo-00001.tar"] {
+        std::fs::copy(demo_dir().join(s), inputs.join(s)).unwrap();
+    }
+    let out = dir.join("data");
+    let extra = format!(
+        "[augment]\nnum_augmentations = 2\nsize = 64\n{}{CAPTIONER}",
+        if teachers { TINY_TEACHERS } else { "" }
+    );
+    let config = common::write_config(
+        dir,
+        &format!("{}/demo-{{00000..00001}}.tar", inputs.display()),
+        &out,
+        &extra,
+    );
+    let o = run(dfndr().args(["reinforce", "--config"]).arg(&config));
+    assert!(o.status.success(), "reinforce failed");
+    out
+}
+
+/// A training config over `data` (steps, checkpoint interval and extra TOML).
+fn train_config(dir: &Path, data: &Path, steps: u64, every: u64, extra: &str) -> PathBuf {
+    let students = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/students/tiny.toml");
+    let text = format!(
+        "seed = 3\n[student]\nfile = {:?}\n[data]\npath = {:?}\nshuffle_buffer = 8\n[optim]\nbatch_size = 4\nsteps = {steps}\nlr = 2e-3\nwarmup_steps = 2\n[checkpoint]\nevery_steps = {every}\nkeep = 2\n{extra}",
+        students.display().to_string(),
+        data.display().to_string()
+    );
+    let path = dir.join(format!("train-{steps}-{every}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train(config: &Path, out: &Path) -> Command {
+    let mut cmd = dfndr();
+    cmd.args(["train", "--no-progress", "--config"])
+        .arg(config)
+        .arg("--output")
+        .arg(out);
+    cmd
+}
+
+fn losses(out: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            // The loss's exact decimal form: equal runs print equal digits.
+            (v["step"].as_u64().unwrap(), v["loss"].to_string())
+        })
+        .collect()
+}
+
+fn steps_logged(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// Starts a run, waits until it has logged `steps` steps, and kills it with `signal`.
+fn interrupt_at(config: &Path, out: &Path, steps: usize, signal: &str) -> std::process::ExitStatus {
+    let mut child = train(config, out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while steps_logged(out) < steps {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "no progress to step {steps}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap()
+}
+
+fn final_weights(out: &Path, steps: u64) -> Vec<u8> {
+    std::fs::read(out.join(format!("checkpoints/ckpt-{steps:08}/model.safetensors"))).unwrap()
+}
+
+#[test]
+fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let config = train_config(dir.path(), &data, 14, 3, "");
+
+    let whole = dir.path().join("whole");
+    let o = run(&mut train(&config, &whole));
+    assert!(o.status.success());
+    let reference = losses(&whole);
+    assert_eq!(reference.len(), 14);
+    assert!(whole.join("loss.png").exists() && whole.join("config.json").exists());
+
+    // Killed twice without warning (once possibly while a checkpoint is written), stopped
+    // once with SIGINT (exit 130 after a checkpoint), then run to the end.
+    let broken = dir.path().join("broken");
+    let s = interrupt_at(&config, &broken, 4, "-KILL");
+    assert!(!s.success());
+    let s = interrupt_at(&config, &broken, 8, "-KILL");
+    assert!(!s.success());
+    let s = interrupt_at(&config, &broken, 10, "-INT");
+    assert_eq!(s.code(), Some(130), "SIGINT: {s:?}");
+    let o = run(&mut train(&config, &broken));
+    assert!(o.status.success());
+    assert!(text(&o).contains("resuming"), "the last run did not resume");
+    assert_eq!(
+        losses(&broken),
+        reference,
+        "the resumed run's losses differ"
+    );
+    assert!(
+        final_weights(&broken, 14) == final_weights(&whole, 14),
+        "weights differ"
+    );
+
+    // A finished run has nothing left to do.
+    let o = run(&mut train(&config, &whole));
+    assert!(o.status.success() && text(&o).contains("nothing to do"));
+}
+
+#[test]
+fn bad_datasets_and_configs_are_clear_errors_or_counted_skips() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // No teacher embeddings: an error naming the columns, exit status 2.
+    let bare_dir = dir.path().join("bare");
+    let bare = dataset(&bare_dir, false);
+    let o = run(&mut train(
+        &train_config(&bare_dir, &bare, 2, 2, ""),
+        &dir.path().join("o1"),
+    ));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("image_emb"), "{}", text(&o));
+
+    // Config errors name the field before anything runs.
+    let good_dir = dir.path().join("good");
+    let data = dataset(&good_dir, true);
+    let cfg = train_config(&good_dir, &data, 2, 2, "")
+        .display()
+        .to_string();
+    let bad = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("batch_size = 4", "batch_size = 0");
+    std::fs::write(&cfg, bad).unwrap();
+    let o = run(&mut train(Path::new(&cfg), &dir.path().join("o2")));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("optim.batch_size"), "{}", text(&o));
+    let o = run(&mut train(
+        &train_config(
+            &good_dir,
+            &data,
+            2,
+            2,
+            "[loss]\nteacher_logit_scales = [70.0]\n",
+        ),
+        &dir.path().join("o3"),
+    ));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("loss.teacher_logit_scales"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&mut train(
+        &train_config(&good_dir, &data, 2, 2, "").with_file_name("missing.toml"),
+        &dir.path().join("o4"),
+    ));
+    assert_eq!(o.status.code(), Some(2));
+
+    // A corrupted original and a vanished source shard are counted skips; training goes on.
+    let inputs = good_dir.join("in");
+    let tar0 = inputs.join("demo-00000.tar");
+    let mut members = common::tar_members(&tar0);
+    let (name, bytes) = members
+        .iter_mut()
+        .find(|(n, _)| n.ends_with(".jpg") || n.ends_with(".png"))
+        .unwrap();
+    let corrupted = name.clone();
+    *bytes = b"not an image any more".to_vec();
+    std::fs::write(&tar0, common::build_tar(&members)).unwrap();
+    std::fs::remove_file(inputs.join("demo-00001.tar")).unwrap();
+    let out = dir.path().join("o5");
+    // Seven batches of 4 cover an epoch of the 25 rows.
+    let cfg = train_config(&good_dir, &data, 7, 7, "");
+    let o = run(&mut train(&cfg, &out));
+    assert!(o.status.success(), "training with damaged inputs failed");
+    let mut skipped = std::collections::BTreeMap::<String, u64>::new();
+    for line in std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for (k, n) in v["skipped"].as_object().unwrap() {
+            *skipped.entry(k.clone()).or_default() += n.as_u64().unwrap();
+        }
+    }
+    assert!(
+        skipped.get("undecodable_image").copied().unwrap_or(0) >= 1,
+        "{corrupted}: {skipped:?}"
+    );
+    assert!(
+        skipped.get("missing_original").copied().unwrap_or(0)
+            + skipped.get("unreadable_original").copied().unwrap_or(0)
+            >= 1,
+        "{skipped:?}"
+    );
+
+    // An unreadable parquet shard is skipped and counted, not a crash.
+    let shard = data.join("shards/demo-00001.parquet");
+    std::fs::write(&shard, b"PAR1 truncated").unwrap();
+    let out = dir.path().join("o6");
+    let o = run(&mut train(&train_config(&good_dir, &data, 2, 2, ""), &out));
+    assert!(o.status.success(), "an unreadable shard stopped training");
+}
