@@ -23,7 +23,8 @@ build:
 release:
 	$(CARGO) build --release -p dfndr
 
-## Run the reinforce job on the bundled demo shards into a fresh output, then show its status.
+## Run the reinforce job on the bundled demo shards into a fresh output, show its status, and
+## end with a short distillation run of a tiny student on it (its loss goes down).
 demo: deps release
 	rm -rf $(DEMO_OUT)
 	./target/release/dfndr reinforce --config configs/demo.toml --output $(DEMO_OUT)
@@ -33,6 +34,8 @@ demo: deps release
 	./target/release/dfndr encode --model ViT-B-32 --weights random:0 --text "a photo of an astronaut" \
 	    --out $(DEMO_OUT)/encode.npy
 	./target/release/dfndr export-wds $(DEMO_OUT) $(DEMO_OUT)/apple-wds --no-progress
+	./target/release/dfndr train --config configs/train/s0-demo.toml --data $(DEMO_OUT) \
+	    --output $(DEMO_OUT)/train --no-progress
 
 ## The GPU build: dfndr and the benchmark harnesses with `--features cuda`, for NVIDIA GPUs of
 ## compute capability CUDA_COMPUTE_CAP (90: H100/H200), into $(CUDA_TARGET)/release. With nvcc on

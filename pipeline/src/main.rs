@@ -112,6 +112,9 @@ Exit status: 0 when the run reached its last step, 2 on a configuration or datas
         /// Output folder (default: train-out/CONFIG_NAME).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Dataset location, overriding data.path of the config.
+        #[arg(long)]
+        data: Option<String>,
         /// Disable the progress bar even on a terminal.
         #[arg(long)]
         no_progress: bool,
@@ -430,10 +433,11 @@ fn main() -> ExitCode {
         Command::Train {
             config,
             output,
+            data,
             no_progress,
         } => {
             let output = output.unwrap_or_else(|| train::default_output(&config));
-            train::run(&config, &output, !no_progress)
+            train::run(&config, data.as_deref(), &output, !no_progress)
         }
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),

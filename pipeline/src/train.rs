@@ -55,8 +55,11 @@ impl Observer for Bar {
 }
 
 /// Runs `dfndr train`.
-pub fn run(config: &Path, output: &Path, progress: bool) -> Result<ExitCode> {
-    let (config, student) = TrainConfig::load(config).usage()?;
+pub fn run(config: &Path, data: Option<&str>, output: &Path, progress: bool) -> Result<ExitCode> {
+    let (mut config, student) = TrainConfig::load(config).usage()?;
+    if let Some(data) = data {
+        config.data.path = data.to_string();
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
@@ -91,7 +94,7 @@ pub fn run(config: &Path, output: &Path, progress: bool) -> Result<ExitCode> {
     bar.finish();
     match (summary.first_loss, summary.last_loss) {
         (Some(first), Some(last)) => eprintln!(
-            "trained {} steps (loss {first:.4} -> {last:.4}); checkpoint {}",
+            "trained to step {} (mean loss of the first 5 steps {first:.4}, of the last 5 {last:.4}); checkpoint {}",
             summary.steps,
             summary
                 .checkpoint

@@ -254,9 +254,9 @@ pub struct RunSummary {
     pub steps: u64,
     /// Whether `stop` ended it before the last step.
     pub interrupted: bool,
-    /// Loss of the first and last step of this invocation.
+    /// Mean loss of the first (up to) five steps of this invocation.
     pub first_loss: Option<f64>,
-    /// Loss of the last step.
+    /// Mean loss of its last (up to) five steps.
     pub last_loss: Option<f64>,
     /// The last checkpoint.
     pub checkpoint: Option<PathBuf>,
@@ -356,6 +356,7 @@ pub fn train(
             config.checkpoint.keep,
         )
     };
+    let mut losses = Vec::new();
     while step < config.optim.steps {
         if stop.load(Ordering::SeqCst) {
             summary.interrupted = true;
@@ -410,8 +411,10 @@ pub fn train(
         writeln!(metrics, "{line}")
             .and_then(|_| metrics.flush())
             .map_err(|e| io(&output.join(METRICS), e))?;
-        summary.first_loss.get_or_insert(log.loss);
-        summary.last_loss = Some(log.loss);
+        losses.push(log.loss);
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        summary.first_loss = Some(mean(&losses[..losses.len().min(5)]));
+        summary.last_loss = Some(mean(&losses[losses.len().saturating_sub(5)..]));
         history.push(log.clone());
         observer.step(&log);
         if step % config.checkpoint.every_steps == 0 || step == config.optim.steps {
