@@ -138,6 +138,47 @@ fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
     // A finished run has nothing left to do.
     let o = run(&mut train(&config, &whole));
     assert!(o.status.success() && text(&o).contains("nothing to do"));
+
+    // --init starts a fresh run from a checkpoint's weights (OpenCLIP key names): its first
+    // loss is the trained model's, not a fresh one's.
+    let init = whole.join("checkpoints/ckpt-00000014/model.safetensors");
+    let short = train_config(dir.path(), &data, 1, 1, "");
+    let from_init = dir.path().join("from-init");
+    let o = run(train(&short, &from_init).arg("--init").arg(&init));
+    assert!(o.status.success() && text(&o).contains("initial weights loaded"));
+    let fresh = dir.path().join("fresh");
+    assert!(run(&mut train(&short, &fresh)).status.success());
+    assert_ne!(losses(&from_init), losses(&fresh));
+    // Weights of another architecture are refused, naming the keys.
+    let other = dir.path().join("other.toml");
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/students/tiny.toml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(tiny)
+            .unwrap()
+            .replace("layers = [1, 1, 1, 1]", "layers = [1, 2, 1, 1]"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&short).unwrap().replace(
+        &format!(
+            "file = {:?}",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs/students/tiny.toml")
+                .display()
+                .to_string()
+        ),
+        &format!("file = {:?}", other.display().to_string()),
+    );
+    std::fs::write(&short, cfg).unwrap();
+    let o = run(train(&short, &dir.path().join("mismatch"))
+        .arg("--init")
+        .arg(&init));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("missing") && text(&o).contains("stages.1.blocks.1"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

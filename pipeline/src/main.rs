@@ -115,6 +115,10 @@ Exit status: 0 when the run reached its last step, 2 on a configuration or datas
         /// Dataset location, overriding data.path of the config.
         #[arg(long)]
         data: Option<String>,
+        /// Initial weights of a fresh run: an OpenCLIP or Apple checkpoint of the student
+        /// (open_clip_model.safetensors, mobileclip2_s0.pt), overriding init of the config.
+        #[arg(long)]
+        init: Option<PathBuf>,
         /// Disable the progress bar even on a terminal.
         #[arg(long)]
         no_progress: bool,
@@ -434,10 +438,17 @@ fn main() -> ExitCode {
             config,
             output,
             data,
+            init,
             no_progress,
         } => {
             let output = output.unwrap_or_else(|| train::default_output(&config));
-            train::run(&config, data.as_deref(), &output, !no_progress)
+            train::run(
+                &config,
+                data.as_deref(),
+                init.as_deref(),
+                &output,
+                !no_progress,
+            )
         }
         Command::Status { output, json } => status::run(&output, json).map(|_| ExitCode::SUCCESS),
         Command::Verify { output } => verify::run(&output),

@@ -55,10 +55,19 @@ impl Observer for Bar {
 }
 
 /// Runs `dfndr train`.
-pub fn run(config: &Path, data: Option<&str>, output: &Path, progress: bool) -> Result<ExitCode> {
+pub fn run(
+    config: &Path,
+    data: Option<&str>,
+    init: Option<&Path>,
+    output: &Path,
+    progress: bool,
+) -> Result<ExitCode> {
     let (mut config, student) = TrainConfig::load(config).usage()?;
     if let Some(data) = data {
         config.data.path = data.to_string();
+    }
+    if let Some(init) = init {
+        config.init = Some(init.to_path_buf());
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::Device;
+use dfndr_teachers::weights::StateDict;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
@@ -35,6 +36,10 @@ pub enum StudentSpec {
     File {
         /// The student config's path.
         file: PathBuf,
+        /// Overrides the student's `norm.ghost_batch`: BatchNorm over slices of this many
+        /// samples, as Apple's per-GPU batches.
+        #[serde(default)]
+        ghost_batch: Option<usize>,
     },
     /// The student's numbers inline.
     Inline(Box<StudentConfig>),
@@ -119,6 +124,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// The student.
     pub student: StudentSpec,
+    /// Initial weights for a fresh run (not a resumed one): an OpenCLIP or Apple checkpoint
+    /// of the student's architecture (`open_clip_model.safetensors`, `mobileclip2_s0.pt`),
+    /// matched by OpenCLIP's key names.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
     /// The dataset.
     pub data: DataConfig,
     /// Optimisation.
@@ -142,13 +152,17 @@ impl TrainConfig {
             .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
         let student = match &config.student {
             StudentSpec::Inline(s) => (**s).clone(),
-            StudentSpec::File { file } => {
+            StudentSpec::File { file, ghost_batch } => {
                 let full = path.parent().unwrap_or(Path::new(".")).join(file);
                 let text = std::fs::read_to_string(&full).map_err(|e| {
                     TrainError::Config(format!("student.file {}: {e}", full.display()))
                 })?;
-                toml::from_str(&text)
-                    .map_err(|e| TrainError::Config(format!("{}: {e}", full.display())))?
+                let mut student: StudentConfig = toml::from_str(&text)
+                    .map_err(|e| TrainError::Config(format!("{}: {e}", full.display())))?;
+                if ghost_batch.is_some() {
+                    student.norm.ghost_batch = *ghost_batch;
+                }
+                student
             }
         };
         config.validate(&student)?;
@@ -159,6 +173,9 @@ impl TrainConfig {
     pub fn validate(&self, student: &StudentConfig) -> Result<()> {
         let bad = |field: &str, why: String| Err(TrainError::Config(format!("{field}: {why}")));
         student.fastvit()?;
+        if student.norm.ghost_batch == Some(0) {
+            return bad("ghost_batch", "must be at least 1".into());
+        }
         let o = &self.optim;
         if o.batch_size == 0 {
             return bad("optim.batch_size", "must be at least 1".into());
@@ -301,13 +318,23 @@ pub fn train(
             })?;
             (state.step, resume)
         }
-        None => (
-            0,
-            ResumeState {
-                position: Position::default(),
-                skipped: BTreeMap::new(),
-            },
-        ),
+        None => {
+            if let Some(init) = &config.init {
+                let weights = StateDict::load(init)
+                    .map_err(|e| TrainError::Weights(format!("init {}: {e}", init.display())))?;
+                let report = student
+                    .load(&weights.tensors, true)
+                    .map_err(|e| TrainError::Weights(format!("init {}: {e}", init.display())))?;
+                tracing::info!(init = %init.display(), tensors = report.loaded, "initial weights loaded");
+            }
+            (
+                0,
+                ResumeState {
+                    position: Position::default(),
+                    skipped: BTreeMap::new(),
+                },
+            )
+        }
     };
     let mut history = read_metrics(&output.join(METRICS), step)?;
     write_metrics(&output.join(METRICS), &history)?;
