@@ -25,7 +25,7 @@ use crate::error::{Result, TrainError};
 use crate::loss::{LossConfig, TeacherLayout};
 use crate::optim::{cosine_lr, AdamW, AdamWConfig};
 use crate::plot;
-use crate::step::train_step;
+use crate::step::train_step_accumulated;
 use crate::student::{Student, StudentConfig};
 
 /// The student of a run: a student config file, or the config inline.
@@ -53,6 +53,11 @@ pub struct OptimConfig {
     pub batch_size: usize,
     /// Optimisation steps of the whole run.
     pub steps: u64,
+    /// Gradient accumulation: each step's batch is forwarded and differentiated in this many
+    /// equal micro-batches (OpenCLIP's `--accum-freq`; memory holds one micro-batch), and the
+    /// loss still sees the whole batch. Default 1.
+    #[serde(default = "default_micro_batches")]
+    pub micro_batches: usize,
     /// Peak learning rate (Apple: 1e-3).
     #[serde(default = "default_lr")]
     pub lr: f64,
@@ -67,6 +72,9 @@ pub struct OptimConfig {
     pub adamw: AdamWConfig,
 }
 
+fn default_micro_batches() -> usize {
+    1
+}
 fn default_lr() -> f64 {
     1e-3
 }
@@ -179,6 +187,15 @@ impl TrainConfig {
         let o = &self.optim;
         if o.batch_size == 0 {
             return bad("optim.batch_size", "must be at least 1".into());
+        }
+        if o.micro_batches == 0 || !o.batch_size.is_multiple_of(o.micro_batches) {
+            return bad(
+                "optim.micro_batches",
+                format!(
+                    "{} does not divide batch_size {}",
+                    o.micro_batches, o.batch_size
+                ),
+            );
         }
         if o.steps == 0 {
             return bad("optim.steps", "must be at least 1".into());
@@ -398,10 +415,11 @@ pub fn train(
             config.optim.steps,
             step,
         );
-        let report = train_step(
+        let report = train_step_accumulated(
             &student,
             &mut optimizer,
             &loaded.batch,
+            config.optim.micro_batches,
             &layout,
             &config.loss.weights,
             lr,

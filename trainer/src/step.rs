@@ -60,14 +60,44 @@ impl LossValues {
     }
 }
 
-/// The loss of `student` on `batch` (single device).
-pub fn forward_loss(
-    student: &Student,
-    batch: &Batch,
-    layout: &TeacherLayout,
-    config: &LossConfig,
-    mode: Mode,
-) -> Result<LossTerms> {
+/// A batch's student features: L2-normalised image, ground-truth and synthetic text
+/// features.
+#[derive(Clone, Debug)]
+pub struct Features {
+    /// `[B, E]` image features.
+    pub image: Tensor,
+    /// `[B, E]` ground-truth caption features.
+    pub gt: Tensor,
+    /// `[B, E]` synthetic caption features.
+    pub syn: Tensor,
+}
+
+impl Features {
+    fn detach(&self) -> Self {
+        Self {
+            image: self.image.detach(),
+            gt: self.gt.detach(),
+            syn: self.syn.detach(),
+        }
+    }
+
+    /// The features of several batches, in order.
+    fn cat(parts: &[&Features]) -> Result<Self> {
+        let cat = |f: &dyn Fn(&Features) -> &Tensor| -> Result<Tensor> {
+            let v: Vec<&Tensor> = parts.iter().map(|p| f(p)).collect();
+            Ok(Tensor::cat(&v, 0)?)
+        };
+        Ok(Self {
+            image: cat(&|p| &p.image)?,
+            gt: cat(&|p| &p.gt)?,
+            syn: cat(&|p| &p.syn)?,
+        })
+    }
+}
+
+/// The student's features of `batch`: the image tower once, the text tower once over
+/// `[gt; syn]` (Apple's step), split after.
+pub fn features(student: &Student, batch: &Batch, mode: Mode) -> Result<Features> {
     let b = batch.images.dim(0)?;
     if batch.text_gt.len() != b || batch.text_syn.len() != b {
         return Err(TrainError::Batch(format!(
@@ -77,30 +107,66 @@ pub fn forward_loss(
         )));
     }
     let image = l2_normalize(&student.encode_image(&batch.images, mode)?)?;
-    // Apple's step: one text-tower pass over [gt; syn], split after.
     let mut ids = batch.text_gt.clone();
     ids.extend(batch.text_syn.iter().cloned());
     let text = l2_normalize(&student.encode_text(&ids)?)?;
-    let (gt, syn) = (text.narrow(0, 0, b)?, text.narrow(0, b, b)?);
-    let scale = student.logit_scale().exp()?;
+    Ok(Features {
+        image,
+        gt: text.narrow(0, 0, b)?,
+        syn: text.narrow(0, b, b)?,
+    })
+}
+
+/// The teacher embeddings of a batch, as the loss reads them.
+struct Teachers<'a> {
+    image: &'a Tensor,
+    gt: &'a Tensor,
+    syn: &'a Tensor,
+}
+
+fn loss_of(
+    f: &Features,
+    t: &Teachers,
+    scale: &Tensor,
+    layout: &TeacherLayout,
+    config: &LossConfig,
+) -> Result<LossTerms> {
     dr_loss(
         &LossInputs {
-            image: Rows::single(&image),
-            teacher_image: Rows::single(&batch.teacher_image),
+            image: Rows::single(&f.image),
+            teacher_image: Rows::single(t.image),
             gt: CaptionSet {
-                student: Rows::single(&gt),
-                teacher: Rows::single(&batch.teacher_gt),
+                student: Rows::single(&f.gt),
+                teacher: Rows::single(t.gt),
             },
             syn: CaptionSet {
-                student: Rows::single(&syn),
-                teacher: Rows::single(&batch.teacher_syn),
+                student: Rows::single(&f.syn),
+                teacher: Rows::single(t.syn),
             },
-            scale: &scale,
+            scale,
             offset: 0,
         },
         layout,
         config,
     )
+}
+
+/// The loss of `student` on `batch` (single device).
+pub fn forward_loss(
+    student: &Student,
+    batch: &Batch,
+    layout: &TeacherLayout,
+    config: &LossConfig,
+    mode: Mode,
+) -> Result<LossTerms> {
+    let f = features(student, batch, mode)?;
+    let scale = student.logit_scale().exp()?;
+    let t = Teachers {
+        image: &batch.teacher_image,
+        gt: &batch.teacher_gt,
+        syn: &batch.teacher_syn,
+    };
+    loss_of(&f, &t, &scale, layout, config)
 }
 
 /// What one step measured.
@@ -133,40 +199,182 @@ pub fn train_step(
     lr: f64,
     grad_clip: Option<f64>,
 ) -> Result<StepReport> {
-    let t0 = std::time::Instant::now();
-    let terms = forward_loss(student, batch, layout, config, Mode::Train)?;
-    let loss = LossValues::of(&terms)?;
-    if !loss.total.is_finite() {
-        return Err(TrainError::Batch(format!(
-            "the loss is not finite ({})",
-            loss.total
-        )));
-    }
-    let t1 = std::time::Instant::now();
-    let mut grads = terms.total.backward()?;
-    let t2 = std::time::Instant::now();
+    train_step_accumulated(student, optimizer, batch, 1, layout, config, lr, grad_clip)
+}
+
+/// [`train_step`] over `batch` split into `accum` micro-batches, with OpenCLIP's gradient
+/// accumulation: a pass without gradients caches every micro-batch's features, then each
+/// micro-batch is forwarded again and the loss over the whole batch (its live features, the
+/// others cached) is differentiated. The towers' gradients are those of the whole batch's
+/// loss; as in OpenCLIP, the logit scale gets `accum` times its gradient and BatchNorm's
+/// running statistics are updated twice per micro-batch. Memory holds one micro-batch's
+/// activations.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_accumulated(
+    student: &Student,
+    optimizer: &mut AdamW,
+    batch: &Batch,
+    accum: usize,
+    layout: &TeacherLayout,
+    config: &LossConfig,
+    lr: f64,
+    grad_clip: Option<f64>,
+) -> Result<StepReport> {
     let vars: Vec<_> = student.parameters()?.into_iter().map(|(_, v)| v).collect();
-    let grad_norm = match grad_clip {
-        Some(max) => clip_grad_norm(&mut grads, &vars, max)?,
-        None => clip_grad_norm(&mut grads, &vars, f64::INFINITY)?,
-    };
+    let Gradients {
+        loss,
+        mut grads,
+        forward,
+        backward,
+    } = gradients(student, batch, accum, layout, config)?;
+    let t2 = std::time::Instant::now();
+    let grad_norm = clip_grad_norm(&mut grads, &vars, grad_clip.unwrap_or(f64::INFINITY))?;
     optimizer.step(&grads, lr)?;
     let clamped = student.logit_scale().clamp(0.0, MAX_LOGIT_SCALE.ln())?;
     set_logit_scale(student, &clamped)?;
-    let t3 = std::time::Instant::now();
     Ok(StepReport {
         loss,
         grad_norm,
         lr,
-        forward_seconds: (t1 - t0).as_secs_f64(),
-        backward_seconds: (t2 - t1).as_secs_f64(),
-        optimizer_seconds: (t3 - t2).as_secs_f64(),
+        forward_seconds: forward.as_secs_f64(),
+        backward_seconds: backward.as_secs_f64(),
+        optimizer_seconds: t2.elapsed().as_secs_f64(),
         logit_scale: student
             .logit_scale()
             .exp()?
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?,
     })
+}
+
+/// The loss of a batch and the gradients of every parameter, before clipping.
+pub struct Gradients {
+    /// The loss.
+    pub loss: LossValues,
+    /// Gradients by parameter.
+    pub grads: candle_core::backprop::GradStore,
+    /// Time in forward passes and the loss.
+    pub forward: std::time::Duration,
+    /// Time in backward passes.
+    pub backward: std::time::Duration,
+}
+
+/// The gradients of the loss of `batch`, in `accum` micro-batches as
+/// [`train_step_accumulated`] describes.
+pub fn gradients(
+    student: &Student,
+    batch: &Batch,
+    accum: usize,
+    layout: &TeacherLayout,
+    config: &LossConfig,
+) -> Result<Gradients> {
+    let t0 = std::time::Instant::now();
+    let teachers = Teachers {
+        image: &batch.teacher_image,
+        gt: &batch.teacher_gt,
+        syn: &batch.teacher_syn,
+    };
+    let vars: Vec<_> = student.parameters()?.into_iter().map(|(_, v)| v).collect();
+    let (loss, grads, forward, backward) = if accum <= 1 {
+        let f = features(student, batch, Mode::Train)?;
+        let scale = student.logit_scale().exp()?;
+        let terms = loss_of(&f, &teachers, &scale, layout, config)?;
+        let loss = LossValues::of(&terms)?;
+        check_finite(&loss)?;
+        let t1 = std::time::Instant::now();
+        let grads = terms.total.backward()?;
+        (loss, grads, t1 - t0, t1.elapsed())
+    } else {
+        let parts = split(batch, accum)?;
+        let cached = parts
+            .iter()
+            .map(|p| Ok(features(student, p, Mode::Train)?.detach()))
+            .collect::<Result<Vec<_>>>()?;
+        let all: Vec<&Features> = cached.iter().collect();
+        let scale = student.logit_scale().exp()?;
+        let loss = LossValues::of(&loss_of(
+            &Features::cat(&all)?,
+            &teachers,
+            &scale,
+            layout,
+            config,
+        )?)?;
+        check_finite(&loss)?;
+        let (mut forward, mut backward) = (t0.elapsed(), std::time::Duration::ZERO);
+        let mut total: Option<candle_core::backprop::GradStore> = None;
+        for (j, part) in parts.iter().enumerate() {
+            let ta = std::time::Instant::now();
+            let live = features(student, part, Mode::Train)?;
+            let mut mixed = all.clone();
+            mixed[j] = &live;
+            let scale = student.logit_scale().exp()?;
+            let terms = loss_of(&Features::cat(&mixed)?, &teachers, &scale, layout, config)?;
+            let tb = std::time::Instant::now();
+            let grads = terms.total.backward()?;
+            forward += tb - ta;
+            backward += tb.elapsed();
+            total = Some(match total {
+                None => grads,
+                Some(mut acc) => {
+                    for var in &vars {
+                        if let Some(g) = grads.get(var.as_tensor()) {
+                            let sum = match acc.get(var.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(var.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let Some(grads) = total else {
+            return Err(TrainError::Internal("no micro-batch".into()));
+        };
+        (loss, grads, forward, backward)
+    };
+    Ok(Gradients {
+        loss,
+        grads,
+        forward,
+        backward,
+    })
+}
+
+fn check_finite(loss: &LossValues) -> Result<()> {
+    if loss.total.is_finite() {
+        Ok(())
+    } else {
+        Err(TrainError::Batch(format!(
+            "the loss is not finite ({})",
+            loss.total
+        )))
+    }
+}
+
+/// `batch` as `parts` consecutive micro-batches of equal size.
+fn split(batch: &Batch, parts: usize) -> Result<Vec<Batch>> {
+    let b = batch.images.dim(0)?;
+    if !b.is_multiple_of(parts) {
+        return Err(TrainError::Batch(format!(
+            "a batch of {b} does not split into {parts} equal micro-batches"
+        )));
+    }
+    let m = b / parts;
+    (0..parts)
+        .map(|j| {
+            let rows = |t: &Tensor| t.narrow(0, j * m, m);
+            Ok(Batch {
+                images: rows(&batch.images)?,
+                text_gt: batch.text_gt[j * m..(j + 1) * m].to_vec(),
+                text_syn: batch.text_syn[j * m..(j + 1) * m].to_vec(),
+                teacher_image: rows(&batch.teacher_image)?,
+                teacher_gt: rows(&batch.teacher_gt)?,
+                teacher_syn: rows(&batch.teacher_syn)?,
+            })
+        })
+        .collect()
 }
 
 fn set_logit_scale(student: &Student, value: &Tensor) -> Result<()> {
