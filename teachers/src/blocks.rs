@@ -9,6 +9,7 @@
 mod act;
 mod attention;
 mod cpu_kernels;
+mod gelu;
 mod linear;
 mod norm;
 mod small_rows;
@@ -16,6 +17,7 @@ mod transformer;
 
 pub use act::Activation;
 pub use attention::{AttentionWeights, MultiheadAttention};
+pub use gelu::gelu_erf;
 pub use linear::{Linear, Projection};
 pub use norm::LayerNorm;
 pub use transformer::{LayerScale, Mlp, ResidualAttentionBlock, Transformer, TransformerConfig};

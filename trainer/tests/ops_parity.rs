@@ -222,3 +222,88 @@ fn batch_norm_matches_composed_reference() {
         }
     }
 }
+
+/// The per-channel ops against their compositions of candle ops: outputs and every gradient.
+#[test]
+fn channel_ops_match_composed_references() {
+    use dfndr_trainer::ops::{add_channel_bias, pointwise_conv, scale_channels};
+    let dev = Device::Cpu;
+    let x = Var::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 7, 4, 6), &dev).unwrap();
+    let w = Var::randn(0f32, 1.0, (7, 5), &dev).unwrap();
+    let ours = pointwise_conv(x.as_tensor(), w.as_tensor()).unwrap();
+    let theirs = w
+        .as_tensor()
+        .broadcast_matmul(&x.as_tensor().reshape((3, 5, 24)).unwrap())
+        .unwrap()
+        .reshape((3, 7, 4, 6))
+        .unwrap();
+    assert!(max_abs(&ours, &theirs) < 1e-5);
+    let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &w] {
+        assert!(
+            rel_err(
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap()
+            ) < 1e-5
+        );
+    }
+    let r = Tensor::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
+    for scale_shape in [vec![5], vec![3, 5]] {
+        let s = Var::randn(0f32, 1.0, scale_shape.as_slice(), &dev).unwrap();
+        let ours = scale_channels(x.as_tensor(), s.as_tensor()).unwrap();
+        let shaped = if scale_shape.len() == 1 {
+            (1, 5, 1, 1)
+        } else {
+            (3, 5, 1, 1)
+        };
+        let theirs = x
+            .as_tensor()
+            .broadcast_mul(&s.as_tensor().reshape(shaped).unwrap())
+            .unwrap();
+        assert!(max_abs(&ours, &theirs) < 1e-6);
+        let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &s] {
+            assert!(
+                rel_err(
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap()
+                ) < 1e-5
+            );
+        }
+    }
+    let b = Var::randn(0f32, 1.0, 5, &dev).unwrap();
+    let ours = add_channel_bias(x.as_tensor(), b.as_tensor()).unwrap();
+    let theirs = x
+        .as_tensor()
+        .broadcast_add(&b.as_tensor().reshape((1, 5, 1, 1)).unwrap())
+        .unwrap();
+    assert!(max_abs(&ours, &theirs) < 1e-6);
+    let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&x, &b] {
+        assert!(
+            rel_err(
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap()
+            ) < 1e-5
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! reference script saved, Apple's loss (distillation only, two 768-d teachers at 70/60),
 //! AdamW with OpenCLIP's groups, clipping 1.0. Run through `bench/train.sh`.
 //!
-//! Usage: train_bench --weights FILE --data FILE [--steps N]
+//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers]
 //! Prints one JSON line on stdout: samples/s of the median step, every step's seconds, and
 //! the median split into forward+loss, backward and clip+optimiser.
 
@@ -28,7 +28,10 @@ no_causal_mask = true
 "#;
 
 fn main() -> Result<()> {
+    // As `dfndr` does at start-up.
+    dfndr_teachers::memory::reuse_large_buffers();
     let (mut weights, mut data, mut steps) = (None, None, 3usize);
+    let mut towers = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -36,6 +39,7 @@ fn main() -> Result<()> {
             "--weights" => weights = Some(value()?),
             "--data" => data = Some(value()?),
             "--steps" => steps = value()?.parse()?,
+            "--towers" => towers = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -67,6 +71,9 @@ fn main() -> Result<()> {
         teacher_gt: get("teacher_gt")?,
         teacher_syn: get("teacher_syn")?,
     };
+    if towers {
+        return time_towers(&student, &batch, steps);
+    }
     let layout = TeacherLayout {
         dims: vec![768, 768],
         scales: vec![70.0, 60.0],
@@ -104,5 +111,33 @@ fn main() -> Result<()> {
             "loss": last_loss,
         })
     );
+    Ok(())
+}
+
+/// `--towers`: forward and backward seconds of each tower alone (the sum of its features as
+/// the loss), the median of `steps` runs, to show where a step's time goes.
+fn time_towers(student: &Student, batch: &Batch, steps: usize) -> Result<()> {
+    let mut ids = batch.text_gt.clone();
+    ids.extend(batch.text_syn.iter().cloned());
+    let mut out = serde_json::Map::new();
+    for tower in ["image", "text"] {
+        let mut rows = Vec::new();
+        for _ in 0..=steps {
+            let t0 = Instant::now();
+            let f = match tower {
+                "image" => student.encode_image(&batch.images, Mode::Train)?,
+                _ => student.encode_text(&ids)?,
+            };
+            let loss = f.sqr()?.sum_all()?;
+            let t1 = Instant::now();
+            loss.backward()?;
+            rows.push(((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()));
+        }
+        rows.sort_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)));
+        let (f, b) = rows[rows.len() / 2];
+        out.insert(format!("{tower}_forward_seconds"), f.into());
+        out.insert(format!("{tower}_backward_seconds"), b.into());
+    }
+    println!("{}", serde_json::Value::Object(out));
     Ok(())
 }

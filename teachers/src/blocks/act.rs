@@ -14,11 +14,20 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation element-wise.
+    /// Applies the activation element-wise (candle's ops).
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::Gelu => x.gelu_erf(),
             Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        }
+    }
+
+    /// Applies the activation for training: the exact-erf GELU takes the parallel,
+    /// vectorised kernel pair of [`super::gelu_erf`] on the CPU.
+    pub fn forward_train(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Gelu => super::gelu_erf(x),
+            Activation::QuickGelu => self.forward(x),
         }
     }
 }

@@ -17,7 +17,7 @@ use super::Activation;
 /// after a power-of-two range reduction, written with plain arithmetic so it vectorises.
 /// Relative error below 2e-7 on [-87, 88]; inputs below -87 give ~0, as `exp` underflows.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -44,7 +44,7 @@ fn fast_exp(x: f32) -> f32 {
 /// `erf(x)` by Abramowitz & Stegun 7.1.26 (absolute error below 1e-6 in float32) with [`fast_exp`]:
 /// plain arithmetic, so the GELU loop vectorises (libm's `erff` is a scalar call per value).
 #[inline(always)]
-fn fast_erf(x: f32) -> f32 {
+pub(crate) fn fast_erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t

@@ -84,7 +84,7 @@ impl Mlp {
             return self.c_proj.forward(&hidden);
         }
         self.c_proj
-            .forward(&self.act.forward(&self.c_fc.forward(x)?)?)
+            .forward(&self.act.forward_train(&self.c_fc.forward(x)?)?)
     }
 }
 

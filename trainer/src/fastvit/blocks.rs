@@ -2,6 +2,7 @@
 //! convolutional MLP, the conditional positional encoding and the downsampling patch embed.
 
 use candle_core::{Result, Tensor};
+use dfndr_teachers::blocks::gelu_erf;
 use dfndr_teachers::blocks::{softmax_last_dim, Kernels, Linear};
 
 use super::mobileone::{LargeKernelConv, MobileOneBlock, MobileOneOptions};
@@ -29,7 +30,7 @@ impl ConvMlp {
     /// Applies the MLP.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.conv.forward(x, mode)?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
+        self.fc2.forward(&gelu_erf(&self.fc1.forward(&x)?)?)
     }
 }
 

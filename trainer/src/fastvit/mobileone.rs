@@ -2,6 +2,7 @@
 //! the large-kernel convolution of the downsampling layers.
 
 use candle_core::{Result, Tensor};
+use dfndr_teachers::blocks::gelu_erf;
 
 use crate::layers::{BatchNorm2d, Builder, ConvBn, ConvKind, Mode, SqueezeExcite};
 
@@ -113,7 +114,7 @@ impl MobileOneBlock {
             out = se.forward(&out)?;
         }
         if self.use_act {
-            out = out.gelu_erf()?;
+            out = gelu_erf(&out)?;
         }
         Ok(out)
     }
@@ -184,7 +185,7 @@ impl LargeKernelConv {
             out = se.forward(&out)?;
         }
         if self.use_act {
-            out = out.gelu_erf()?;
+            out = gelu_erf(&out)?;
         }
         Ok(out)
     }

@@ -7,7 +7,9 @@ use candle_nn::Init;
 use rayon::prelude::*;
 
 use super::{BatchNorm2d, Builder, Mode};
-use crate::ops::{depthwise_conv2d, DepthwiseGeometry};
+use crate::ops::{
+    add_channel_bias, depthwise_conv2d, pointwise_conv, scale_channels, DepthwiseGeometry,
+};
 
 /// How a convolution's channels are connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +94,7 @@ impl Conv2d {
             ConvKind::Dense => self.dense_on_input(x)?,
         };
         match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            Some(bias) => add_channel_bias(&y, bias),
             None => Ok(y),
         }
     }
@@ -122,14 +124,10 @@ impl Conv2d {
     }
 }
 
-/// `w [O, C, 1, 1]` applied to `x [N, C, H, W]`: a batched product `W · X_n`.
+/// `w [O, C, 1, 1]` applied to `x [N, C, H, W]`.
 fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
     let o = w.dim(0)?;
-    let x3 = x.reshape((n, c, h * wd))?;
-    w.reshape((o, c))?
-        .broadcast_matmul(&x3)?
-        .reshape((n, o, h, wd))
+    pointwise_conv(x, &w.reshape((o, ()))?)
 }
 
 /// `[N, C, H, W]` to the patch matrix `[N, C·k·k, Ho·Wo]` (zero padded), torch's unfold.
@@ -289,6 +287,6 @@ impl SqueezeExcite {
                 .matmul(&self.fc2_w.t()?)?
                 .broadcast_add(&self.fc2_b)?,
         )?;
-        x.broadcast_mul(&gate.reshape((n, c, 1, 1))?)
+        scale_channels(x, &gate.reshape((n, c))?)
     }
 }

@@ -95,6 +95,6 @@ impl LayerScale2d {
 
     /// Scales each channel of `[N, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&self.gamma)
+        crate::ops::scale_channels(x, &self.gamma.flatten_all()?)
     }
 }

@@ -1,9 +1,11 @@
 //! Differentiable CPU operations candle lacks or differentiates too slowly for training
-//! convolutional students: depthwise convolution and batch normalisation with batch
-//! statistics. Each is a candle custom op whose backward pass is another custom op.
+//! convolutional students: depthwise convolution, batch normalisation with batch statistics,
+//! 1×1 convolution and per-channel scale and bias. Each is a candle custom op whose backward pass is another custom op.
 
 mod batch_norm;
+mod channel;
 mod depthwise;
 
 pub use batch_norm::{batch_norm_train, BatchStats};
+pub use channel::{add_channel_bias, pointwise_conv, scale_channels};
 pub use depthwise::{depthwise_conv2d, DepthwiseGeometry};

@@ -1,0 +1,375 @@
+//! Per-channel operations on `[N, C, H, W]` activations with backward passes that reduce
+//! each channel in place: 1×1 convolution, channel scaling (layer scales, squeeze-excite
+//! gates) and channel bias.
+//!
+//! Composed from candle ops, their gradients go through broadcast sums that candle computes
+//! one value at a time on one thread, and a 1×1 convolution as a broadcast batched product
+//! materialises an `[N, O, C]` weight gradient before summing it; here each is one pass (or
+//! one matrix product per sample, accumulated into the weight gradient).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("{op}: {what} must be float32, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+fn threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` with explicit (column, row) strides of each operand.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (isize, isize),
+    rhs: &[f32],
+    rhs_strides: (isize, isize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: every operand's extent under its strides lies inside its slice (the callers
+    // pass whole matrices of the stated sizes), and dst does not alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.0,
+            lhs_strides.1,
+            rhs.as_ptr(),
+            rhs_strides.0,
+            rhs_strides.1,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            threads(),
+        );
+    }
+}
+
+/// A 1×1 convolution without bias: `w [O, C]` applied to `x [N, C, H, W]`, differentiable.
+pub fn pointwise_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let (_, wc) = w.dims2()?;
+    if wc != c {
+        candle_core::bail!(
+            "1x1 conv: weight {:?} does not fit input {:?}",
+            w.dims(),
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Pointwise)
+}
+
+struct Pointwise;
+
+impl CustomOp2 for Pointwise {
+    fn name(&self) -> &'static str {
+        "pointwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, wd) = l1.shape().dims4()?;
+        let (o, _) = l2.shape().dims2()?;
+        let (x, w) = (
+            slice(s1, l1, "1x1 conv", "input")?,
+            slice(s2, l2, "1x1 conv", "weight")?,
+        );
+        let l = h * wd;
+        let mut out = vec![0f32; n * o * l];
+        for b in 0..n {
+            let dst = &mut out[b * o * l..(b + 1) * o * l];
+            let xb = &x[b * c * l..(b + 1) * c * l];
+            matmul(o, l, c, dst, false, w, (1, c as isize), xb, (1, l as isize));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(w, &PointwiseGradInput)?;
+        let gw = grad.apply_op2_no_bwd(x, &PointwiseGradWeight)?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// `∂L/∂x_n = Wᵀ · G_n`.
+struct PointwiseGradInput;
+
+impl CustomOp2 for PointwiseGradInput {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, o, h, wd) = l1.shape().dims4()?;
+        let (_, c) = l2.shape().dims2()?;
+        let (g, w) = (
+            slice(s1, l1, "1x1 conv", "gradient")?,
+            slice(s2, l2, "1x1 conv", "weight")?,
+        );
+        let l = h * wd;
+        let mut out = vec![0f32; n * c * l];
+        for b in 0..n {
+            let dst = &mut out[b * c * l..(b + 1) * c * l];
+            let gb = &g[b * o * l..(b + 1) * o * l];
+            matmul(c, l, o, dst, false, w, (c as isize, 1), gb, (1, l as isize));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, wd))))
+    }
+}
+
+/// `∂L/∂W = Σ_n G_n · X_nᵀ`, accumulated in place.
+struct PointwiseGradWeight;
+
+impl CustomOp2 for PointwiseGradWeight {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, o, h, wd) = l1.shape().dims4()?;
+        let (_, c, _, _) = l2.shape().dims4()?;
+        let (g, x) = (
+            slice(s1, l1, "1x1 conv", "gradient")?,
+            slice(s2, l2, "1x1 conv", "input")?,
+        );
+        let l = h * wd;
+        let mut out = vec![0f32; o * c];
+        for b in 0..n {
+            let gb = &g[b * o * l..(b + 1) * o * l];
+            let xb = &x[b * c * l..(b + 1) * c * l];
+            matmul(
+                o,
+                c,
+                l,
+                &mut out,
+                b > 0,
+                gb,
+                (1, l as isize),
+                xb,
+                (l as isize, 1),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((o, c))))
+    }
+}
+
+/// `x [N, C, H, W] · s`, with `s` per channel (`[C]`) or per sample and channel (`[N, C]`),
+/// differentiable in both.
+pub fn scale_channels(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
+    if s.dims() != [c] && s.dims() != [n, c] {
+        candle_core::bail!("channel scale {:?} does not fit {:?}", s.dims(), x.dims());
+    }
+    x.contiguous()?.apply_op2(&s.contiguous()?, ScaleChannels)
+}
+
+struct ScaleChannels;
+
+/// The scale of plane `p` (sample `p / c`, channel `p % c`).
+fn scale_of(s: &[f32], c: usize, p: usize) -> f32 {
+    if s.len() == c {
+        s[p % c]
+    } else {
+        s[p]
+    }
+}
+
+impl CustomOp2 for ScaleChannels {
+    fn name(&self) -> &'static str {
+        "scale-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let (x, s) = (
+            slice(s1, l1, "channel scale", "input")?,
+            slice(s2, l2, "channel scale", "scale")?,
+        );
+        let hw = (h * w).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (d, x))| {
+                let v = scale_of(s, c, p);
+                d.iter_mut().zip(x).for_each(|(d, x)| *d = x * v);
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(s, &ScaleChannels)?;
+        let per_plane = grad.apply_op2_no_bwd(x, &PlaneDot)?;
+        let gs = if s.rank() == 1 {
+            per_plane.sum(0)?
+        } else {
+            per_plane
+        };
+        Ok((Some(gx), Some(gs)))
+    }
+}
+
+/// `[N, C]`: `Σ_hw a·b` of every plane (float64 accumulation).
+struct PlaneDot;
+
+impl CustomOp2 for PlaneDot {
+    fn name(&self) -> &'static str {
+        "plane-dot"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let (a, b) = (
+            slice(s1, l1, "plane dot", "a")?,
+            slice(s2, l2, "plane dot", "b")?,
+        );
+        let hw = (h * w).max(1);
+        let out: Vec<f32> = a
+            .par_chunks(hw)
+            .zip(b.par_chunks(hw))
+            .map(|(a, b)| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32)
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+    }
+}
+
+/// `x [N, C, H, W] + b [C]`, differentiable in both.
+pub fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    if b.dims() != [c] {
+        candle_core::bail!("channel bias {:?} does not fit {:?}", b.dims(), x.dims());
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddChannelBias)
+}
+
+struct AddChannelBias;
+
+impl CustomOp2 for AddChannelBias {
+    fn name(&self) -> &'static str {
+        "add-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let (x, b) = (
+            slice(s1, l1, "channel bias", "input")?,
+            slice(s2, l2, "channel bias", "bias")?,
+        );
+        let hw = (h * w).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (d, x))| {
+                let v = b[p % c];
+                d.iter_mut().zip(x).for_each(|(d, x)| *d = x + v);
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gb = grad.apply_op1_no_bwd(&PlaneSum)?.sum(0)?;
+        Ok((Some(grad), Some(gb)))
+    }
+}
+
+/// `[N, C]`: `Σ_hw a` of every plane (float64 accumulation).
+struct PlaneSum;
+
+impl candle_core::CustomOp1 for PlaneSum {
+    fn name(&self) -> &'static str {
+        "plane-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let a = slice(s, l, "plane sum", "input")?;
+        let out: Vec<f32> = a
+            .par_chunks((h * w).max(1))
+            .map(|a| a.iter().map(|&v| v as f64).sum::<f64>() as f32)
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+    }
+}
