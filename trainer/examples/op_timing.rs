@@ -14,7 +14,10 @@ fn time(name: &str, f: impl Fn() -> candle_core::Result<()>) {
     for _ in 0..3 {
         f().unwrap();
     }
-    println!("{name:50} {:8.1} ms", t.elapsed().as_secs_f64() * 1000.0 / 3.0);
+    println!(
+        "{name:50} {:8.1} ms",
+        t.elapsed().as_secs_f64() * 1000.0 / 3.0
+    );
 }
 
 fn main() {
@@ -23,9 +26,17 @@ fn main() {
     let r = Tensor::randn(0f32, 1.0, (8, 64, 64, 64), &dev).unwrap();
     let w7 = Var::randn(0f32, 1.0, (64, 1, 7, 7), &dev).unwrap();
     let w3 = Var::randn(0f32, 1.0, (64, 1, 3, 3), &dev).unwrap();
-    let g1 = DepthwiseGeometry { stride: 1, padding: 3 };
-    let g3 = DepthwiseGeometry { stride: 1, padding: 1 };
-    time("dw7x7 fwd [8,64,64,64]", || depthwise_conv2d(x.as_tensor(), w7.as_tensor(), g1).map(|_| ()));
+    let g1 = DepthwiseGeometry {
+        stride: 1,
+        padding: 3,
+    };
+    let g3 = DepthwiseGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    time("dw7x7 fwd [8,64,64,64]", || {
+        depthwise_conv2d(x.as_tensor(), w7.as_tensor(), g1).map(|_| ())
+    });
     time("dw7x7 fwd+bwd", || {
         let y = depthwise_conv2d(x.as_tensor(), w7.as_tensor(), g1)?;
         (y * &r)?.sum_all()?.backward().map(|_| ())
@@ -37,7 +48,13 @@ fn main() {
     let gamma = Var::randn(1f32, 0.1, 64, &dev).unwrap();
     let beta = Var::randn(0f32, 0.1, 64, &dev).unwrap();
     time("bn train fwd+bwd", || {
-        let (y, _) = batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5, None)?;
+        let (y, _) = batch_norm_train(
+            x.as_tensor(),
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            1e-5,
+            None,
+        )?;
         (y * &r)?.sum_all()?.backward().map(|_| ())
     });
     let w = Var::randn(0f32, 0.1, (192, 64), &dev).unwrap();
