@@ -10,6 +10,7 @@ mod act;
 mod attention;
 mod cpu_kernels;
 mod gelu;
+mod grad_kernels;
 mod linear;
 mod norm;
 mod small_rows;
@@ -48,6 +49,7 @@ pub fn softmax_last_dim(
     }
     match kernels {
         Kernels::Fused => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+        Kernels::Differentiable if grad_kernels::usable(x) => grad_kernels::softmax_last_dim(x),
         Kernels::Differentiable => candle_nn::ops::softmax(x, candle_core::D::Minus1),
     }
 }

@@ -41,6 +41,9 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
+            Kernels::Differentiable if super::grad_kernels::usable(x) => {
+                super::grad_kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
+            }
             Kernels::Differentiable => {
                 // Biased variance, as torch's layer_norm.
                 let mean = x.mean_keepdim(D::Minus1)?;

@@ -1,0 +1,363 @@
+//! LayerNorm and softmax over the last dimension with their own backward passes, for the
+//! differentiable (training) path on the CPU.
+//!
+//! Composed from candle's primitives, a LayerNorm is eight element-wise passes forward (each
+//! keeping its output alive for the backward pass) and more backward, each on one thread; a
+//! softmax is five. Here each is one parallel pass over rows forward and one backward, and the
+//! graph keeps only the input (LayerNorm, plus two numbers per row) or the output (softmax).
+//! Row reductions run in float64; the parameter gradients of the LayerNorm are summed over
+//! fixed blocks of rows in a fixed order, so the result does not depend on thread timing (a
+//! resumed training run must equal an uninterrupted one bit for bit). Other devices and dtypes
+//! take the compositions.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel task and per partial sum of the parameter gradients.
+const ROW_BLOCK: usize = 32;
+
+/// Whether the CPU kernels apply to `x`.
+pub(crate) fn usable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: contiguous float32 operands are needed"),
+    }
+}
+
+fn last_dim(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    let d = l.dims().last().copied().unwrap_or(1);
+    if d == 0 {
+        candle_core::bail!("{op}: the last dimension is empty");
+    }
+    Ok((l.shape().elem_count() / d, d))
+}
+
+/// `(x − mean) / √(var + eps) · weight + bias` over the last dimension of `x` (biased
+/// variance, as torch), differentiable in all three.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(0);
+    if weight.dims() != [d] || bias.dims() != [d] {
+        candle_core::bail!(
+            "layer norm over {d} features got weight {:?} and bias {:?}",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp {
+            eps,
+            stats: Arc::new(OnceLock::new()),
+        },
+    )
+}
+
+/// Softmax over the last dimension, differentiable.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+/// Per row: the mean and `1 / √(var + eps)`.
+type RowStats = Vec<(f32, f32)>;
+
+/// `(∂L/∂weight, ∂L/∂bias)`, handed from the backward kernel to the op's `bwd`.
+type ParamGrads = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
+
+struct LayerNormOp {
+    eps: f64,
+    /// Filled by the forward pass, read by the backward pass.
+    stats: Arc<OnceLock<RowStats>>,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = last_dim(l1, "layer norm")?;
+        let x = slice(s1, l1, "layer norm")?;
+        let (w, b) = (slice(s2, l2, "layer norm")?, slice(s3, l3, "layer norm")?);
+        let mut out = vec![0f32; rows * d];
+        let mut stats = vec![(0f32, 0f32); rows];
+        out.par_chunks_mut(ROW_BLOCK * d)
+            .zip(stats.par_chunks_mut(ROW_BLOCK))
+            .zip(x.par_chunks(ROW_BLOCK * d))
+            .for_each(|((dst, st), src)| {
+                for ((y, s), x) in dst.chunks_mut(d).zip(st.iter_mut()).zip(src.chunks(d)) {
+                    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var = x
+                        .iter()
+                        .map(|&v| {
+                            let c = v as f64 - mean;
+                            c * c
+                        })
+                        .sum::<f64>()
+                        / d as f64;
+                    let rstd = 1.0 / (var + self.eps).sqrt();
+                    let (m, r) = (mean as f32, rstd as f32);
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (x - m) * r * w + b;
+                    }
+                    *s = (m, r);
+                }
+            });
+        // A graph node is forwarded once; a second forward would only repeat the same numbers.
+        let _ = self.stats.set(stats);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.stats.get() else {
+            candle_core::bail!("layer norm: backward before forward");
+        };
+        let params = Arc::new(Mutex::new(None));
+        let op = LayerNormGrad {
+            stats: stats.clone(),
+            params: params.clone(),
+        };
+        let gx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let taken = params.lock().ok().and_then(|mut p| p.take());
+        let Some((gw, gb)) = taken else {
+            candle_core::bail!("layer norm: parameter gradients were not computed");
+        };
+        let d = gw.len();
+        let gw = Tensor::from_vec(gw, d, w.device())?;
+        let gb = Tensor::from_vec(gb, d, w.device())?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `∂L/∂x` as the op's output; `∂L/∂weight` and `∂L/∂bias` left in `params`.
+struct LayerNormGrad {
+    stats: RowStats,
+    params: ParamGrads,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = last_dim(l1, "layer norm backward")?;
+        let x = slice(s1, l1, "layer norm backward")?;
+        let w = slice(s2, l2, "layer norm backward")?;
+        let g = slice(s3, l3, "layer norm backward")?;
+        if self.stats.len() != rows || g.len() != x.len() {
+            candle_core::bail!("layer norm backward: operands do not match the forward pass");
+        }
+        let mut out = vec![0f32; rows * d];
+        // Per block of rows: (Σ g·x̂, Σ g) per feature, in float64.
+        let partials: Vec<(Vec<f64>, Vec<f64>)> = out
+            .par_chunks_mut(ROW_BLOCK * d)
+            .zip(x.par_chunks(ROW_BLOCK * d))
+            .zip(g.par_chunks(ROW_BLOCK * d))
+            .zip(self.stats.par_chunks(ROW_BLOCK))
+            .map(|(((dst, xs), gs), st)| {
+                let mut gw = vec![0f64; d];
+                let mut gb = vec![0f64; d];
+                let mut xhat = vec![0f32; d];
+                for (((dx, x), g), &(m, r)) in dst
+                    .chunks_mut(d)
+                    .zip(xs.chunks(d))
+                    .zip(gs.chunks(d))
+                    .zip(st)
+                {
+                    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                    for i in 0..d {
+                        let xh = (x[i] - m) * r;
+                        xhat[i] = xh;
+                        let gw_i = (g[i] * w[i]) as f64;
+                        sum_g += gw_i;
+                        sum_gx += gw_i * xh as f64;
+                        gw[i] += (g[i] * xh) as f64;
+                        gb[i] += g[i] as f64;
+                    }
+                    let (mean_g, mean_gx) = ((sum_g / d as f64) as f32, (sum_gx / d as f64) as f32);
+                    for i in 0..d {
+                        dx[i] = r * (g[i] * w[i] - mean_g - xhat[i] * mean_gx);
+                    }
+                }
+                (gw, gb)
+            })
+            .collect();
+        let mut gw = vec![0f64; d];
+        let mut gb = vec![0f64; d];
+        for (pw, pb) in &partials {
+            for i in 0..d {
+                gw[i] += pw[i];
+                gb[i] += pb[i];
+            }
+        }
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        if let Ok(mut p) = self.params.lock() {
+            *p = Some((to_f32(gw), to_f32(gb)));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = last_dim(l, "softmax")?;
+        let x = slice(s, l, "softmax")?;
+        let mut out = vec![0f32; rows * d];
+        out.par_chunks_mut(ROW_BLOCK * d)
+            .zip(x.par_chunks(ROW_BLOCK * d))
+            .for_each(|(dst, src)| {
+                for (y, x) in dst.chunks_mut(d).zip(src.chunks(d)) {
+                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - max).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|y| *y *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)
+            .map(Some)
+    }
+}
+
+/// `∂L/∂x = y ⊙ (g − Σ g ⊙ y)` per row.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = last_dim(l1, "softmax backward")?;
+        let y = slice(s1, l1, "softmax backward")?;
+        let g = slice(s2, l2, "softmax backward")?;
+        if g.len() != y.len() {
+            candle_core::bail!("softmax backward: the gradient does not match the output");
+        }
+        let mut out = vec![0f32; rows * d];
+        out.par_chunks_mut(ROW_BLOCK * d)
+            .zip(y.par_chunks(ROW_BLOCK * d))
+            .zip(g.par_chunks(ROW_BLOCK * d))
+            .for_each(|((dst, ys), gs)| {
+                for ((dx, y), g) in dst.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
+                    let dot = y.iter().zip(g).map(|(&y, &g)| (y * g) as f64).sum::<f64>() as f32;
+                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                        *dx = y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn composed_ln(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let c = x.broadcast_sub(&mean)?;
+        let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+        c.broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composition_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        // 70 rows: two full blocks of rows and a short one.
+        let x = Var::randn(0.5f32, 2.0, (2, 35, 48), &dev)?;
+        let w = Var::randn(1f32, 0.3, 48, &dev)?;
+        let b = Var::randn(0f32, 0.3, 48, &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (2, 35, 48), &dev)?;
+        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)?;
+        let theirs = composed_ln(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)?;
+        assert!(max_diff(&ours, &theirs) < 2e-6);
+        let g1 = (ours * &r)?.sum_all()?.backward()?;
+        let g2 = (theirs * &r)?.sum_all()?.backward()?;
+        for v in [&x, &w, &b] {
+            let (a, c) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(max_diff(a, c) < 1e-5 * scale.max(1.0), "{}", max_diff(a, c));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_matches_the_composition_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 3.0, (3, 4, 33, 77), &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 4, 33, 77), &dev)?;
+        let ours = softmax_last_dim(x.as_tensor())?;
+        let theirs = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+        assert!(max_diff(&ours, &theirs) < 1e-6);
+        let g1 = (ours * &r)?.sum_all()?.backward()?;
+        let g2 = (theirs * &r)?.sum_all()?.backward()?;
+        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
+        Ok(())
+    }
+}
