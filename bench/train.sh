@@ -4,9 +4,10 @@
 # 256 px, same threads, in alternating rounds; prints the median samples/s of both, the ratio,
 # each side's peak resident memory, and dfndr's split into forward, backward and optimiser.
 #
-# Usage: bench/train.sh [--batch B] [--rounds R] [--steps N] [--threads T]
+# Usage: bench/train.sh [--batch B] [--rounds R] [--steps N] [--threads T] [--recompute]
 #   defaults: batch 32, 3 rounds of 2 timed steps each (after one warm-up step), threads =
-#   nproc. The reference saves its random weights and the batch under
+#   nproc. --recompute: dfndr with activation recomputation (grad_checkpointing);
+#   --ref-checkpointing: OpenCLIP with its --grad-checkpointing (default: its plain step). The reference saves its random weights and the batch under
 #   ${BENCH_DIR:-/tmp/dfndr-bench} on first use. PYTHON defaults to python3 with torch,
 #   open_clip and safetensors.
 set -euo pipefail
@@ -15,13 +16,17 @@ BATCH=32
 ROUNDS=3
 STEPS=2
 THREADS=$(nproc)
+OURS_ARGS=()
+REF_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --batch) BATCH=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
         --steps) STEPS=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
-        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+        --recompute) OURS_ARGS+=(--recompute); shift ;;
+        --ref-checkpointing) REF_ARGS+=(--grad-checkpointing); shift ;;
+        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -34,9 +39,9 @@ results=()
 for round in $(seq "$ROUNDS"); do
     # The reference runs first in every round: on the first it creates the shared files.
     ref=$(OMP_NUM_THREADS=$THREADS /usr/bin/time -f '%M' -o "$DIR/ref.mem" "$PYTHON" \
-          bench/train_reference.py "${files[@]}" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS")
+          bench/train_reference.py "${files[@]}" --batch "$BATCH" --steps "$STEPS" --threads "$THREADS" "${REF_ARGS[@]}")
     ours=$(RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS /usr/bin/time -f '%M' -o "$DIR/ours.mem" \
-           ./target/release/train_bench "${files[@]}" --steps "$STEPS")
+           ./target/release/train_bench "${files[@]}" --steps "$STEPS" "${OURS_ARGS[@]}")
     echo "round $round: dfndr $ours" >&2
     echo "round $round: OpenCLIP $ref" >&2
     results+=("$ours" "$ref" "$(cat "$DIR/ours.mem")" "$(cat "$DIR/ref.mem")")

@@ -50,6 +50,10 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--towers", action="store_true",
+                   help="time each tower's forward and backward alone (sum of squares as the loss)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="OpenCLIP's --grad-checkpointing (activation recomputation)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -73,12 +77,30 @@ def main():
              "teacher_image": emb(), "teacher_gt": emb(), "teacher_syn": emb()}
         save_file(d, a.data)
     model.train()
+    if a.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     named = list(model.named_parameters())
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     opt = torch.optim.AdamW(
         [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
          {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}],
         lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    if a.towers:
+        out = {}
+        for tower in ("image", "text"):
+            rows = []
+            for _ in range(a.steps + 1):
+                model.zero_grad()
+                t0 = time.perf_counter()
+                f = model.encode_image(d["images"]) if tower == "image" else model.encode_text(d["texts"])
+                loss = f.square().sum()
+                t1 = time.perf_counter()
+                loss.backward()
+                rows.append((t1 - t0, time.perf_counter() - t1))
+            f_s, b_s = sorted(rows, key=lambda r: r[0] + r[1])[len(rows) // 2]
+            out[f"{tower}_forward_seconds"], out[f"{tower}_backward_seconds"] = f_s, b_s
+        print(json.dumps(out))
+        return
     times = []
     for step in range(a.steps + 1):
         t0 = time.perf_counter()

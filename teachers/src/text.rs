@@ -25,6 +25,15 @@ pub struct TextTransformer {
     pool: TextPool,
 }
 
+/// The text tower's input to its first block.
+#[derive(Clone, Debug)]
+pub struct TextEmbedded {
+    /// `[B, S, W]` embeddings.
+    pub x: Tensor,
+    /// The additive attention mask the blocks take, if any.
+    pub mask: Option<Tensor>,
+}
+
 /// Output of the text tower.
 #[derive(Clone, Debug)]
 pub struct TextOutput {
@@ -216,6 +225,18 @@ impl TextTransformer {
 
     /// Pooled embeddings and per-position features.
     pub fn forward_with_tokens(&self, ids: &[Vec<u32>]) -> Result<TextOutput> {
+        let embedded = self.embed(ids)?;
+        let x = self
+            .transformer
+            .forward(&embedded.x, embedded.mask.as_ref())?;
+        self.finish(&x, ids)
+    }
+
+    /// The first part of [`TextTransformer::forward_with_tokens`]: token (and class) plus
+    /// position embeddings of rows of equal length, and the attention mask the blocks take.
+    /// With [`Transformer::blocks`] and [`TextTransformer::finish`] a caller can run the tower
+    /// one block at a time (a trainer that recomputes activations block by block).
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<TextEmbedded> {
         let b = ids.len();
         let Some(l) = ids.first().map(Vec::len) else {
             candle_core::bail!("text tower called with an empty batch");
@@ -244,20 +265,33 @@ impl TextTransformer {
             let cls = cls.reshape((1, 1, w))?.broadcast_as((b, 1, w))?;
             x = Tensor::cat(&[&x, &cls], 1)?;
         }
-        x = x.broadcast_add(&self.positional_embedding.narrow(0, 0, seq)?)?;
+        let x = x.broadcast_add(&self.positional_embedding.narrow(0, 0, seq)?)?;
         let mask = self.attention_mask(ids, seq, device)?;
-        let x = self.transformer.forward(&x, mask.as_ref())?;
+        Ok(TextEmbedded { x, mask })
+    }
+
+    /// The last part of [`TextTransformer::forward_with_tokens`]: `ln_final`, pooling and
+    /// projection of the last block's output `x` for the rows `ids`.
+    pub fn finish(&self, x: &Tensor, ids: &[Vec<u32>]) -> Result<TextOutput> {
+        let (b, seq, w) = x.dims3()?;
+        let l = seq - usize::from(self.cls_emb.is_some());
+        if ids.len() != b || ids.iter().any(|r| r.len() != l) {
+            candle_core::bail!(
+                "text tower: the token rows do not match the features {:?}",
+                x.dims()
+            );
+        }
         let (pooled, tokens) = if self.cls_emb.is_some() {
             let pooled = self.ln_final.forward(&x.narrow(1, l, 1)?.squeeze(1)?)?;
             (pooled, x.narrow(1, 0, l)?)
         } else {
-            let x = self.ln_final.forward(&x)?;
+            let x = self.ln_final.forward(x)?;
             let rows: Vec<u32> = ids
                 .iter()
                 .enumerate()
                 .map(|(i, row)| (i * l + self.pool_index(row)) as u32)
                 .collect();
-            let rows = Tensor::from_vec(rows, b, device)?;
+            let rows = Tensor::from_vec(rows, b, x.device())?;
             let pooled = x.reshape((b * l, w))?.index_select(&rows, 0)?;
             (pooled, x)
         };

@@ -6,7 +6,9 @@
 //!   key names; [`student`]: image tower + OpenCLIP text tower + logit scale.
 //! - [`loss`]: Apple's `DRClipLoss`; [`optim`]: AdamW with OpenCLIP's parameter groups,
 //!   gradient clipping and the cosine schedule, with state that can be checkpointed;
-//!   [`checkpoint`]: atomic checkpoints from which a run continues bit for bit.
+//!   [`checkpoint`]: atomic checkpoints from which a run continues bit for bit;
+//!   [`recompute`]: activation recomputation (less memory for one more forward pass);
+//!   [`step`]: one optimisation step.
 
 pub mod checkpoint;
 pub mod data;
@@ -18,6 +20,7 @@ pub mod loss;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod recompute;
 pub mod run;
 pub mod step;
 pub mod student;

@@ -25,7 +25,7 @@ use crate::error::{Result, TrainError};
 use crate::loss::{LossConfig, TeacherLayout};
 use crate::optim::{cosine_lr, AdamW, AdamWConfig};
 use crate::plot;
-use crate::step::train_step_accumulated;
+use crate::step::{train_step_accumulated, Plan};
 use crate::student::{Student, StudentConfig};
 
 /// The student of a run: a student config file, or the config inline.
@@ -58,6 +58,12 @@ pub struct OptimConfig {
     /// loss still sees the whole batch. Default 1.
     #[serde(default = "default_micro_batches")]
     pub micro_batches: usize,
+    /// Activation recomputation (OpenCLIP's `--grad-checkpointing`): the towers keep only
+    /// each block's input and forward every block again in the backward pass. Same numbers,
+    /// a fraction of the activation memory, about one more forward pass of time. Default
+    /// false.
+    #[serde(default)]
+    pub grad_checkpointing: bool,
     /// Peak learning rate (Apple: 1e-3).
     #[serde(default = "default_lr")]
     pub lr: f64,
@@ -419,7 +425,10 @@ pub fn train(
             &student,
             &mut optimizer,
             &loaded.batch,
-            config.optim.micro_batches,
+            Plan {
+                micro_batches: config.optim.micro_batches,
+                recompute: config.optim.grad_checkpointing,
+            },
             &layout,
             &config.loss.weights,
             lr,

@@ -2,12 +2,14 @@
 //! tower once, the text tower once over ground-truth and synthetic captions together), Apple's
 //! loss, backward, clipping, AdamW, logit-scale clamp — OpenCLIP's order.
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 use crate::error::{Result, TrainError};
 use crate::layers::Mode;
 use crate::loss::{dr_loss, CaptionSet, LossConfig, LossInputs, LossTerms, Rows, TeacherLayout};
 use crate::optim::{clip_grad_norm, AdamW};
+use crate::recompute::{Tape, Units};
 use crate::student::Student;
 
 /// The largest logit scale: the raw parameter is clamped to `[0, ln 100]` after every step.
@@ -28,6 +30,27 @@ pub struct Batch {
     pub teacher_gt: Tensor,
     /// Teacher embeddings of the synthetic captions.
     pub teacher_syn: Tensor,
+}
+
+/// How a step computes its gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Gradient accumulation: the batch in this many equal micro-batches (OpenCLIP's
+    /// `--accum-freq`).
+    pub micro_batches: usize,
+    /// Activation recomputation (OpenCLIP's `--grad-checkpointing`, see [`crate::recompute`]):
+    /// the towers keep only each block's input and forward every block again in the backward
+    /// pass.
+    pub recompute: bool,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self {
+            micro_batches: 1,
+            recompute: false,
+        }
+    }
 }
 
 /// The loss's terms as numbers.
@@ -98,6 +121,78 @@ impl Features {
 /// The student's features of `batch`: the image tower once, the text tower once over
 /// `[gt; syn]` (Apple's step), split after.
 pub fn features(student: &Student, batch: &Batch, mode: Mode) -> Result<Features> {
+    let b = check_rows(batch)?;
+    let image = l2_normalize(&student.encode_image(&batch.images, mode)?)?;
+    let text = l2_normalize(&student.encode_text(&text_rows(batch))?)?;
+    Ok(Features {
+        image,
+        gt: text.narrow(0, 0, b)?,
+        syn: text.narrow(0, b, b)?,
+    })
+}
+
+/// The student's features of `batch` as [`features`] computes them, from towers that kept
+/// only their units' inputs: the features are functions of two leaves (the towers' outputs),
+/// and [`Recomputed::backward`] carries those leaves' gradients through the towers.
+fn features_recomputed<'a>(
+    student: &'a Student,
+    batch: &Batch,
+    ids: &'a [Vec<u32>],
+) -> Result<(Features, Recomputed<'a>)> {
+    let b = check_rows(batch)?;
+    let image_units = student.image_units();
+    let (image_tape, image_out) = image_units.forward(&batch.images)?;
+    let text_units = student.text_units(ids)?;
+    let none = Tensor::zeros((), candle_core::DType::F32, student.device())?;
+    let (text_tape, text_out) = text_units.forward(&none)?;
+    let image_leaf = candle_core::Var::from_tensor(&image_out)?;
+    let text_leaf = candle_core::Var::from_tensor(&text_out)?;
+    let image = l2_normalize(image_leaf.as_tensor())?;
+    let text = l2_normalize(text_leaf.as_tensor())?;
+    Ok((
+        Features {
+            image,
+            gt: text.narrow(0, 0, b)?,
+            syn: text.narrow(0, b, b)?,
+        },
+        Recomputed {
+            image: (image_units, image_tape, image_leaf),
+            text: (text_units, text_tape, text_leaf),
+        },
+    ))
+}
+
+/// The towers of [`features_recomputed`], waiting for their outputs' gradients.
+struct Recomputed<'a> {
+    image: (Units<'a>, Tape, candle_core::Var),
+    text: (Units<'a>, Tape, candle_core::Var),
+}
+
+impl Recomputed<'_> {
+    /// Takes the towers' output gradients out of `grads` (the loss's backward pass) and adds
+    /// the towers' parameter gradients.
+    fn backward(self, grads: &mut GradStore) -> Result<()> {
+        for (units, tape, leaf) in [self.text, self.image] {
+            let Some(g) = grads.remove(leaf.as_tensor()) else {
+                return Err(TrainError::Internal(
+                    "the loss does not depend on a tower".into(),
+                ));
+            };
+            units.backward(tape, g, grads)?;
+        }
+        Ok(())
+    }
+}
+
+/// The token rows of a batch as the text tower takes them: ground truth, then synthetic.
+fn text_rows(batch: &Batch) -> Vec<Vec<u32>> {
+    let mut ids = batch.text_gt.clone();
+    ids.extend(batch.text_syn.iter().cloned());
+    ids
+}
+
+/// The batch size, checked against the caption rows.
+fn check_rows(batch: &Batch) -> Result<usize> {
     let b = batch.images.dim(0)?;
     if batch.text_gt.len() != b || batch.text_syn.len() != b {
         return Err(TrainError::Batch(format!(
@@ -106,15 +201,32 @@ pub fn features(student: &Student, batch: &Batch, mode: Mode) -> Result<Features
             batch.text_syn.len()
         )));
     }
-    let image = l2_normalize(&student.encode_image(&batch.images, mode)?)?;
-    let mut ids = batch.text_gt.clone();
-    ids.extend(batch.text_syn.iter().cloned());
-    let text = l2_normalize(&student.encode_text(&ids)?)?;
-    Ok(Features {
-        image,
-        gt: text.narrow(0, 0, b)?,
-        syn: text.narrow(0, b, b)?,
-    })
+    Ok(b)
+}
+
+/// The loss of `batch` with the graph back to every parameter, as `plan.recompute` asks, and
+/// its gradients.
+fn differentiate(
+    student: &Student,
+    batch: &Batch,
+    recompute: bool,
+    loss: impl FnOnce(&Features) -> Result<LossTerms>,
+) -> Result<(LossTerms, GradStore, std::time::Duration)> {
+    if recompute {
+        let ids = text_rows(batch);
+        let (f, towers) = features_recomputed(student, batch, &ids)?;
+        let terms = loss(&f)?;
+        let t = std::time::Instant::now();
+        let mut grads = terms.total.backward()?;
+        towers.backward(&mut grads)?;
+        Ok((terms, grads, t.elapsed()))
+    } else {
+        let f = features(student, batch, Mode::Train)?;
+        let terms = loss(&f)?;
+        let t = std::time::Instant::now();
+        let grads = terms.total.backward()?;
+        Ok((terms, grads, t.elapsed()))
+    }
 }
 
 /// The teacher embeddings of a batch, as the loss reads them.
@@ -199,11 +311,20 @@ pub fn train_step(
     lr: f64,
     grad_clip: Option<f64>,
 ) -> Result<StepReport> {
-    train_step_accumulated(student, optimizer, batch, 1, layout, config, lr, grad_clip)
+    train_step_accumulated(
+        student,
+        optimizer,
+        batch,
+        Plan::default(),
+        layout,
+        config,
+        lr,
+        grad_clip,
+    )
 }
 
-/// [`train_step`] over `batch` split into `accum` micro-batches, with OpenCLIP's gradient
-/// accumulation: a pass without gradients caches every micro-batch's features, then each
+/// [`train_step`] as `plan` says: with activation recomputation or not, and over `batch`
+/// split into `plan.micro_batches` micro-batches with OpenCLIP's gradient accumulation: a pass without gradients caches every micro-batch's features, then each
 /// micro-batch is forwarded again and the loss over the whole batch (its live features, the
 /// others cached) is differentiated. The towers' gradients are those of the whole batch's
 /// loss; as in OpenCLIP, the logit scale gets `accum` times its gradient and BatchNorm's
@@ -214,7 +335,7 @@ pub fn train_step_accumulated(
     student: &Student,
     optimizer: &mut AdamW,
     batch: &Batch,
-    accum: usize,
+    plan: Plan,
     layout: &TeacherLayout,
     config: &LossConfig,
     lr: f64,
@@ -226,7 +347,7 @@ pub fn train_step_accumulated(
         mut grads,
         forward,
         backward,
-    } = gradients(student, batch, accum, layout, config)?;
+    } = gradients(student, batch, plan, layout, config)?;
     let t2 = std::time::Instant::now();
     let grad_norm = clip_grad_norm(&mut grads, &vars, grad_clip.unwrap_or(f64::INFINITY))?;
     optimizer.step(&grads, lr)?;
@@ -252,19 +373,19 @@ pub struct Gradients {
     /// The loss.
     pub loss: LossValues,
     /// Gradients by parameter.
-    pub grads: candle_core::backprop::GradStore,
+    pub grads: GradStore,
     /// Time in forward passes and the loss.
     pub forward: std::time::Duration,
     /// Time in backward passes.
     pub backward: std::time::Duration,
 }
 
-/// The gradients of the loss of `batch`, in `accum` micro-batches as
-/// [`train_step_accumulated`] describes.
+/// The gradients of the loss of `batch`, computed as `plan` says (see
+/// [`train_step_accumulated`]).
 pub fn gradients(
     student: &Student,
     batch: &Batch,
-    accum: usize,
+    plan: Plan,
     layout: &TeacherLayout,
     config: &LossConfig,
 ) -> Result<Gradients> {
@@ -275,20 +396,34 @@ pub fn gradients(
         syn: &batch.teacher_syn,
     };
     let vars: Vec<_> = student.parameters()?.into_iter().map(|(_, v)| v).collect();
+    let accum = plan.micro_batches;
     let (loss, grads, forward, backward) = if accum <= 1 {
-        let f = features(student, batch, Mode::Train)?;
-        let scale = student.logit_scale().exp()?;
-        let terms = loss_of(&f, &teachers, &scale, layout, config)?;
-        let loss = LossValues::of(&terms)?;
-        check_finite(&loss)?;
-        let t1 = std::time::Instant::now();
-        let grads = terms.total.backward()?;
-        (loss, grads, t1 - t0, t1.elapsed())
+        let mut checked = None;
+        let (_, grads, backward) = differentiate(student, batch, plan.recompute, |f| {
+            let scale = student.logit_scale().exp()?;
+            let terms = loss_of(f, &teachers, &scale, layout, config)?;
+            let loss = LossValues::of(&terms)?;
+            check_finite(&loss)?;
+            checked = Some(loss);
+            Ok(terms)
+        })?;
+        let Some(loss) = checked else {
+            return Err(TrainError::Internal("the loss was not computed".into()));
+        };
+        (loss, grads, t0.elapsed() - backward, backward)
     } else {
         let parts = split(batch, accum)?;
         let cached = parts
             .iter()
-            .map(|p| Ok(features(student, p, Mode::Train)?.detach()))
+            .map(|p| {
+                if plan.recompute {
+                    let ids = text_rows(p);
+                    let (f, _) = features_recomputed(student, p, &ids)?;
+                    Ok(f.detach())
+                } else {
+                    Ok(features(student, p, Mode::Train)?.detach())
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let all: Vec<&Features> = cached.iter().collect();
         let scale = student.logit_scale().exp()?;
@@ -301,18 +436,17 @@ pub fn gradients(
         )?)?;
         check_finite(&loss)?;
         let (mut forward, mut backward) = (t0.elapsed(), std::time::Duration::ZERO);
-        let mut total: Option<candle_core::backprop::GradStore> = None;
+        let mut total: Option<GradStore> = None;
         for (j, part) in parts.iter().enumerate() {
             let ta = std::time::Instant::now();
-            let live = features(student, part, Mode::Train)?;
-            let mut mixed = all.clone();
-            mixed[j] = &live;
-            let scale = student.logit_scale().exp()?;
-            let terms = loss_of(&Features::cat(&mixed)?, &teachers, &scale, layout, config)?;
-            let tb = std::time::Instant::now();
-            let grads = terms.total.backward()?;
-            forward += tb - ta;
-            backward += tb.elapsed();
+            let (_, grads, back) = differentiate(student, part, plan.recompute, |live| {
+                let mut mixed = all.clone();
+                mixed[j] = live;
+                let scale = student.logit_scale().exp()?;
+                loss_of(&Features::cat(&mixed)?, &teachers, &scale, layout, config)
+            })?;
+            forward += ta.elapsed() - back;
+            backward += back;
             total = Some(match total {
                 None => grads,
                 Some(mut acc) => {

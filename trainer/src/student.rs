@@ -15,6 +15,7 @@ use crate::error::{Result, TrainError};
 use crate::fastvit::{FastVit, FastVitConfig};
 use crate::init::SeededVarMap;
 use crate::layers::{Builder, Mode, NormConfig};
+use crate::recompute::Units;
 
 /// Key prefix of the image tower inside an OpenCLIP MobileCLIP2 state dict.
 pub const VISUAL_PREFIX: &str = "visual.trunk";
@@ -212,6 +213,30 @@ impl Student {
     /// Unnormalised text embeddings `[B, embed_dim]` of token rows of equal length.
     pub fn encode_text(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         Ok(self.text.forward_with_tokens(ids)?.pooled)
+    }
+
+    /// The image tower as units for activation recomputation (see [`crate::recompute`]).
+    pub fn image_units(&self) -> Units<'_> {
+        Units::new(self.visual.units(), move |i, x, mode| {
+            Ok(self.visual.forward_unit(i, x, mode)?)
+        })
+    }
+
+    /// The text tower over the token rows `ids` as units: the embedding (its input is
+    /// ignored), each residual block, then `ln_final`, pooling and projection.
+    pub fn text_units<'a>(&'a self, ids: &'a [Vec<u32>]) -> Result<Units<'a>> {
+        let mask = self.text.embed(ids)?.mask;
+        let blocks = self.text.transformer().blocks();
+        let n = blocks.len();
+        Ok(Units::new(n + 2, move |i, x, _mode| {
+            Ok(if i == 0 {
+                self.text.embed(ids)?.x
+            } else if i <= n {
+                blocks[i - 1].forward(x, mask.as_ref())?
+            } else {
+                self.text.finish(x, ids)?.pooled
+            })
+        }))
     }
 
     /// The raw (log) logit scale, shape `[]`.

@@ -1,10 +1,11 @@
 //! Gradient accumulation as OpenCLIP does it: the loss over the whole batch, differentiated
 //! one micro-batch at a time. Tower gradients equal the whole batch's (with BatchNorm over
-//! the same slices); the logit scale gets one gradient per micro-batch.
+//! the same slices); the logit scale gets one gradient per micro-batch. Activation
+//! recomputation gives the plain step's loss, gradients and running statistics.
 
 use candle_core::{Device, Tensor};
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
-use dfndr_trainer::step::{gradients, l2_normalize, Batch};
+use dfndr_trainer::step::{gradients, l2_normalize, Batch, Plan};
 use dfndr_trainer::{Student, StudentConfig};
 
 const TINY: &str = r#"
@@ -29,14 +30,9 @@ no_causal_mask = true
 ghost_batch = 4
 "#;
 
-#[test]
-fn accumulated_gradients_equal_the_whole_batch() {
+fn setup() -> (StudentConfig, Batch, TeacherLayout, LossConfig) {
     let dev = Device::Cpu;
     let cfg: StudentConfig = toml::from_str(TINY).unwrap();
-    let (a, b) = (
-        Student::with_seed(&cfg, 9, &dev).unwrap(),
-        Student::with_seed(&cfg, 9, &dev).unwrap(),
-    );
     let n = 12;
     let tokens = |off: u32| -> Vec<Vec<u32>> {
         (0..n as u32)
@@ -60,8 +56,40 @@ fn accumulated_gradients_equal_the_whole_batch() {
         contrastive_weight: 0.5,
         distill_weight: 1.0,
     };
-    let whole = gradients(&a, &batch, 1, &layout, &loss).unwrap();
-    let parts = gradients(&b, &batch, 3, &layout, &loss).unwrap();
+    (cfg, batch, layout, loss)
+}
+
+fn plan(micro_batches: usize, recompute: bool) -> Plan {
+    Plan {
+        micro_batches,
+        recompute,
+    }
+}
+
+/// `‖a − b‖` and `‖b‖`.
+fn distance(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    (norm(&(a - b).unwrap()), norm(b))
+}
+
+#[test]
+fn accumulated_gradients_equal_the_whole_batch() {
+    let dev = Device::Cpu;
+    let (cfg, batch, layout, loss) = setup();
+    let (a, b) = (
+        Student::with_seed(&cfg, 9, &dev).unwrap(),
+        Student::with_seed(&cfg, 9, &dev).unwrap(),
+    );
+    let whole = gradients(&a, &batch, plan(1, false), &layout, &loss).unwrap();
+    let parts = gradients(&b, &batch, plan(3, false), &layout, &loss).unwrap();
     assert!((whole.loss.total - parts.loss.total).abs() < 1e-5 * whole.loss.total.abs());
     for ((name, va), (_, vb)) in a
         .parameters()
@@ -76,25 +104,48 @@ fn accumulated_gradients_equal_the_whole_batch() {
         } else {
             ga.clone()
         };
-        let d = (gb - &want)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
-        let r = want
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
+        let (d, r) = distance(gb, &want);
         // Gradients that are zero analytically (a bias followed by BatchNorm) are noise of
         // ~1e-7: the floor covers them.
         assert!(d <= 1e-4 * r + 1e-5, "{name}: {d} vs norm {r}");
+    }
+}
+
+#[test]
+fn recomputed_activations_give_the_plain_gradients() {
+    let dev = Device::Cpu;
+    let (cfg, batch, layout, loss) = setup();
+    for micro_batches in [1, 3] {
+        let (a, b) = (
+            Student::with_seed(&cfg, 5, &dev).unwrap(),
+            Student::with_seed(&cfg, 5, &dev).unwrap(),
+        );
+        let plain = gradients(&a, &batch, plan(micro_batches, false), &layout, &loss).unwrap();
+        let again = gradients(&b, &batch, plan(micro_batches, true), &layout, &loss).unwrap();
+        assert_eq!(plain.loss, again.loss, "micro-batches {micro_batches}");
+        let mut compared = 0;
+        for ((name, va), (_, vb)) in a
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .zip(b.parameters().unwrap())
+        {
+            let ga = plain.grads.get(va.as_tensor()).unwrap();
+            let Some(gb) = again.grads.get(vb.as_tensor()) else {
+                panic!("{name}: no gradient with recomputation");
+            };
+            let (d, r) = distance(gb, ga);
+            assert!(
+                d <= 1e-6 * r,
+                "{name} (micro-batches {micro_batches}): {d} vs norm {r}"
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, a.parameters().unwrap().len());
+        // Running statistics are updated by the training forward only, not by the replay.
+        for ((name, va), (_, vb)) in a.buffers().unwrap().into_iter().zip(b.buffers().unwrap()) {
+            let (d, _) = distance(vb.as_tensor(), va.as_tensor());
+            assert_eq!(d, 0.0, "{name} (micro-batches {micro_batches})");
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! reference script saved, Apple's loss (distillation only, two 768-d teachers at 70/60),
 //! AdamW with OpenCLIP's groups, clipping 1.0. Run through `bench/train.sh`.
 //!
-//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers]
+//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers] [--recompute]
+//! (`--recompute`: with activation recomputation, OpenCLIP's `--grad-checkpointing`)
 //! Prints one JSON line on stdout: samples/s of the median step, every step's seconds, and
 //! the median split into forward+loss, backward and clip+optimiser.
 
@@ -12,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use dfndr_trainer::step::{forward_loss, Batch};
+use dfndr_trainer::step::{gradients, Batch, Plan};
 use dfndr_trainer::{Mode, Student, StudentConfig};
 
 const S0: &str = r#"
@@ -31,7 +32,7 @@ fn main() -> Result<()> {
     // As `dfndr` does at start-up.
     dfndr_teachers::memory::reuse_large_buffers();
     let (mut weights, mut data, mut steps) = (None, None, 3usize);
-    let mut towers = false;
+    let (mut towers, mut recompute) = (false, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -40,6 +41,7 @@ fn main() -> Result<()> {
             "--data" => data = Some(value()?),
             "--steps" => steps = value()?.parse()?,
             "--towers" => towers = true,
+            "--recompute" => recompute = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -85,17 +87,20 @@ fn main() -> Result<()> {
     let mut last_loss = 0.0;
     for step in 0..=steps {
         let t0 = Instant::now();
-        let terms = forward_loss(&student, &batch, &layout, &loss_cfg, Mode::Train)?;
-        let t1 = Instant::now();
-        let mut grads = terms.total.backward()?;
+        let plan = Plan {
+            micro_batches: 1,
+            recompute,
+        };
+        let mut g = gradients(&student, &batch, plan, &layout, &loss_cfg)?;
         let t2 = Instant::now();
-        clip_grad_norm(&mut grads, &vars, 1.0)?;
-        opt.step(&grads, 1e-3)?;
+        clip_grad_norm(&mut g.grads, &vars, 1.0)?;
+        opt.step(&g.grads, 1e-3)?;
         let t3 = Instant::now();
-        last_loss = terms.total.to_scalar::<f32>()?;
+        last_loss = g.loss.total;
         if step > 0 {
-            let s = |a: Instant, b: Instant| (b - a).as_secs_f64();
-            rows.push((s(t0, t3), s(t0, t1), s(t1, t2), s(t2, t3)));
+            let optimizer = (t3 - t2).as_secs_f64();
+            let (f, b) = (g.forward.as_secs_f64(), g.backward.as_secs_f64());
+            rows.push(((t3 - t0).as_secs_f64(), f, b, optimizer));
         }
     }
     rows.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -316,28 +316,66 @@ impl FastVit {
         })
     }
 
-    /// Features `[B, num_classes]` of images `[B, 3, H, W]`.
-    pub fn forward(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut x = images.clone();
-        for block in &self.stem {
-            x = block.forward(&x, mode)?;
+    /// The tower as a sequence of units (stem blocks, downsampling layers, position
+    /// embeddings, blocks, then the final convolution with pooling and head), each mapping
+    /// one activation to the next: [`FastVit::forward`] runs them in order, and a trainer that
+    /// recomputes activations keeps only the units' inputs.
+    pub fn units(&self) -> usize {
+        self.stem.len()
+            + self
+                .stages
+                .iter()
+                .map(|s| {
+                    usize::from(s.downsample.is_some())
+                        + usize::from(s.pos_emb.is_some())
+                        + s.blocks.len()
+                })
+                .sum::<usize>()
+            + 1
+    }
+
+    /// Applies unit `index` (see [`FastVit::units`]) to its input.
+    pub fn forward_unit(&self, index: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut i = index;
+        if let Some(block) = self.stem.get(i) {
+            return block.forward(x, mode);
         }
+        i -= self.stem.len();
         for stage in &self.stages {
             if let Some(down) = &stage.downsample {
-                x = down.forward(&x, mode)?;
+                if i == 0 {
+                    return down.forward(x, mode);
+                }
+                i -= 1;
             }
             if let Some(pe) = &stage.pos_emb {
-                x = pe.forward(&x)?;
+                if i == 0 {
+                    return pe.forward(x);
+                }
+                i -= 1;
             }
-            for block in &stage.blocks {
-                x = match block {
-                    Block::RepMixer(b) => b.forward(&x, mode)?,
-                    Block::Attention(b) => b.forward(&x, mode)?,
+            if let Some(block) = stage.blocks.get(i) {
+                return match block {
+                    Block::RepMixer(b) => b.forward(x, mode),
+                    Block::Attention(b) => b.forward(x, mode),
                 };
             }
+            i -= stage.blocks.len();
         }
-        let x = self.final_conv.forward(&x, mode)?;
+        if i != 0 {
+            candle_core::bail!("FastViT has {} units, not {}", self.units(), index + 1);
+        }
+        let x = self.final_conv.forward(x, mode)?;
         let pooled = x.flatten_from(2)?.mean(D::Minus1)?;
         self.head.forward(&pooled)
+    }
+
+    /// Image embeddings `[B, num_classes]` of `[B, 3, S, S]` images.
+    pub fn forward(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut x = images.clone();
+        for i in 0..self.units() {
+            x = self.forward_unit(i, &x, mode)?;
+        }
+        Ok(x)
     }
 }

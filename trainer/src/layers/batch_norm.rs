@@ -75,6 +75,14 @@ impl BatchNorm2d {
                 x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
                     .broadcast_add(&shift.reshape((1, c, 1, 1))?)
             }
+            Mode::Replay => Ok(batch_norm_train(
+                x,
+                &self.weight,
+                &self.bias,
+                self.config.eps,
+                self.config.ghost_batch,
+            )?
+            .0),
             Mode::Train => {
                 let (y, stats) = batch_norm_train(
                     x,

@@ -17,6 +17,10 @@ pub enum Mode {
     Train,
     /// BatchNorm normalises with its running averages.
     Eval,
+    /// A training forward computed again for its gradients (activation recomputation):
+    /// batch statistics as in [`Mode::Train`], running averages left as they are, so they
+    /// are updated once per step.
+    Replay,
 }
 
 /// Builds a student's layers: trainable parameters through a [`VarBuilder`] over one
