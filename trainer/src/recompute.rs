@@ -34,6 +34,21 @@ impl<'a> Units<'a> {
         }
     }
 
+    /// Number of units.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are no units.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Applies unit `i` to `x` in `mode`, keeping the graph.
+    pub fn run(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        (self.run)(i, x, mode)
+    }
+
     /// Runs every unit in training mode without keeping the graph. Returns the tape (each
     /// unit's input) and the tower's output, detached.
     pub fn forward(&self, x: &Tensor) -> Result<(Tape, Tensor)> {

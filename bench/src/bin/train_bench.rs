@@ -2,7 +2,9 @@
 //! reference script saved, Apple's loss (distillation only, two 768-d teachers at 70/60),
 //! AdamW with OpenCLIP's groups, clipping 1.0. Run through `bench/train.sh`.
 //!
-//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers] [--recompute]
+//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers] [--units] [--recompute]
+//! (`--units`: forward and backward seconds of every unit of both towers, as
+//! [`dfndr_trainer::recompute`] splits them, one JSON line each)
 //! (`--recompute`: with activation recomputation, OpenCLIP's `--grad-checkpointing`)
 //! Prints one JSON line on stdout: samples/s of the median step, every step's seconds, and
 //! the median split into forward+loss, backward and clip+optimiser.
@@ -32,7 +34,7 @@ fn main() -> Result<()> {
     // As `dfndr` does at start-up.
     dfndr_teachers::memory::reuse_large_buffers();
     let (mut weights, mut data, mut steps) = (None, None, 3usize);
-    let (mut towers, mut recompute) = (false, false);
+    let (mut towers, mut recompute, mut units) = (false, false, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -42,6 +44,7 @@ fn main() -> Result<()> {
             "--steps" => steps = value()?.parse()?,
             "--towers" => towers = true,
             "--recompute" => recompute = true,
+            "--units" => units = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -75,6 +78,9 @@ fn main() -> Result<()> {
     };
     if towers {
         return time_towers(&student, &batch, steps);
+    }
+    if units {
+        return time_units(&student, &batch);
     }
     let layout = TeacherLayout {
         dims: vec![768, 768],
@@ -144,5 +150,44 @@ fn time_towers(student: &Student, batch: &Batch, steps: usize) -> Result<()> {
         out.insert(format!("{tower}_backward_seconds"), b.into());
     }
     println!("{}", serde_json::Value::Object(out));
+    Ok(())
+}
+
+/// `--units`: each unit of each tower forwarded from the previous unit's output and
+/// differentiated with a gradient of ones, one JSON line per unit (input and output shapes,
+/// forward and backward seconds); the second of two runs.
+fn time_units(student: &Student, batch: &Batch) -> Result<()> {
+    let mut ids = batch.text_gt.clone();
+    ids.extend(batch.text_syn.iter().cloned());
+    let none = candle_core::Tensor::zeros((), candle_core::DType::F32, student.device())?;
+    for (tower, units, input) in [
+        ("image", student.image_units(), batch.images.clone()),
+        ("text", student.text_units(&ids)?, none),
+    ] {
+        let mut x = input;
+        for i in 0..units.len() {
+            let mut timing = (0.0, 0.0);
+            let mut out = None;
+            for _ in 0..2 {
+                let leaf = candle_core::Var::from_tensor(&x)?;
+                let input = if i == 0 { &x } else { leaf.as_tensor() };
+                let t0 = Instant::now();
+                let y = units.run(i, input, Mode::Train)?;
+                let t1 = Instant::now();
+                y.sum_all()?.backward()?;
+                timing = ((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
+                out = Some(y.detach());
+            }
+            let Some(y) = out else { bail!("no output") };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "tower": tower, "unit": i, "input": x.dims(), "output": y.dims(),
+                    "forward_seconds": timing.0, "backward_seconds": timing.1,
+                })
+            );
+            x = y;
+        }
+    }
     Ok(())
 }
