@@ -1,5 +1,5 @@
-//! LayerNorm and softmax over the last dimension with their own backward passes, for the
-//! differentiable (training) path on the CPU.
+//! LayerNorm, softmax over the last dimension and biased linear layers with their own backward
+//! passes, for the differentiable (training) path on the CPU.
 //!
 //! Composed from candle's primitives, a LayerNorm is eight element-wise passes forward (each
 //! keeping its output alive for the backward pass) and more backward, each on one thread; a
@@ -299,6 +299,260 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
+fn gemm_threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` on the `gemm` crate, with explicit (column, row)
+/// strides of each operand; `dst` is row-major. Shared by the training kernels that multiply
+/// matrices (linear layers here, 1×1 convolutions in the trainer).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (isize, isize),
+    rhs: &[f32],
+    rhs_strides: (isize, isize),
+) -> Result<()> {
+    let extent = |rows: usize, cols: usize, (cs, rs): (isize, isize)| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs.unsigned_abs() + (cols - 1) * cs.unsigned_abs() + 1
+        }
+    };
+    if dst.len() < m * n
+        || lhs.len() < extent(m, k, lhs_strides)
+        || rhs.len() < extent(k, n, rhs_strides)
+        || lhs_strides.0 < 0
+        || lhs_strides.1 < 0
+        || rhs_strides.0 < 0
+        || rhs_strides.1 < 0
+    {
+        candle_core::bail!("matmul: operands smaller than {m}x{k} · {k}x{n}");
+    }
+    // SAFETY: the checks above keep every operand's extent under its strides inside its
+    // slice, and dst (a unique borrow) does not alias lhs or rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.0,
+            lhs_strides.1,
+            rhs.as_ptr(),
+            rhs_strides.0,
+            rhs_strides.1,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm_threads(),
+        );
+    }
+    Ok(())
+}
+
+/// `x Wᵀ + b` over the last dimension of `x: [..., in]` with `w: [out, in]` and `b: [out]`,
+/// differentiable in all three: one matrix product forward (the bias is its initial value),
+/// two backward, and the bias gradient as column sums over fixed blocks of rows. Composed from
+/// candle's ops, the bias is a broadcast addition whose output (as large as the layer's) the
+/// graph keeps and whose backward sums on one thread.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&inp) || b.dims() != [out] {
+        candle_core::bail!(
+            "linear: weight {:?} and bias {:?} do not fit input {:?}",
+            w.dims(),
+            b.dims(),
+            dims
+        );
+    }
+    let rows = x.elem_count() / inp.max(1);
+    let y = x.reshape((rows, inp))?.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LinearOp,
+    )?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
+    y.reshape(out_dims)
+}
+
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp) = l1.shape().dims2()?;
+        let (out, _) = l2.shape().dims2()?;
+        let x = slice(s1, l1, "linear")?;
+        let w = slice(s2, l2, "linear")?;
+        let b = slice(s3, l3, "linear")?;
+        let mut y = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        // y[rows×out] += x[rows×in] · Wᵀ[in×out]; Wᵀ(k, j) = W[j·in + k].
+        matmul_strided(
+            rows,
+            out,
+            inp,
+            &mut y,
+            true,
+            x,
+            (1, inp as isize),
+            w,
+            (inp as isize, 1),
+        )?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(w, &LinearGrad::Input)?;
+        let gw = grad.apply_op2_no_bwd(x, &LinearGrad::Weight)?;
+        let gb = grad.apply_op1_no_bwd(&ColumnSums)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// The gradients of [`LinearOp`]'s matrix operands from the output gradient `G [rows, out]`.
+enum LinearGrad {
+    /// `∂L/∂x = G · W` (second operand: `W [out, in]`).
+    Input,
+    /// `∂L/∂W = Gᵀ · x` (second operand: `x [rows, in]`).
+    Weight,
+}
+
+impl CustomOp2 for LinearGrad {
+    fn name(&self) -> &'static str {
+        match self {
+            LinearGrad::Input => "linear-grad-input",
+            LinearGrad::Weight => "linear-grad-weight",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, out) = l1.shape().dims2()?;
+        let g = slice(s1, l1, "linear backward")?;
+        let other = slice(s2, l2, "linear backward")?;
+        let (_, inp) = l2.shape().dims2()?;
+        match self {
+            LinearGrad::Input => {
+                let mut gx = vec![0f32; rows * inp];
+                matmul_strided(
+                    rows,
+                    inp,
+                    out,
+                    &mut gx,
+                    false,
+                    g,
+                    (1, out as isize),
+                    other,
+                    (1, inp as isize),
+                )?;
+                Ok((CpuStorage::F32(gx), Shape::from((rows, inp))))
+            }
+            LinearGrad::Weight => {
+                let mut gw = vec![0f32; out * inp];
+                // Gᵀ(o, r) = G[r·out + o].
+                matmul_strided(
+                    out,
+                    inp,
+                    rows,
+                    &mut gw,
+                    false,
+                    g,
+                    (out as isize, 1),
+                    other,
+                    (1, inp as isize),
+                )?;
+                Ok((CpuStorage::F32(gw), Shape::from((out, inp))))
+            }
+        }
+    }
+}
+
+/// Column sums of a `[rows, cols]` matrix, in float64 over fixed blocks of rows summed in
+/// order (the same result whatever the thread timing).
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = l.shape().dims2()?;
+        let g = slice(s, l, "column sums")?;
+        if cols == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from(0)));
+        }
+        let block = 4 * ROW_BLOCK * cols.max(1);
+        let partials: Vec<Vec<f64>> = g
+            .par_chunks(block)
+            .map(|rows| {
+                let mut acc = vec![0f64; cols];
+                for row in rows.chunks(cols) {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v as f64;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut sums = vec![0f64; cols];
+        for p in &partials {
+            for (s, v) in sums.iter_mut().zip(p) {
+                *s += v;
+            }
+        }
+        let sums: Vec<f32> = sums.into_iter().map(|v| v as f32).collect();
+        Ok((CpuStorage::F32(sums), Shape::from(cols)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +612,31 @@ mod tests {
         let g1 = (ours * &r)?.sum_all()?.backward()?;
         let g2 = (theirs * &r)?.sum_all()?.backward()?;
         assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn linear_matches_the_composition_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        // 150 rows: several blocks of rows for the bias sums and a short one.
+        let x = Var::randn(0f32, 1.0, (3, 50, 24), &dev)?;
+        let w = Var::randn(0f32, 0.2, (40, 24), &dev)?;
+        let b = Var::randn(0f32, 0.5, 40, &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 50, 40), &dev)?;
+        let ours = linear(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+        let theirs = x
+            .as_tensor()
+            .broadcast_matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?;
+        assert_eq!(ours.dims(), [3, 50, 40]);
+        assert!(max_diff(&ours, &theirs) < 1e-5);
+        let g1 = (ours * &r)?.sum_all()?.backward()?;
+        let g2 = (theirs * &r)?.sum_all()?.backward()?;
+        for v in [&x, &w, &b] {
+            let (a, c) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(max_diff(a, c) < 1e-5 * scale.max(1.0), "{}", max_diff(a, c));
+        }
         Ok(())
     }
 }

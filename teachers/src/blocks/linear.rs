@@ -132,6 +132,11 @@ impl Linear {
         if let Some(y) = self.fused(x, None)? {
             return Ok(y);
         }
+        if let Some(bias) = &self.bias {
+            if super::grad_kernels::usable(x) {
+                return super::grad_kernels::linear(x, &self.weight, bias);
+            }
+        }
         matmul_last_dim(x, &self.weight.t()?, self.bias.as_ref())
     }
 }

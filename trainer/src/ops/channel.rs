@@ -9,7 +9,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
+use dfndr_teachers::blocks::matmul_strided as matmul;
 use rayon::prelude::*;
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
@@ -20,54 +20,6 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a 
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{op}: {what} must be contiguous"),
-    }
-}
-
-fn threads() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` with explicit (column, row) strides of each operand.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_strides: (isize, isize),
-    rhs: &[f32],
-    rhs_strides: (isize, isize),
-) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: every operand's extent under its strides lies inside its slice (the callers
-    // pass whole matrices of the stated sizes), and dst does not alias lhs or rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_strides.0,
-            lhs_strides.1,
-            rhs.as_ptr(),
-            rhs_strides.0,
-            rhs_strides.1,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            threads(),
-        );
     }
 }
 
@@ -110,7 +62,7 @@ impl CustomOp2 for Pointwise {
         for b in 0..n {
             let dst = &mut out[b * o * l..(b + 1) * o * l];
             let xb = &x[b * c * l..(b + 1) * c * l];
-            matmul(o, l, c, dst, false, w, (1, c as isize), xb, (1, l as isize));
+            matmul(o, l, c, dst, false, w, (1, c as isize), xb, (1, l as isize))?;
         }
         Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
     }
@@ -155,7 +107,7 @@ impl CustomOp2 for PointwiseGradInput {
         for b in 0..n {
             let dst = &mut out[b * c * l..(b + 1) * c * l];
             let gb = &g[b * o * l..(b + 1) * o * l];
-            matmul(c, l, o, dst, false, w, (c as isize, 1), gb, (1, l as isize));
+            matmul(c, l, o, dst, false, w, (c as isize, 1), gb, (1, l as isize))?;
         }
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, wd))))
     }
@@ -197,7 +149,7 @@ impl CustomOp2 for PointwiseGradWeight {
                 (1, l as isize),
                 xb,
                 (l as isize, 1),
-            );
+            )?;
         }
         Ok((CpuStorage::F32(out), Shape::from((o, c))))
     }
