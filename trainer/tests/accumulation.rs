@@ -3,32 +3,12 @@
 //! the same slices); the logit scale gets one gradient per micro-batch. Activation
 //! recomputation gives the plain step's loss, gradients and running statistics.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::step::{gradients, l2_normalize, Batch, Plan};
 use dfndr_trainer::{Student, StudentConfig};
-
-const TINY: &str = r#"
-embed_dim = 16
-[vision]
-image_size = 32
-[vision.fastvit]
-layers = [1, 1, 1, 1]
-embed_dims = [8, 16, 32, 64]
-mlp_ratios = [2.0, 2.0, 2.0, 2.0]
-token_mixers = ["repmixer", "repmixer", "repmixer", "attention"]
-se_downsamples = [false, false, true, true]
-pos_embs = [false, false, false, true]
-[text]
-context_length = 10
-vocab_size = 64
-width = 32
-heads = 2
-layers = 1
-no_causal_mask = true
-[norm]
-ghost_batch = 4
-"#;
 
 /// `shape` values from a fixed sequence (`seed`): roughly normal, the same on every run.
 fn fixed(seed: u64, shape: &[usize], dev: &Device) -> Tensor {
@@ -52,7 +32,8 @@ fn fixed(seed: u64, shape: &[usize], dev: &Device) -> Tensor {
 
 fn setup() -> (StudentConfig, Batch, TeacherLayout, LossConfig) {
     let dev = Device::Cpu;
-    let cfg: StudentConfig = toml::from_str(TINY).unwrap();
+    let cfg: StudentConfig =
+        toml::from_str(&common::tiny_student(16, 10, Some(64), Some(4))).unwrap();
     let n = 12;
     let tokens = |off: u32| -> Vec<Vec<u32>> {
         (0..n as u32)

@@ -3,6 +3,8 @@
 //! above chance, once with the CLIP loss alone and once with distillation alone (teacher
 //! embeddings constructed from the ground truth).
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use dfndr_teachers::tokenizer::Tokenizer;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
@@ -21,25 +23,6 @@ const CLASSES: usize = COLORS.len() * SHAPES.len();
 const SIZE: usize = 32;
 const CONTEXT: usize = 12;
 const TEACHER_DIM: usize = 16;
-
-const STUDENT: &str = r#"
-embed_dim = 32
-[vision]
-image_size = 32
-[vision.fastvit]
-layers = [1, 1, 1, 1]
-embed_dims = [8, 16, 32, 64]
-mlp_ratios = [2.0, 2.0, 2.0, 2.0]
-token_mixers = ["repmixer", "repmixer", "repmixer", "attention"]
-se_downsamples = [false, false, true, true]
-pos_embs = [false, false, false, true]
-[text]
-context_length = 12
-width = 32
-heads = 2
-layers = 1
-no_causal_mask = true
-"#;
 
 /// SplitMix64 stream for the generator.
 struct Rng(u64);
@@ -181,7 +164,8 @@ fn recall_at_1(student: &Student, per_class: usize, rng: &mut Rng) -> f64 {
 }
 
 fn learn(loss: LossConfig, seed: u64) -> f64 {
-    let cfg: StudentConfig = toml::from_str(STUDENT).unwrap();
+    let cfg: StudentConfig =
+        toml::from_str(&common::tiny_student(32, CONTEXT, None, None)).unwrap();
     let student = Student::with_seed(&cfg, seed, &Device::Cpu).unwrap();
     let mut opt = AdamW::new(
         student.parameters().unwrap(),

@@ -2,6 +2,8 @@
 //! fresh process-like state (a new student with other random weights, a new optimiser) gives
 //! the same losses and bit-identical weights as an uninterrupted run.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use dfndr_trainer::checkpoint;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
@@ -9,27 +11,9 @@ use dfndr_trainer::optim::{cosine_lr, AdamW, AdamWConfig};
 use dfndr_trainer::step::{l2_normalize, train_step, Batch};
 use dfndr_trainer::{Student, StudentConfig};
 
-const TINY: &str = r#"
-embed_dim = 16
-[vision]
-image_size = 32
-[vision.fastvit]
-layers = [1, 1, 1, 1]
-embed_dims = [8, 16, 32, 64]
-mlp_ratios = [2.0, 2.0, 2.0, 2.0]
-token_mixers = ["repmixer", "repmixer", "repmixer", "attention"]
-se_downsamples = [false, false, true, true]
-pos_embs = [false, false, false, true]
-[text]
-context_length = 12
-vocab_size = 64
-width = 32
-heads = 2
-layers = 1
-no_causal_mask = true
-[norm]
-ghost_batch = 2
-"#;
+fn tiny() -> String {
+    common::tiny_student(16, 12, Some(64), Some(2))
+}
 
 fn batches() -> Vec<Batch> {
     let dev = Device::Cpu;
@@ -56,7 +40,7 @@ fn batches() -> Vec<Batch> {
 }
 
 fn fresh() -> (Student, AdamW) {
-    let cfg: StudentConfig = toml::from_str(TINY).unwrap();
+    let cfg: StudentConfig = toml::from_str(&tiny()).unwrap();
     let s = Student::new(&cfg, &Device::Cpu).unwrap();
     let opt = AdamW::new(s.parameters().unwrap(), AdamWConfig::default());
     (s, opt)
@@ -154,7 +138,7 @@ fn a_checkpoint_of_another_architecture_is_refused_with_the_keys_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = checkpoint::save(dir.path(), 1, &s, &opt, serde_json::json!({}), 1).unwrap();
     let other: StudentConfig =
-        toml::from_str(&TINY.replace("layers = [1, 1, 1, 1]", "layers = [1, 2, 1, 1]")).unwrap();
+        toml::from_str(&tiny().replace("layers = [1, 1, 1, 1]", "layers = [1, 2, 1, 1]")).unwrap();
     let t = Student::new(&other, &Device::Cpu).unwrap();
     let mut opt_t = AdamW::new(t.parameters().unwrap(), AdamWConfig::default());
     let err = checkpoint::load(&path, &t, &mut opt_t)

@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_kernels::{fast_erf, fast_exp};
+use super::grad_kernels::contiguous_f32;
 
 const CHUNK: usize = 16384;
 
@@ -20,13 +21,6 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(GeluErf)
     } else {
         x.gelu_erf()
-    }
-}
-
-fn input<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("gelu: a contiguous float32 input is needed"),
     }
 }
 
@@ -64,7 +58,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = input(s, l)?;
+        let x = contiguous_f32(s, l, "gelu input")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -93,7 +87,10 @@ impl candle_core::CustomOp2 for GeluErfGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (input(s1, l1)?, input(s2, l2)?);
+        let (x, g) = (
+            contiguous_f32(s1, l1, "gelu input")?,
+            contiguous_f32(s2, l2, "gelu gradient")?,
+        );
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))

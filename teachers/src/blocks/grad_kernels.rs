@@ -12,6 +12,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -23,10 +24,16 @@ pub(crate) fn usable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{op}: contiguous float32 operands are needed"),
+/// The values of a custom op's operand, which must be contiguous float32 (`what` names it in
+/// the error). Shared by the CPU kernels of the blocks and of the trainer.
+pub fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("{what} must be float32, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 
@@ -91,8 +98,11 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = last_dim(l1, "layer norm")?;
-        let x = slice(s1, l1, "layer norm")?;
-        let (w, b) = (slice(s2, l2, "layer norm")?, slice(s3, l3, "layer norm")?);
+        let x = contiguous_f32(s1, l1, "layer norm")?;
+        let (w, b) = (
+            contiguous_f32(s2, l2, "layer norm")?,
+            contiguous_f32(s3, l3, "layer norm")?,
+        );
         let mut out = vec![0f32; rows * d];
         let mut stats = vec![(0f32, 0f32); rows];
         out.par_chunks_mut(ROW_BLOCK * d)
@@ -171,9 +181,9 @@ impl CustomOp3 for LayerNormGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = last_dim(l1, "layer norm backward")?;
-        let x = slice(s1, l1, "layer norm backward")?;
-        let w = slice(s2, l2, "layer norm backward")?;
-        let g = slice(s3, l3, "layer norm backward")?;
+        let x = contiguous_f32(s1, l1, "layer norm backward")?;
+        let w = contiguous_f32(s2, l2, "layer norm backward")?;
+        let g = contiguous_f32(s3, l3, "layer norm backward")?;
         if self.stats.len() != rows || g.len() != x.len() {
             candle_core::bail!("layer norm backward: operands do not match the forward pass");
         }
@@ -237,7 +247,7 @@ impl CustomOp1 for SoftmaxOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = last_dim(l, "softmax")?;
-        let x = slice(s, l, "softmax")?;
+        let x = contiguous_f32(s, l, "softmax")?;
         let mut out = vec![0f32; rows * d];
         out.par_chunks_mut(ROW_BLOCK * d)
             .zip(x.par_chunks(ROW_BLOCK * d))
@@ -278,8 +288,8 @@ impl CustomOp2 for SoftmaxGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = last_dim(l1, "softmax backward")?;
-        let y = slice(s1, l1, "softmax backward")?;
-        let g = slice(s2, l2, "softmax backward")?;
+        let y = contiguous_f32(s1, l1, "softmax backward")?;
+        let g = contiguous_f32(s2, l2, "softmax backward")?;
         if g.len() != y.len() {
             candle_core::bail!("softmax backward: the gradient does not match the output");
         }
@@ -413,9 +423,9 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, inp) = l1.shape().dims2()?;
         let (out, _) = l2.shape().dims2()?;
-        let x = slice(s1, l1, "linear")?;
-        let w = slice(s2, l2, "linear")?;
-        let b = slice(s3, l3, "linear")?;
+        let x = contiguous_f32(s1, l1, "linear")?;
+        let w = contiguous_f32(s2, l2, "linear")?;
+        let b = contiguous_f32(s3, l3, "linear")?;
         let mut y = Vec::with_capacity(rows * out);
         for _ in 0..rows {
             y.extend_from_slice(b);
@@ -475,8 +485,8 @@ impl CustomOp2 for LinearGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, out) = l1.shape().dims2()?;
-        let g = slice(s1, l1, "linear backward")?;
-        let other = slice(s2, l2, "linear backward")?;
+        let g = contiguous_f32(s1, l1, "linear backward")?;
+        let other = contiguous_f32(s2, l2, "linear backward")?;
         let (_, inp) = l2.shape().dims2()?;
         match self {
             LinearGrad::Input => {
@@ -525,7 +535,7 @@ impl CustomOp1 for ColumnSums {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, cols) = l.shape().dims2()?;
-        let g = slice(s, l, "column sums")?;
+        let g = contiguous_f32(s, l, "column sums")?;
         if cols == 0 {
             return Ok((CpuStorage::F32(Vec::new()), Shape::from(0)));
         }

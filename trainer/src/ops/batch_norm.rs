@@ -8,8 +8,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use dfndr_teachers::blocks::contiguous_f32;
 use rayon::prelude::*;
 
 /// Per-slice statistics of one batch-norm forward: `mean[s·C + c]` and the biased
@@ -65,20 +65,6 @@ pub fn batch_norm_train(
         candle_core::bail!("batch norm statistics were not computed");
     };
     Ok((y, stats))
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!(
-            "batch norm: {what} must be float32, got {:?}",
-            other.dtype()
-        ),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("batch norm: {what} must be contiguous"),
-    }
 }
 
 /// The samples of slice `s`.
@@ -152,8 +138,11 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
-        let x = f32_slice(s1, l1, "input")?;
-        let (gamma, beta) = (f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "bias")?);
+        let x = contiguous_f32(s1, l1, "batch norm input")?;
+        let (gamma, beta) = (
+            contiguous_f32(s2, l2, "batch norm weight")?,
+            contiguous_f32(s3, l3, "batch norm bias")?,
+        );
         let stats = compute_stats(x, n, c, hw, self.slice);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(hw.max(1))
@@ -233,7 +222,10 @@ impl CustomOp2 for GradSums {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
-        let (dy, x) = (f32_slice(s1, l1, "gradient")?, f32_slice(s2, l2, "input")?);
+        let (dy, x) = (
+            contiguous_f32(s1, l1, "batch norm gradient")?,
+            contiguous_f32(s2, l2, "batch norm input")?,
+        );
         let st = &self.stats;
         let slices = st.slice_counts.len();
         let per: Vec<(f64, f64)> = (0..slices * c)
@@ -289,7 +281,10 @@ impl CustomOp2 for GradInput {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
-        let (dy, x) = (f32_slice(s1, l1, "gradient")?, f32_slice(s2, l2, "input")?);
+        let (dy, x) = (
+            contiguous_f32(s1, l1, "batch norm gradient")?,
+            contiguous_f32(s2, l2, "batch norm input")?,
+        );
         let st = &self.stats;
         let mut out = vec![0f32; dy.len()];
         out.par_chunks_mut(hw.max(1))

@@ -7,21 +7,9 @@
 //! materialises an `[N, O, C]` weight gradient before summing it; here each is one pass (or
 //! one matrix product per sample, accumulated into the weight gradient).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use dfndr_teachers::blocks::matmul_strided as matmul;
+use dfndr_teachers::blocks::{contiguous_f32, matmul_strided as matmul};
 use rayon::prelude::*;
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!("{op}: {what} must be float32, got {:?}", other.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: {what} must be contiguous"),
-    }
-}
 
 /// A 1×1 convolution without bias: `w [O, C]` applied to `x [N, C, H, W]`, differentiable.
 pub fn pointwise_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -54,8 +42,8 @@ impl CustomOp2 for Pointwise {
         let (n, c, h, wd) = l1.shape().dims4()?;
         let (o, _) = l2.shape().dims2()?;
         let (x, w) = (
-            slice(s1, l1, "1x1 conv", "input")?,
-            slice(s2, l2, "1x1 conv", "weight")?,
+            contiguous_f32(s1, l1, "1x1 conv input")?,
+            contiguous_f32(s2, l2, "1x1 conv weight")?,
         );
         let l = h * wd;
         let mut out = vec![0f32; n * o * l];
@@ -99,8 +87,8 @@ impl CustomOp2 for PointwiseGradInput {
         let (n, o, h, wd) = l1.shape().dims4()?;
         let (_, c) = l2.shape().dims2()?;
         let (g, w) = (
-            slice(s1, l1, "1x1 conv", "gradient")?,
-            slice(s2, l2, "1x1 conv", "weight")?,
+            contiguous_f32(s1, l1, "1x1 conv gradient")?,
+            contiguous_f32(s2, l2, "1x1 conv weight")?,
         );
         let l = h * wd;
         let mut out = vec![0f32; n * c * l];
@@ -131,8 +119,8 @@ impl CustomOp2 for PointwiseGradWeight {
         let (n, o, h, wd) = l1.shape().dims4()?;
         let (_, c, _, _) = l2.shape().dims4()?;
         let (g, x) = (
-            slice(s1, l1, "1x1 conv", "gradient")?,
-            slice(s2, l2, "1x1 conv", "input")?,
+            contiguous_f32(s1, l1, "1x1 conv gradient")?,
+            contiguous_f32(s2, l2, "1x1 conv input")?,
         );
         let l = h * wd;
         let mut out = vec![0f32; o * c];
@@ -190,8 +178,8 @@ impl CustomOp2 for ScaleChannels {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l1.shape().dims4()?;
         let (x, s) = (
-            slice(s1, l1, "channel scale", "input")?,
-            slice(s2, l2, "channel scale", "scale")?,
+            contiguous_f32(s1, l1, "channel scale input")?,
+            contiguous_f32(s2, l2, "channel scale scale")?,
         );
         let hw = (h * w).max(1);
         let mut out = vec![0f32; x.len()];
@@ -241,8 +229,8 @@ impl CustomOp2 for PlaneDot {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let (a, b) = (
-            slice(s1, l1, "plane dot", "a")?,
-            slice(s2, l2, "plane dot", "b")?,
+            contiguous_f32(s1, l1, "plane dot a")?,
+            contiguous_f32(s2, l2, "plane dot b")?,
         );
         let hw = (h * w).max(1);
         let out: Vec<f32> = a
@@ -279,8 +267,8 @@ impl CustomOp2 for AddChannelBias {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l1.shape().dims4()?;
         let (x, b) = (
-            slice(s1, l1, "channel bias", "input")?,
-            slice(s2, l2, "channel bias", "bias")?,
+            contiguous_f32(s1, l1, "channel bias input")?,
+            contiguous_f32(s2, l2, "channel bias bias")?,
         );
         let hw = (h * w).max(1);
         let mut out = vec![0f32; x.len()];
@@ -317,7 +305,7 @@ impl candle_core::CustomOp1 for PlaneSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
-        let a = slice(s, l, "plane sum", "input")?;
+        let a = contiguous_f32(s, l, "plane sum input")?;
         let out: Vec<f32> = a
             .par_chunks((h * w).max(1))
             .map(|a| a.iter().map(|&v| v as f64).sum::<f64>() as f32)

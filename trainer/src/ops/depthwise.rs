@@ -6,8 +6,8 @@
 //! and `w: [C·m, 1, k, k]` (output channel `o` reads input channel `o / m`) directly, and its
 //! backward computes both gradients in one pass each, with no intermediate copies.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use dfndr_teachers::blocks::contiguous_f32;
 use rayon::prelude::*;
 
 /// Geometry of one depthwise convolution.
@@ -66,20 +66,6 @@ fn valid_range(n: usize, out: usize, kx: usize, g: DepthwiseGeometry) -> (usize,
     (lo, hi.max(lo))
 }
 
-fn slice_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!(
-            "depthwise conv: {what} must be float32, got {:?}",
-            other.dtype()
-        ),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("depthwise conv: {what} must be contiguous"),
-    }
-}
-
 /// `acc[i] += v · src[i·s]` over the row (the inner loop of every pass).
 #[inline(always)]
 fn axpy_strided(acc: &mut [f32], src: &[f32], v: f32, s: usize) {
@@ -114,7 +100,10 @@ impl CustomOp2 for DepthwiseConv {
         let (n, c, h, w) = l1.shape().dims4()?;
         let (o, _, k, _) = l2.shape().dims4()?;
         let m = o / c;
-        let (x, wt) = (slice_of(s1, l1, "input")?, slice_of(s2, l2, "weight")?);
+        let (x, wt) = (
+            contiguous_f32(s1, l1, "depthwise conv input")?,
+            contiguous_f32(s2, l2, "depthwise conv weight")?,
+        );
         let (ho, wo) = (out_len(h, k, g), out_len(w, k, g));
         let mut out = vec![0f32; n * o * ho * wo];
         out.par_chunks_mut(ho * wo)
@@ -200,7 +189,10 @@ impl CustomOp2 for DepthwiseGradInput {
         let (h, w) = (self.height, self.width);
         let (n, o, ho, wo) = l1.shape().dims4()?;
         let (_, _, k, _) = l2.shape().dims4()?;
-        let (gy, wt) = (slice_of(s1, l1, "gradient")?, slice_of(s2, l2, "weight")?);
+        let (gy, wt) = (
+            contiguous_f32(s1, l1, "depthwise conv gradient")?,
+            contiguous_f32(s2, l2, "depthwise conv weight")?,
+        );
         // Every plane of the input gradient gathers the `m` output planes that read it.
         let c = self.channels;
         let m = o / c;
@@ -269,7 +261,10 @@ impl CustomOp2 for DepthwiseGradWeight {
         let (n, o, ho, wo) = l1.shape().dims4()?;
         let (_, c, h, w) = l2.shape().dims4()?;
         let m = o / c;
-        let (gy, x) = (slice_of(s1, l1, "gradient")?, slice_of(s2, l2, "input")?);
+        let (gy, x) = (
+            contiguous_f32(s1, l1, "depthwise conv gradient")?,
+            contiguous_f32(s2, l2, "depthwise conv input")?,
+        );
         let mut out = vec![0f32; o * k * k];
         out.par_chunks_mut(k * k).enumerate().for_each(|(oc, dst)| {
             // Per-row partial sums in float32, accumulated across rows and samples in float64

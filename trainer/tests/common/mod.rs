@@ -72,3 +72,35 @@ pub fn token_rows(t: &Tensor) -> Vec<Vec<u32>> {
         .map(|r| r.into_iter().map(|v| v as u32).collect())
         .collect()
 }
+
+/// The config of a student small enough for unit tests: FastViT with one block per stage
+/// (widths 8 to 64) at 32 px and one 32-wide text layer without a causal mask, with the given
+/// embedding width, context length, vocabulary (`None`: OpenCLIP's) and ghost BatchNorm.
+pub fn tiny_student(
+    embed_dim: usize,
+    context_length: usize,
+    vocab_size: Option<usize>,
+    ghost_batch: Option<usize>,
+) -> String {
+    let vocab = vocab_size.map_or(String::new(), |v| format!("vocab_size = {v}\n"));
+    let norm = ghost_batch.map_or(String::new(), |g| format!("[norm]\nghost_batch = {g}\n"));
+    format!(
+        r#"embed_dim = {embed_dim}
+[vision]
+image_size = 32
+[vision.fastvit]
+layers = [1, 1, 1, 1]
+embed_dims = [8, 16, 32, 64]
+mlp_ratios = [2.0, 2.0, 2.0, 2.0]
+token_mixers = ["repmixer", "repmixer", "repmixer", "attention"]
+se_downsamples = [false, false, true, true]
+pos_embs = [false, false, false, true]
+[text]
+context_length = {context_length}
+{vocab}width = 32
+heads = 2
+layers = 1
+no_causal_mask = true
+{norm}"#
+    )
+}
