@@ -15,6 +15,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -52,6 +53,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--towers", action="store_true",
                    help="time each tower's forward and backward alone (sum of squares as the loss)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step with torch.profiler and "
+                        "print its operators by self CPU time to stderr")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="OpenCLIP's --grad-checkpointing (activation recomputation)")
     a = p.parse_args()
@@ -101,9 +105,7 @@ def main():
             out[f"{tower}_forward_seconds"], out[f"{tower}_backward_seconds"] = f_s, b_s
         print(json.dumps(out))
         return
-    times = []
-    for step in range(a.steps + 1):
-        t0 = time.perf_counter()
+    def step():
         opt.zero_grad()
         f_i, f_t, s = model(d["images"], d["texts"])
         loss = caption_set(f_i, f_t[:b], s, d["teacher_image"], d["teacher_gt"]) + \
@@ -113,8 +115,18 @@ def main():
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step > 0:
+        return loss
+
+    times = []
+    for i in range(a.steps + 1):
+        t0 = time.perf_counter()
+        loss = step()
+        if i > 0:
             times.append(time.perf_counter() - t0)
+    if a.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
     print(json.dumps({"samples_per_s": b / statistics.median(times), "step_seconds": times,
                       "loss": float(loss.item())}))
 

@@ -20,11 +20,13 @@ if [ ${#levels[@]} -eq 0 ]; then
   exit 0
 fi
 # The test executables of the main run (same features, so nothing is rebuilt): every test
-# of the crates with hand-vectorised kernels, and the generation job's end-to-end tests.
+# of the crates with hand-vectorised kernels, the trainer's op and S0 parity tests (its
+# depthwise and BatchNorm kernels are vectorised), and the generation job's end-to-end tests.
 mapfile -t tests < <($CARGO test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, os, sys
 numeric = {"dfndr-simd", "dfndr-augment", "dfndr-teachers", "dfndr-captioner"}
 end_to_end = {"reinforce", "teachers", "captions"}
+trainer = {"ops_parity", "s0_parity"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
@@ -32,7 +34,9 @@ for line in sys.stdin:
     crate_dir = os.path.dirname(m["manifest_path"])
     tail = m["package_id"].split("#")[-1]
     package = tail.split("@")[0] if "@" in tail else os.path.basename(crate_dir)
-    if package in numeric or (package == "dfndr" and m["target"]["name"] in end_to_end):
+    name = m["target"]["name"]
+    if package in numeric or (package == "dfndr" and name in end_to_end) or \
+            (package == "dfndr-trainer" and name in trainer):
         print(crate_dir + "\t" + m["executable"])
 ')
 if [ ${#tests[@]} -eq 0 ]; then

@@ -85,8 +85,11 @@ fn sum_weighted(y: &Tensor, r: &Tensor) -> f64 {
 #[test]
 fn depthwise_gradients_match_finite_differences() {
     let dev = Device::Cpu;
-    // Sizes down to 2x2 under a 7x7 kernel: most taps fall in the padding.
+    // Sizes down to 2x2 under a 7x7 kernel: most taps fall in the padding. Widths of 19 and
+    // 21 take the stride-1 kernels' eight-wide path and their scalar tail in the same row.
     for (c, m, k, s, p, h, wd) in [
+        (2, 2, 7, 1, 3, 6, 19),
+        (3, 1, 3, 1, 1, 5, 21),
         (3, 1, 3, 1, 1, 9, 7),
         (3, 1, 3, 2, 1, 9, 7),
         (2, 2, 7, 2, 3, 9, 7),

@@ -2,7 +2,8 @@
 //! reference script saved, Apple's loss (distillation only, two 768-d teachers at 70/60),
 //! AdamW with OpenCLIP's groups, clipping 1.0. Run through `bench/train.sh`.
 //!
-//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers] [--units] [--recompute]
+//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers | --tower image|text]
+//! [--units] [--recompute]
 //! (`--units`: forward and backward seconds of every unit of both towers, as
 //! [`dfndr_trainer::recompute`] splits them, one JSON line each)
 //! (`--recompute`: with activation recomputation, OpenCLIP's `--grad-checkpointing`)
@@ -35,6 +36,7 @@ fn main() -> Result<()> {
     dfndr_teachers::memory::reuse_large_buffers();
     let (mut weights, mut data, mut steps) = (None, None, 3usize);
     let (mut towers, mut recompute, mut units) = (false, false, false);
+    let mut only_tower: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -43,6 +45,10 @@ fn main() -> Result<()> {
             "--data" => data = Some(value()?),
             "--steps" => steps = value()?.parse()?,
             "--towers" => towers = true,
+            "--tower" => {
+                only_tower = Some(value()?);
+                towers = true;
+            }
             "--recompute" => recompute = true,
             "--units" => units = true,
             other => bail!("unknown argument {other}"),
@@ -77,7 +83,7 @@ fn main() -> Result<()> {
         teacher_syn: get("teacher_syn")?,
     };
     if towers {
-        return time_towers(&student, &batch, steps);
+        return time_towers(&student, &batch, steps, only_tower.as_deref());
     }
     if units {
         return time_units(&student, &batch);
@@ -127,11 +133,14 @@ fn main() -> Result<()> {
 
 /// `--towers`: forward and backward seconds of each tower alone (the sum of its features as
 /// the loss), the median of `steps` runs, to show where a step's time goes.
-fn time_towers(student: &Student, batch: &Batch, steps: usize) -> Result<()> {
+fn time_towers(student: &Student, batch: &Batch, steps: usize, only: Option<&str>) -> Result<()> {
     let mut ids = batch.text_gt.clone();
     ids.extend(batch.text_syn.iter().cloned());
     let mut out = serde_json::Map::new();
     for tower in ["image", "text"] {
+        if only.is_some_and(|o| o != tower) {
+            continue;
+        }
         let mut rows = Vec::new();
         for _ in 0..=steps {
             let t0 = Instant::now();

@@ -67,6 +67,103 @@ pub fn batch_norm_train(
     Ok((y, stats))
 }
 
+/// Independent float64 partial sums per reduction, so that the compiler vectorises the
+/// float32-to-float64 accumulation (a single sum is one serial chain of additions).
+const LANES: usize = 8;
+
+/// `out += Σ a` in float64.
+fn add_sum(out: &mut f64, a: &[f32]) {
+    dfndr_teachers::simd_dispatch!(add_sum_generic(out, a))
+}
+
+#[inline(always)]
+fn add_sum_generic(out: &mut f64, a: &[f32]) {
+    let mut lanes = [0f64; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            lanes[l] += c[l] as f64;
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        lanes[l] += v as f64;
+    }
+    *out += lanes.iter().sum::<f64>();
+}
+
+/// `out += Σ (a − mean)²` in float64.
+fn add_centred_squares(out: &mut f64, a: &[f32], mean: f64) {
+    dfndr_teachers::simd_dispatch!(add_centred_squares_generic(out, a, mean))
+}
+
+#[inline(always)]
+fn add_centred_squares_generic(out: &mut f64, a: &[f32], mean: f64) {
+    let mut lanes = [0f64; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let d = c[l] as f64 - mean;
+            lanes[l] += d * d;
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        let d = v as f64 - mean;
+        lanes[l] += d * d;
+    }
+    *out += lanes.iter().sum::<f64>();
+}
+
+/// `(dot, sum) += (Σ g·(x − mean), Σ g)` in float64.
+fn add_grad_sums(dot: &mut f64, sum: &mut f64, g: &[f32], x: &[f32], mean: f64) {
+    dfndr_teachers::simd_dispatch!(add_grad_sums_generic(dot, sum, g, x, mean))
+}
+
+#[inline(always)]
+fn add_grad_sums_generic(dot: &mut f64, sum: &mut f64, g: &[f32], x: &[f32], mean: f64) {
+    let (mut d, mut t) = ([0f64; LANES], [0f64; LANES]);
+    let x = &x[..g.len()];
+    let (gc, xc) = (g.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (gt, xt) = (gc.remainder(), xc.remainder());
+    for (gv, xv) in gc.zip(xc) {
+        for l in 0..LANES {
+            d[l] += gv[l] as f64 * (xv[l] as f64 - mean);
+            t[l] += gv[l] as f64;
+        }
+    }
+    for (l, (&gv, &xv)) in gt.iter().zip(xt).enumerate() {
+        d[l] += gv as f64 * (xv as f64 - mean);
+        t[l] += gv as f64;
+    }
+    *dot += d.iter().sum::<f64>();
+    *sum += t.iter().sum::<f64>();
+}
+
+/// `dst = a·src + b` (the forward's normalisation of one plane).
+fn affine_plane(dst: &mut [f32], src: &[f32], a: f32, b: f32) {
+    dfndr_teachers::simd_dispatch!(affine_plane_generic(dst, src, a, b))
+}
+
+#[inline(always)]
+fn affine_plane_generic(dst: &mut [f32], src: &[f32], a: f32, b: f32) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = v * a + b;
+    }
+}
+
+/// `dst = a·g − bx·x + c0` (the input gradient of one plane).
+fn grad_input_plane(dst: &mut [f32], g: &[f32], x: &[f32], a: f32, bx: f32, c0: f32) {
+    dfndr_teachers::simd_dispatch!(grad_input_plane_generic(dst, g, x, a, bx, c0))
+}
+
+#[inline(always)]
+fn grad_input_plane_generic(dst: &mut [f32], g: &[f32], x: &[f32], a: f32, bx: f32, c0: f32) {
+    for ((d, &g), &v) in dst.iter_mut().zip(g).zip(x) {
+        *d = a * g - bx * v + c0;
+    }
+}
+
 /// The samples of slice `s`.
 fn slice_samples(n: usize, slice: usize, s: usize) -> std::ops::Range<usize> {
     s * slice..((s + 1) * slice).min(n)
@@ -82,21 +179,13 @@ fn compute_stats(x: &[f32], n: usize, c: usize, hw: usize, slice: usize) -> Batc
             let count = samples.len() * hw;
             let mut sum = 0f64;
             for b in samples.clone() {
-                let plane = &x[(b * c + ch) * hw..][..hw];
-                sum += plane.iter().map(|&v| v as f64).sum::<f64>();
+                add_sum(&mut sum, &x[(b * c + ch) * hw..][..hw]);
             }
             let mean = sum / count as f64;
             // Two passes: the centred sum of squares does not cancel catastrophically.
             let mut sq = 0f64;
             for b in samples {
-                let plane = &x[(b * c + ch) * hw..][..hw];
-                sq += plane
-                    .iter()
-                    .map(|&v| {
-                        let d = v as f64 - mean;
-                        d * d
-                    })
-                    .sum::<f64>();
+                add_centred_squares(&mut sq, &x[(b * c + ch) * hw..][..hw], mean);
             }
             (s, count, mean, sq / count as f64)
         })
@@ -154,9 +243,7 @@ impl CustomOp3 for BatchNormTrain {
                 let invstd = 1.0 / (stats.var[i] + self.eps).sqrt();
                 let scale = (gamma[ch] as f64 * invstd) as f32;
                 let shift = (beta[ch] as f64 - stats.mean[i] * gamma[ch] as f64 * invstd) as f32;
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = v * scale + shift;
-                }
+                affine_plane(dst, src, scale, shift);
             });
         // A forward runs once per op instance, so the cell is empty here.
         let _ = self.stats.set(stats);
@@ -237,12 +324,8 @@ impl CustomOp2 for GradSums {
                 let (mut dot, mut sum) = (0f64, 0f64);
                 for b in slice_samples(n, st.slice, s) {
                     let off = (b * c + ch) * hw;
-                    let (g, xv) = (&dy[off..off + hw], &x[off..off + hw]);
                     let (mut d, mut t) = (0f64, 0f64);
-                    for (&gv, &v) in g.iter().zip(xv) {
-                        d += gv as f64 * (v as f64 - mean);
-                        t += gv as f64;
-                    }
+                    add_grad_sums(&mut d, &mut t, &dy[off..off + hw], &x[off..off + hw], mean);
                     dot += d * invstd;
                     sum += t;
                 }
@@ -304,13 +387,7 @@ impl CustomOp2 for GradInput {
                 let bx = (k * invstd * dot) as f32;
                 let c0 = (-k * sum + k * invstd * dot * mean) as f32;
                 let off = plane * hw;
-                for ((d, &g), &v) in dst
-                    .iter_mut()
-                    .zip(&dy[off..off + hw])
-                    .zip(&x[off..off + hw])
-                {
-                    *d = a * g - bx * v + c0;
-                }
+                grad_input_plane(dst, &dy[off..off + hw], &x[off..off + hw], a, bx, c0);
             });
         let _ = n;
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))

@@ -66,7 +66,25 @@ fn valid_range(n: usize, out: usize, kx: usize, g: DepthwiseGeometry) -> (usize,
     (lo, hi.max(lo))
 }
 
-/// `acc[i] += v · src[i·s]` over the row (the inner loop of every pass).
+/// The valid output range of every kernel tap along one axis (`valid_range` for `0..k`),
+/// computed once per op instead of once per row.
+fn tap_ranges(n: usize, out: usize, k: usize, g: DepthwiseGeometry) -> Vec<(usize, usize)> {
+    (0..k).map(|t| valid_range(n, out, t, g)).collect()
+}
+
+/// The sizes one plane kernel needs: input `h × w`, output `ho × wo`, kernel `k × k`, and the
+/// valid output range of every tap along rows and columns.
+struct Planes<'a> {
+    w: usize,
+    wo: usize,
+    k: usize,
+    g: DepthwiseGeometry,
+    rows: &'a [(usize, usize)],
+    cols: &'a [(usize, usize)],
+}
+
+/// `acc[i] += v · src[i·s]` over the row (the inner loop of the forward and input-gradient
+/// passes).
 #[inline(always)]
 fn axpy_strided(acc: &mut [f32], src: &[f32], v: f32, s: usize) {
     if s == 1 {
@@ -76,6 +94,233 @@ fn axpy_strided(acc: &mut [f32], src: &[f32], v: f32, s: usize) {
     } else {
         for (a, &x) in acc.iter_mut().zip(src.iter().step_by(s)) {
             *a += v * x;
+        }
+    }
+}
+
+/// Lanes of a vectorised float32 dot product: independent partial sums that the compiler
+/// keeps in one SIMD register (a single float32 sum would be one serial chain).
+const LANES: usize = 8;
+
+/// `lanes[i % 8] += a[i]·b[i]` for the first `a.len()` values.
+#[inline(always)]
+fn dot_into_lanes(lanes: &mut [f32; LANES], a: &[f32], b: &[f32]) {
+    let b = &b[..a.len()];
+    let (ac, at) = a.split_at(a.len() / LANES * LANES);
+    let (bc, bt) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in at.iter().zip(bt).enumerate() {
+        lanes[l] += x * y;
+    }
+}
+
+/// `Σ a[i·s]·b[i]` into the first lane, for a stride `s > 1` (gathered, so not vectorised).
+#[inline(always)]
+fn dot_strided_into_lanes(lanes: &mut [f32; LANES], a: &[f32], s: usize, b: &[f32]) {
+    let row: f32 = a.iter().step_by(s).zip(b).map(|(x, y)| x * y).sum();
+    lanes[0] += row;
+}
+
+/// Copies the `h × w` plane `src` into `pad` with `p` zeros on every side, giving a
+/// `(h + 2p) × (w + 2p)` plane in which every tap of a stride-1 pass is in bounds.
+fn pad_plane(pad: &mut Vec<f32>, src: &[f32], w: usize, p: usize) {
+    let h = src.len() / w.max(1);
+    let pw = w + 2 * p;
+    pad.clear();
+    pad.resize((h + 2 * p) * pw, 0.0);
+    for (y, row) in src.chunks_exact(w.max(1)).enumerate() {
+        pad[(y + p) * pw + p..][..w].copy_from_slice(row);
+    }
+}
+
+/// `dst[y, x] (+)= Σ_{ky,kx} kernel[ky, kx] · pad[y + ky, x + kx]`: a stride-1 correlation of
+/// a padded plane of width `pw` into `wo`-wide output rows (added to `dst` if `accumulate`).
+fn correlate_s1(
+    dst: &mut [f32],
+    pad: &[f32],
+    pw: usize,
+    kernel: &[f32],
+    k: usize,
+    wo: usize,
+    accumulate: bool,
+) {
+    dfndr_teachers::simd_dispatch!(correlate_s1_generic(
+        dst, pad, pw, kernel, k, wo, accumulate
+    ))
+}
+
+/// Eight outputs at a time stay in one register over all taps (instead of a pass over the
+/// output row per tap), taps in row-major order.
+#[inline(always)]
+fn correlate_s1_generic(
+    dst: &mut [f32],
+    pad: &[f32],
+    pw: usize,
+    kernel: &[f32],
+    k: usize,
+    wo: usize,
+    accumulate: bool,
+) {
+    for (oy, out) in dst.chunks_exact_mut(wo.max(1)).enumerate() {
+        let mut ox = 0;
+        while ox + LANES <= wo {
+            let mut acc = [0f32; LANES];
+            for ky in 0..k {
+                let row = &pad[(oy + ky) * pw + ox..];
+                for kx in 0..k {
+                    let v = kernel[ky * k + kx];
+                    let r = &row[kx..kx + LANES];
+                    for l in 0..LANES {
+                        acc[l] += v * r[l];
+                    }
+                }
+            }
+            let out = &mut out[ox..ox + LANES];
+            if accumulate {
+                for l in 0..LANES {
+                    out[l] += acc[l];
+                }
+            } else {
+                out.copy_from_slice(&acc);
+            }
+            ox += LANES;
+        }
+        for (x, o) in out.iter_mut().enumerate().skip(ox) {
+            let mut acc = 0f32;
+            for ky in 0..k {
+                let row = &pad[(oy + ky) * pw + x..];
+                for kx in 0..k {
+                    acc += kernel[ky * k + kx] * row[kx];
+                }
+            }
+            if accumulate {
+                *o += acc;
+            } else {
+                *o = acc;
+            }
+        }
+    }
+}
+
+/// Adds `Σ_{y,x} grad[y, x] · pad[y + ky, x + kx]` of one plane pair to every tap's float64
+/// total (stride 1, input padded): float32 lanes over the plane, then float64.
+fn grad_weight_s1(total: &mut [f64], grad: &[f32], pad: &[f32], pw: usize, k: usize, wo: usize) {
+    dfndr_teachers::simd_dispatch!(grad_weight_s1_generic(total, grad, pad, pw, k, wo))
+}
+
+#[inline(always)]
+fn grad_weight_s1_generic(
+    total: &mut [f64],
+    grad: &[f32],
+    pad: &[f32],
+    pw: usize,
+    k: usize,
+    wo: usize,
+) {
+    for ky in 0..k {
+        for kx in 0..k {
+            let mut lanes = [0f32; LANES];
+            for (oy, grow) in grad.chunks_exact(wo.max(1)).enumerate() {
+                dot_into_lanes(&mut lanes, grow, &pad[(oy + ky) * pw + kx..]);
+            }
+            total[ky * k + kx] += lanes.iter().map(|&v| v as f64).sum::<f64>();
+        }
+    }
+}
+
+/// One output plane of the forward pass from its input plane and kernel.
+fn forward_plane(dst: &mut [f32], src: &[f32], kernel: &[f32], p: &Planes) {
+    dfndr_teachers::simd_dispatch!(forward_plane_generic(dst, src, kernel, p))
+}
+
+#[inline(always)]
+fn forward_plane_generic(dst: &mut [f32], src: &[f32], kernel: &[f32], p: &Planes) {
+    let (k, g) = (p.k, p.g);
+    for ky in 0..k {
+        let (oy_lo, oy_hi) = p.rows[ky];
+        for oy in oy_lo..oy_hi {
+            let iy = oy * g.stride + ky - g.padding;
+            let row = &src[iy * p.w..][..p.w];
+            let acc = &mut dst[oy * p.wo..][..p.wo];
+            for kx in 0..k {
+                let (lo, hi) = p.cols[kx];
+                if lo < hi {
+                    let ix = lo * g.stride + kx - g.padding;
+                    axpy_strided(&mut acc[lo..hi], &row[ix..], kernel[ky * k + kx], g.stride);
+                }
+            }
+        }
+    }
+}
+
+/// Adds one output plane's gradient, through its kernel, to the input plane's gradient.
+fn grad_input_plane(dst: &mut [f32], grad: &[f32], kernel: &[f32], p: &Planes) {
+    dfndr_teachers::simd_dispatch!(grad_input_plane_generic(dst, grad, kernel, p))
+}
+
+#[inline(always)]
+fn grad_input_plane_generic(dst: &mut [f32], grad: &[f32], kernel: &[f32], p: &Planes) {
+    let (k, g) = (p.k, p.g);
+    for ky in 0..k {
+        let (oy_lo, oy_hi) = p.rows[ky];
+        for oy in oy_lo..oy_hi {
+            let iy = oy * g.stride + ky - g.padding;
+            let grow = &grad[oy * p.wo..][..p.wo];
+            let drow = &mut dst[iy * p.w..][..p.w];
+            for kx in 0..k {
+                let (lo, hi) = p.cols[kx];
+                if lo >= hi {
+                    continue;
+                }
+                let v = kernel[ky * k + kx];
+                let ix0 = lo * g.stride + kx - g.padding;
+                if g.stride == 1 {
+                    for (d, &gv) in drow[ix0..].iter_mut().zip(&grow[lo..hi]) {
+                        *d += v * gv;
+                    }
+                } else {
+                    for (d, &gv) in drow[ix0..].iter_mut().step_by(g.stride).zip(&grow[lo..hi]) {
+                        *d += v * gv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `Σ grad · x` of one (output plane, input plane) pair to every tap's float64 total.
+/// Each tap's products are summed in float32 lanes over the plane, then the lanes in float64.
+fn grad_weight_plane(total: &mut [f64], grad: &[f32], x: &[f32], p: &Planes) {
+    dfndr_teachers::simd_dispatch!(grad_weight_plane_generic(total, grad, x, p))
+}
+
+#[inline(always)]
+fn grad_weight_plane_generic(total: &mut [f64], grad: &[f32], x: &[f32], p: &Planes) {
+    let (k, g) = (p.k, p.g);
+    for ky in 0..k {
+        let (oy_lo, oy_hi) = p.rows[ky];
+        for kx in 0..k {
+            let (lo, hi) = p.cols[kx];
+            if lo >= hi {
+                continue;
+            }
+            let ix0 = lo * g.stride + kx - g.padding;
+            let mut lanes = [0f32; LANES];
+            for oy in oy_lo..oy_hi {
+                let iy = oy * g.stride + ky - g.padding;
+                let grow = &grad[oy * p.wo + lo..oy * p.wo + hi];
+                let xrow = &x[iy * p.w + ix0..];
+                if g.stride == 1 {
+                    dot_into_lanes(&mut lanes, grow, xrow);
+                } else {
+                    dot_strided_into_lanes(&mut lanes, xrow, g.stride, grow);
+                }
+            }
+            total[ky * k + kx] += lanes.iter().map(|&v| v as f64).sum::<f64>();
         }
     }
 }
@@ -105,34 +350,40 @@ impl CustomOp2 for DepthwiseConv {
             contiguous_f32(s2, l2, "depthwise conv weight")?,
         );
         let (ho, wo) = (out_len(h, k, g), out_len(w, k, g));
+        let (rows, cols) = (tap_ranges(h, ho, k, g), tap_ranges(w, wo, k, g));
+        let p = Planes {
+            w,
+            wo,
+            k,
+            g,
+            rows: &rows,
+            cols: &cols,
+        };
         let mut out = vec![0f32; n * o * ho * wo];
-        out.par_chunks_mut(ho * wo)
-            .enumerate()
-            .for_each(|(plane, dst)| {
-                let (b, oc) = (plane / o, plane % o);
-                let src = &x[(b * c + oc / m) * h * w..][..h * w];
-                let kernel = &wt[oc * k * k..][..k * k];
-                for ky in 0..k {
-                    let (oy_lo, oy_hi) = valid_range(h, ho, ky, g);
-                    for oy in oy_lo..oy_hi {
-                        let iy = oy * g.stride + ky - g.padding;
-                        let row = &src[iy * w..][..w];
-                        let acc = &mut dst[oy * wo..][..wo];
-                        for kx in 0..k {
-                            let (lo, hi) = valid_range(w, wo, kx, g);
-                            if lo < hi {
-                                let ix = lo * g.stride + kx - g.padding;
-                                axpy_strided(
-                                    &mut acc[lo..hi],
-                                    &row[ix..],
-                                    kernel[ky * k + kx],
-                                    g.stride,
-                                );
-                            }
-                        }
-                    }
-                }
-            });
+        let src_of = |plane: usize| {
+            let (b, oc) = (plane / o, plane % o);
+            (
+                &x[(b * c + oc / m) * h * w..][..h * w],
+                &wt[oc * k * k..][..k * k],
+            )
+        };
+        if g.stride == 1 {
+            let pw = w + 2 * g.padding;
+            out.par_chunks_mut(ho * wo)
+                .enumerate()
+                .for_each_init(Vec::new, |pad, (plane, dst)| {
+                    let (src, kernel) = src_of(plane);
+                    pad_plane(pad, src, w, g.padding);
+                    correlate_s1(dst, pad, pw, kernel, k, wo, false);
+                });
+        } else {
+            out.par_chunks_mut(ho * wo)
+                .enumerate()
+                .for_each(|(plane, dst)| {
+                    let (src, kernel) = src_of(plane);
+                    forward_plane(dst, src, kernel, &p);
+                });
+        }
         Ok((CpuStorage::F32(out), Shape::from((n, o, ho, wo))))
     }
 
@@ -196,44 +447,47 @@ impl CustomOp2 for DepthwiseGradInput {
         // Every plane of the input gradient gathers the `m` output planes that read it.
         let c = self.channels;
         let m = o / c;
+        let (rows, cols) = (tap_ranges(h, ho, k, g), tap_ranges(w, wo, k, g));
+        let p = Planes {
+            w,
+            wo,
+            k,
+            g,
+            rows: &rows,
+            cols: &cols,
+        };
         let mut out = vec![0f32; n * c * h * w];
-        out.par_chunks_mut(h * w)
-            .enumerate()
-            .for_each(|(plane, dst)| {
-                let (b, ch) = (plane / c, plane % c);
-                for j in 0..m {
-                    let oc = ch * m + j;
-                    let src = &gy[(b * o + oc) * ho * wo..][..ho * wo];
-                    let kernel = &wt[oc * k * k..][..k * k];
-                    for ky in 0..k {
-                        let (oy_lo, oy_hi) = valid_range(h, ho, ky, g);
-                        for oy in oy_lo..oy_hi {
-                            let iy = oy * g.stride + ky - g.padding;
-                            let grow = &src[oy * wo..][..wo];
-                            let drow = &mut dst[iy * w..][..w];
-                            for kx in 0..k {
-                                let (lo, hi) = valid_range(w, wo, kx, g);
-                                if lo >= hi {
-                                    continue;
-                                }
-                                let v = kernel[ky * k + kx];
-                                let ix0 = lo * g.stride + kx - g.padding;
-                                if g.stride == 1 {
-                                    for (d, &gv) in drow[ix0..].iter_mut().zip(&grow[lo..hi]) {
-                                        *d += v * gv;
-                                    }
-                                } else {
-                                    for (d, &gv) in
-                                        drow[ix0..].iter_mut().step_by(g.stride).zip(&grow[lo..hi])
-                                    {
-                                        *d += v * gv;
-                                    }
-                                }
-                            }
-                        }
+        if g.stride == 1 && g.padding < k {
+            // With stride 1 the input gradient is a correlation of the output gradient, padded
+            // by k − 1 − p, with the kernel turned by 180°.
+            let q = k - 1 - g.padding;
+            let flipped: Vec<f32> = wt
+                .chunks_exact(k * k)
+                .flat_map(|kernel| kernel.iter().rev().copied())
+                .collect();
+            out.par_chunks_mut(h * w)
+                .enumerate()
+                .for_each_init(Vec::new, |pad, (plane, dst)| {
+                    let (b, ch) = (plane / c, plane % c);
+                    for j in 0..m {
+                        let oc = ch * m + j;
+                        pad_plane(pad, &gy[(b * o + oc) * ho * wo..][..ho * wo], wo, q);
+                        let kernel = &flipped[oc * k * k..][..k * k];
+                        correlate_s1(dst, pad, wo + 2 * q, kernel, k, w, j > 0);
                     }
-                }
-            });
+                });
+        } else {
+            out.par_chunks_mut(h * w)
+                .enumerate()
+                .for_each(|(plane, dst)| {
+                    let (b, ch) = (plane / c, plane % c);
+                    for j in 0..m {
+                        let oc = ch * m + j;
+                        let src = &gy[(b * o + oc) * ho * wo..][..ho * wo];
+                        grad_input_plane(dst, src, &wt[oc * k * k..][..k * k], &p);
+                    }
+                });
+        }
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }
 }
@@ -265,39 +519,29 @@ impl CustomOp2 for DepthwiseGradWeight {
             contiguous_f32(s1, l1, "depthwise conv gradient")?,
             contiguous_f32(s2, l2, "depthwise conv input")?,
         );
+        let (rows, cols) = (tap_ranges(h, ho, k, g), tap_ranges(w, wo, k, g));
+        let p = Planes {
+            w,
+            wo,
+            k,
+            g,
+            rows: &rows,
+            cols: &cols,
+        };
         let mut out = vec![0f32; o * k * k];
         out.par_chunks_mut(k * k).enumerate().for_each(|(oc, dst)| {
-            // Per-row partial sums in float32, accumulated across rows and samples in float64
+            // Per-sample partial sums in float32 lanes, accumulated across samples in float64
             // so large batches do not lose the small terms.
             let mut total = vec![0f64; k * k];
+            let mut pad = Vec::new();
             for b in 0..n {
                 let gplane = &gy[(b * o + oc) * ho * wo..][..ho * wo];
                 let xplane = &x[(b * c + oc / m) * h * w..][..h * w];
-                for ky in 0..k {
-                    let (oy_lo, oy_hi) = valid_range(h, ho, ky, g);
-                    for kx in 0..k {
-                        let (lo, hi) = valid_range(w, wo, kx, g);
-                        if lo >= hi {
-                            continue;
-                        }
-                        let ix0 = lo * g.stride + kx - g.padding;
-                        let mut sum = 0f64;
-                        for oy in oy_lo..oy_hi {
-                            let iy = oy * g.stride + ky - g.padding;
-                            let grow = &gplane[oy * wo + lo..oy * wo + hi];
-                            let xrow = &xplane[iy * w + ix0..];
-                            let s: f32 = if g.stride == 1 {
-                                grow.iter().zip(xrow).map(|(a, b)| a * b).sum()
-                            } else {
-                                grow.iter()
-                                    .zip(xrow.iter().step_by(g.stride))
-                                    .map(|(a, b)| a * b)
-                                    .sum()
-                            };
-                            sum += s as f64;
-                        }
-                        total[ky * k + kx] += sum;
-                    }
+                if g.stride == 1 {
+                    pad_plane(&mut pad, xplane, w, g.padding);
+                    grad_weight_s1(&mut total, gplane, &pad, w + 2 * g.padding, k, wo);
+                } else {
+                    grad_weight_plane(&mut total, gplane, xplane, &p);
                 }
             }
             for (d, t) in dst.iter_mut().zip(total) {
