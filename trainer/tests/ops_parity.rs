@@ -231,32 +231,38 @@ fn batch_norm_matches_composed_reference() {
 fn channel_ops_match_composed_references() {
     use dfndr_trainer::ops::{add_channel_bias, pointwise_conv, scale_channels};
     let dev = Device::Cpu;
-    let x = Var::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
-    let r = Tensor::randn(0f32, 1.0, (3, 7, 4, 6), &dev).unwrap();
-    let w = Var::randn(0f32, 1.0, (7, 5), &dev).unwrap();
-    let ours = pointwise_conv(x.as_tensor(), w.as_tensor()).unwrap();
-    let theirs = w
-        .as_tensor()
-        .broadcast_matmul(&x.as_tensor().reshape((3, 5, 24)).unwrap())
-        .unwrap()
-        .reshape((3, 7, 4, 6))
-        .unwrap();
-    assert!(max_abs(&ours, &theirs) < 1e-5);
-    let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let gb = (&theirs * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for v in [&x, &w] {
-        assert!(
-            rel_err(
-                ga.get(v.as_tensor()).unwrap(),
-                gb.get(v.as_tensor()).unwrap()
-            ) < 1e-5
-        );
+    // Batches of 1 (one product at a time on every thread), 3 (samples in parallel, one
+    // group of the weight gradient) and 9 (three groups, the last one short).
+    for n in [1, 3, 9] {
+        let x = Var::randn(0f32, 1.0, (n, 5, 4, 6), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (n, 7, 4, 6), &dev).unwrap();
+        let w = Var::randn(0f32, 1.0, (7, 5), &dev).unwrap();
+        let ours = pointwise_conv(x.as_tensor(), w.as_tensor()).unwrap();
+        let theirs = w
+            .as_tensor()
+            .broadcast_matmul(&x.as_tensor().reshape((n, 5, 24)).unwrap())
+            .unwrap()
+            .reshape((n, 7, 4, 6))
+            .unwrap();
+        assert!(max_abs(&ours, &theirs) < 1e-5, "batch {n}");
+        let ga = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w] {
+            assert!(
+                rel_err(
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap()
+                ) < 1e-5,
+                "batch {n}"
+            );
+        }
     }
+    let x = Var::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
     let r = Tensor::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
     for scale_shape in [vec![5], vec![3, 5]] {
         let s = Var::randn(0f32, 1.0, scale_shape.as_slice(), &dev).unwrap();

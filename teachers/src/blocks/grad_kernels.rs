@@ -331,6 +331,62 @@ pub fn matmul_strided(
     rhs: &[f32],
     rhs_strides: (isize, isize),
 ) -> Result<()> {
+    gemm_strided(
+        m,
+        n,
+        k,
+        dst,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        gemm_threads(),
+    )
+}
+
+/// [`matmul_strided`] on the calling thread only, for callers that run many small products
+/// in parallel themselves (one per sample): splitting each small product over the threads
+/// costs more in synchronisation and packing than it gains.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (isize, isize),
+    rhs: &[f32],
+    rhs_strides: (isize, isize),
+) -> Result<()> {
+    gemm_strided(
+        m,
+        n,
+        k,
+        dst,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        gemm::Parallelism::None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (isize, isize),
+    rhs: &[f32],
+    rhs_strides: (isize, isize),
+    parallelism: gemm::Parallelism,
+) -> Result<()> {
     let extent = |rows: usize, cols: usize, (cs, rs): (isize, isize)| {
         if rows == 0 || cols == 0 {
             0
@@ -370,7 +426,7 @@ pub fn matmul_strided(
             false,
             false,
             false,
-            gemm_threads(),
+            parallelism,
         );
     }
     Ok(())

@@ -8,7 +8,7 @@
 //! one matrix product per sample, accumulated into the weight gradient).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use dfndr_teachers::blocks::{contiguous_f32, matmul_strided as matmul};
+use dfndr_teachers::blocks::{contiguous_f32, matmul_strided, matmul_strided_serial};
 use rayon::prelude::*;
 
 /// A 1×1 convolution without bias: `w [O, C]` applied to `x [N, C, H, W]`, differentiable.
@@ -26,6 +26,40 @@ pub fn pointwise_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 struct Pointwise;
+
+/// The signature of [`matmul_strided`] and [`matmul_strided_serial`].
+type Matmul = fn(
+    usize,
+    usize,
+    usize,
+    &mut [f32],
+    bool,
+    &[f32],
+    (isize, isize),
+    &[f32],
+    (isize, isize),
+) -> Result<()>;
+
+/// Runs `product(b, dst, matmul)` for the `chunk`-sized output of every sample `b`. With at
+/// least as many samples as threads the samples run in parallel, each product on one thread
+/// (small per-sample products split over threads spend more on synchronisation than they
+/// gain); otherwise one after another, each product on every thread.
+fn per_sample(
+    out: &mut [f32],
+    chunk: usize,
+    product: impl Fn(usize, &mut [f32], Matmul) -> Result<()> + Sync,
+) -> Result<()> {
+    let chunk = chunk.max(1);
+    if out.len() / chunk >= rayon::current_num_threads() {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(b, dst)| product(b, dst, matmul_strided_serial))
+    } else {
+        out.chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(b, dst)| product(b, dst, matmul_strided))
+    }
+}
 
 impl CustomOp2 for Pointwise {
     fn name(&self) -> &'static str {
@@ -47,11 +81,10 @@ impl CustomOp2 for Pointwise {
         );
         let l = h * wd;
         let mut out = vec![0f32; n * o * l];
-        for b in 0..n {
-            let dst = &mut out[b * o * l..(b + 1) * o * l];
+        per_sample(&mut out, o * l, |b, dst, matmul| {
             let xb = &x[b * c * l..(b + 1) * c * l];
-            matmul(o, l, c, dst, false, w, (1, c as isize), xb, (1, l as isize))?;
-        }
+            matmul(o, l, c, dst, false, w, (1, c as isize), xb, (1, l as isize))
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
     }
 
@@ -92,16 +125,18 @@ impl CustomOp2 for PointwiseGradInput {
         );
         let l = h * wd;
         let mut out = vec![0f32; n * c * l];
-        for b in 0..n {
-            let dst = &mut out[b * c * l..(b + 1) * c * l];
+        per_sample(&mut out, c * l, |b, dst, matmul| {
             let gb = &g[b * o * l..(b + 1) * o * l];
-            matmul(c, l, o, dst, false, w, (c as isize, 1), gb, (1, l as isize))?;
-        }
+            matmul(c, l, o, dst, false, w, (c as isize, 1), gb, (1, l as isize))
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, wd))))
     }
 }
 
-/// `∂L/∂W = Σ_n G_n · X_nᵀ`, accumulated in place.
+/// Samples per partial weight gradient of a 1×1 convolution.
+const GRAD_WEIGHT_GROUP: usize = 4;
+
+/// `∂L/∂W = Σ_n G_n · X_nᵀ`, accumulated per group of samples.
 struct PointwiseGradWeight;
 
 impl CustomOp2 for PointwiseGradWeight {
@@ -123,21 +158,44 @@ impl CustomOp2 for PointwiseGradWeight {
             contiguous_f32(s2, l2, "1x1 conv input")?,
         );
         let l = h * wd;
+        // Fixed groups of samples accumulate their own partial product in parallel; the
+        // partials are then summed in group order, so the result does not depend on the
+        // number of threads.
+        let groups = n.div_ceil(GRAD_WEIGHT_GROUP);
+        let parts: Vec<Vec<f32>> = (0..groups)
+            .into_par_iter()
+            .map(|group| -> Result<Vec<f32>> {
+                let mut part = vec![0f32; o * c];
+                let samples = group * GRAD_WEIGHT_GROUP..((group + 1) * GRAD_WEIGHT_GROUP).min(n);
+                let first = samples.start;
+                let matmul = if groups > 1 {
+                    matmul_strided_serial
+                } else {
+                    matmul_strided
+                };
+                for b in samples {
+                    let gb = &g[b * o * l..(b + 1) * o * l];
+                    let xb = &x[b * c * l..(b + 1) * c * l];
+                    matmul(
+                        o,
+                        c,
+                        l,
+                        &mut part,
+                        b > first,
+                        gb,
+                        (1, l as isize),
+                        xb,
+                        (l as isize, 1),
+                    )?;
+                }
+                Ok(part)
+            })
+            .collect::<Result<_>>()?;
         let mut out = vec![0f32; o * c];
-        for b in 0..n {
-            let gb = &g[b * o * l..(b + 1) * o * l];
-            let xb = &x[b * c * l..(b + 1) * c * l];
-            matmul(
-                o,
-                c,
-                l,
-                &mut out,
-                b > 0,
-                gb,
-                (1, l as isize),
-                xb,
-                (l as isize, 1),
-            )?;
+        for part in parts {
+            for (d, p) in out.iter_mut().zip(part) {
+                *d += p;
+            }
         }
         Ok((CpuStorage::F32(out), Shape::from((o, c))))
     }
