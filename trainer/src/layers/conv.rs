@@ -120,7 +120,10 @@ impl Conv2d {
         })?;
         let o = self.weight.dim(0)?;
         let wmat = self.weight.reshape((o, ()))?;
-        wmat.broadcast_matmul(&cols)?.reshape((n, o, ho, wo))
+        // The patch matrix as a C·k·k-channel input of a 1×1 convolution: one product per
+        // sample, and no gradient for the patches (they track none).
+        let cols = cols.reshape((n, (), ho, wo))?;
+        pointwise_conv(&cols, &wmat)
     }
 }
 

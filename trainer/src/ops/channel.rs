@@ -96,9 +96,14 @@ impl CustomOp2 for Pointwise {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(w, &PointwiseGradInput)?;
+        // An input that tracks no gradient (the image patches at the stem) gets none.
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &PointwiseGradInput)?)
+        } else {
+            None
+        };
         let gw = grad.apply_op2_no_bwd(x, &PointwiseGradWeight)?;
-        Ok((Some(gx), Some(gw)))
+        Ok((gx, Some(gw)))
     }
 }
 

@@ -396,15 +396,20 @@ impl CustomOp2 for DepthwiseConv {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (_, c, h, wd) = x.dims4()?;
-        let grad_x = grad.apply_op2_no_bwd(
-            w,
-            &DepthwiseGradInput {
-                geometry: self.geometry,
-                channels: c,
-                height: h,
-                width: wd,
-            },
-        )?;
+        // An input that tracks no gradient (the network's input) gets none.
+        let grad_x = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                w,
+                &DepthwiseGradInput {
+                    geometry: self.geometry,
+                    channels: c,
+                    height: h,
+                    width: wd,
+                },
+            )?)
+        } else {
+            None
+        };
         let grad_w = grad.apply_op2_no_bwd(
             x,
             &DepthwiseGradWeight {
@@ -412,7 +417,7 @@ impl CustomOp2 for DepthwiseConv {
                 kernel: w.dim(2)?,
             },
         )?;
-        Ok((Some(grad_x), Some(grad_w)))
+        Ok((grad_x, Some(grad_w)))
     }
 }
 
