@@ -19,7 +19,7 @@ mod transformer;
 pub use act::Activation;
 pub use attention::{AttentionWeights, MultiheadAttention};
 pub use gelu::gelu_erf;
-pub use grad_kernels::{contiguous_f32, matmul_strided, matmul_strided_serial};
+pub use grad_kernels::{contiguous_f32, matmul_strided, GemmThreads};
 pub use linear::{Linear, Projection};
 pub use norm::LayerNorm;
 pub use transformer::{LayerScale, Mlp, ResidualAttentionBlock, Transformer, TransformerConfig};

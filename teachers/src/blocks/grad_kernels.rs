@@ -309,10 +309,23 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-fn gemm_threads() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
+/// How many threads one matrix product of [`matmul_strided`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmThreads {
+    /// Every thread of the rayon pool: for one large product.
+    All,
+    /// The calling thread: for many small products that the caller runs in parallel itself
+    /// (one per sample), where splitting each over the threads costs more in synchronisation
+    /// and packing than it gains.
+    One,
+}
+
+impl GemmThreads {
+    fn parallelism(self) -> gemm::Parallelism {
+        match (self, rayon::current_num_threads()) {
+            (GemmThreads::One, _) | (GemmThreads::All, 0 | 1) => gemm::Parallelism::None,
+            (GemmThreads::All, n) => gemm::Parallelism::Rayon(n),
+        }
     }
 }
 
@@ -330,62 +343,7 @@ pub fn matmul_strided(
     lhs_strides: (isize, isize),
     rhs: &[f32],
     rhs_strides: (isize, isize),
-) -> Result<()> {
-    gemm_strided(
-        m,
-        n,
-        k,
-        dst,
-        accumulate,
-        lhs,
-        lhs_strides,
-        rhs,
-        rhs_strides,
-        gemm_threads(),
-    )
-}
-
-/// [`matmul_strided`] on the calling thread only, for callers that run many small products
-/// in parallel themselves (one per sample): splitting each small product over the threads
-/// costs more in synchronisation and packing than it gains.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_strided_serial(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_strides: (isize, isize),
-    rhs: &[f32],
-    rhs_strides: (isize, isize),
-) -> Result<()> {
-    gemm_strided(
-        m,
-        n,
-        k,
-        dst,
-        accumulate,
-        lhs,
-        lhs_strides,
-        rhs,
-        rhs_strides,
-        gemm::Parallelism::None,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_strides: (isize, isize),
-    rhs: &[f32],
-    rhs_strides: (isize, isize),
-    parallelism: gemm::Parallelism,
+    threads: GemmThreads,
 ) -> Result<()> {
     let extent = |rows: usize, cols: usize, (cs, rs): (isize, isize)| {
         if rows == 0 || cols == 0 {
@@ -426,7 +384,7 @@ fn gemm_strided(
             false,
             false,
             false,
-            parallelism,
+            threads.parallelism(),
         );
     }
     Ok(())
@@ -497,6 +455,7 @@ impl CustomOp3 for LinearOp {
             (1, inp as isize),
             w,
             (inp as isize, 1),
+            GemmThreads::All,
         )?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
@@ -557,6 +516,7 @@ impl CustomOp2 for LinearGrad {
                     (1, out as isize),
                     other,
                     (1, inp as isize),
+                    GemmThreads::All,
                 )?;
                 Ok((CpuStorage::F32(gx), Shape::from((rows, inp))))
             }
@@ -573,6 +533,7 @@ impl CustomOp2 for LinearGrad {
                     (out as isize, 1),
                     other,
                     (1, inp as isize),
+                    GemmThreads::All,
                 )?;
                 Ok((CpuStorage::F32(gw), Shape::from((out, inp))))
             }

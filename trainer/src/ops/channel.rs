@@ -8,7 +8,7 @@
 //! one matrix product per sample, accumulated into the weight gradient).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use dfndr_teachers::blocks::{contiguous_f32, matmul_strided, matmul_strided_serial};
+use dfndr_teachers::blocks::{contiguous_f32, matmul_strided as matmul, GemmThreads};
 use rayon::prelude::*;
 
 /// A 1×1 convolution without bias: `w [O, C]` applied to `x [N, C, H, W]`, differentiable.
@@ -27,37 +27,24 @@ pub fn pointwise_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct Pointwise;
 
-/// The signature of [`matmul_strided`] and [`matmul_strided_serial`].
-type Matmul = fn(
-    usize,
-    usize,
-    usize,
-    &mut [f32],
-    bool,
-    &[f32],
-    (isize, isize),
-    &[f32],
-    (isize, isize),
-) -> Result<()>;
-
-/// Runs `product(b, dst, matmul)` for the `chunk`-sized output of every sample `b`. With at
+/// Runs `product(b, dst, threads)` for the `chunk`-sized output of every sample `b`. With at
 /// least as many samples as threads the samples run in parallel, each product on one thread
 /// (small per-sample products split over threads spend more on synchronisation than they
 /// gain); otherwise one after another, each product on every thread.
 fn per_sample(
     out: &mut [f32],
     chunk: usize,
-    product: impl Fn(usize, &mut [f32], Matmul) -> Result<()> + Sync,
+    product: impl Fn(usize, &mut [f32], GemmThreads) -> Result<()> + Sync,
 ) -> Result<()> {
     let chunk = chunk.max(1);
     if out.len() / chunk >= rayon::current_num_threads() {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .try_for_each(|(b, dst)| product(b, dst, matmul_strided_serial))
+            .try_for_each(|(b, dst)| product(b, dst, GemmThreads::One))
     } else {
         out.chunks_mut(chunk)
             .enumerate()
-            .try_for_each(|(b, dst)| product(b, dst, matmul_strided))
+            .try_for_each(|(b, dst)| product(b, dst, GemmThreads::All))
     }
 }
 
@@ -81,9 +68,10 @@ impl CustomOp2 for Pointwise {
         );
         let l = h * wd;
         let mut out = vec![0f32; n * o * l];
-        per_sample(&mut out, o * l, |b, dst, matmul| {
+        per_sample(&mut out, o * l, |b, dst, threads| {
             let xb = &x[b * c * l..(b + 1) * c * l];
-            matmul(o, l, c, dst, false, w, (1, c as isize), xb, (1, l as isize))
+            let strides = ((1, c as isize), (1, l as isize));
+            matmul(o, l, c, dst, false, w, strides.0, xb, strides.1, threads)
         })?;
         Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
     }
@@ -130,9 +118,10 @@ impl CustomOp2 for PointwiseGradInput {
         );
         let l = h * wd;
         let mut out = vec![0f32; n * c * l];
-        per_sample(&mut out, c * l, |b, dst, matmul| {
+        per_sample(&mut out, c * l, |b, dst, threads| {
             let gb = &g[b * o * l..(b + 1) * o * l];
-            matmul(c, l, o, dst, false, w, (c as isize, 1), gb, (1, l as isize))
+            let strides = ((c as isize, 1), (1, l as isize));
+            matmul(c, l, o, dst, false, w, strides.0, gb, strides.1, threads)
         })?;
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, wd))))
     }
@@ -173,10 +162,10 @@ impl CustomOp2 for PointwiseGradWeight {
                 let mut part = vec![0f32; o * c];
                 let samples = group * GRAD_WEIGHT_GROUP..((group + 1) * GRAD_WEIGHT_GROUP).min(n);
                 let first = samples.start;
-                let matmul = if groups > 1 {
-                    matmul_strided_serial
+                let threads = if groups > 1 {
+                    GemmThreads::One
                 } else {
-                    matmul_strided
+                    GemmThreads::All
                 };
                 for b in samples {
                     let gb = &g[b * o * l..(b + 1) * o * l];
@@ -191,6 +180,7 @@ impl CustomOp2 for PointwiseGradWeight {
                         (1, l as isize),
                         xb,
                         (l as isize, 1),
+                        threads,
                     )?;
                 }
                 Ok(part)

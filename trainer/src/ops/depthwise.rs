@@ -66,21 +66,31 @@ fn valid_range(n: usize, out: usize, kx: usize, g: DepthwiseGeometry) -> (usize,
     (lo, hi.max(lo))
 }
 
-/// The valid output range of every kernel tap along one axis (`valid_range` for `0..k`),
-/// computed once per op instead of once per row.
-fn tap_ranges(n: usize, out: usize, k: usize, g: DepthwiseGeometry) -> Vec<(usize, usize)> {
-    (0..k).map(|t| valid_range(n, out, t, g)).collect()
-}
-
-/// The sizes one plane kernel needs: input `h × w`, output `ho × wo`, kernel `k × k`, and the
-/// valid output range of every tap along rows and columns.
-struct Planes<'a> {
+/// The sizes one plane kernel needs: input width `w`, output width `wo`, kernel `k × k`, and
+/// the valid output range of every tap along rows and columns (computed once per op instead
+/// of once per row).
+struct Planes {
     w: usize,
     wo: usize,
     k: usize,
     g: DepthwiseGeometry,
-    rows: &'a [(usize, usize)],
-    cols: &'a [(usize, usize)],
+    rows: Vec<(usize, usize)>,
+    cols: Vec<(usize, usize)>,
+}
+
+impl Planes {
+    /// For an `h × w` input plane, a `ho × wo` output plane and a `k × k` kernel.
+    fn new(h: usize, w: usize, ho: usize, wo: usize, k: usize, g: DepthwiseGeometry) -> Self {
+        let taps = |n, out| (0..k).map(|t| valid_range(n, out, t, g)).collect();
+        Planes {
+            w,
+            wo,
+            k,
+            g,
+            rows: taps(h, ho),
+            cols: taps(w, wo),
+        }
+    }
 }
 
 /// `acc[i] += v · src[i·s]` over the row (the inner loop of the forward and input-gradient
@@ -116,13 +126,6 @@ fn dot_into_lanes(lanes: &mut [f32; LANES], a: &[f32], b: &[f32]) {
     for (l, (x, y)) in at.iter().zip(bt).enumerate() {
         lanes[l] += x * y;
     }
-}
-
-/// `Σ a[i·s]·b[i]` into the first lane, for a stride `s > 1` (gathered, so not vectorised).
-#[inline(always)]
-fn dot_strided_into_lanes(lanes: &mut [f32; LANES], a: &[f32], s: usize, b: &[f32]) {
-    let row: f32 = a.iter().step_by(s).zip(b).map(|(x, y)| x * y).sum();
-    lanes[0] += row;
 }
 
 /// Copies the `h × w` plane `src` into `pad` with `p` zeros on every side, giving a
@@ -292,8 +295,9 @@ fn grad_input_plane_generic(dst: &mut [f32], grad: &[f32], kernel: &[f32], p: &P
     }
 }
 
-/// Adds `Σ grad · x` of one (output plane, input plane) pair to every tap's float64 total.
-/// Each tap's products are summed in float32 lanes over the plane, then the lanes in float64.
+/// Adds `Σ grad · x` of one (output plane, input plane) pair to every tap's float64 total, for
+/// any stride (stride 1 takes [`grad_weight_s1`]): each tap's row products summed in float32
+/// over the plane, then added in float64.
 fn grad_weight_plane(total: &mut [f64], grad: &[f32], x: &[f32], p: &Planes) {
     dfndr_teachers::simd_dispatch!(grad_weight_plane_generic(total, grad, x, p))
 }
@@ -309,18 +313,14 @@ fn grad_weight_plane_generic(total: &mut [f64], grad: &[f32], x: &[f32], p: &Pla
                 continue;
             }
             let ix0 = lo * g.stride + kx - g.padding;
-            let mut lanes = [0f32; LANES];
+            let mut sum = 0f32;
             for oy in oy_lo..oy_hi {
                 let iy = oy * g.stride + ky - g.padding;
                 let grow = &grad[oy * p.wo + lo..oy * p.wo + hi];
-                let xrow = &x[iy * p.w + ix0..];
-                if g.stride == 1 {
-                    dot_into_lanes(&mut lanes, grow, xrow);
-                } else {
-                    dot_strided_into_lanes(&mut lanes, xrow, g.stride, grow);
-                }
+                let xrow = x[iy * p.w + ix0..].iter().step_by(g.stride);
+                sum += xrow.zip(grow).map(|(a, b)| a * b).sum::<f32>();
             }
-            total[ky * k + kx] += lanes.iter().map(|&v| v as f64).sum::<f64>();
+            total[ky * k + kx] += sum as f64;
         }
     }
 }
@@ -350,15 +350,7 @@ impl CustomOp2 for DepthwiseConv {
             contiguous_f32(s2, l2, "depthwise conv weight")?,
         );
         let (ho, wo) = (out_len(h, k, g), out_len(w, k, g));
-        let (rows, cols) = (tap_ranges(h, ho, k, g), tap_ranges(w, wo, k, g));
-        let p = Planes {
-            w,
-            wo,
-            k,
-            g,
-            rows: &rows,
-            cols: &cols,
-        };
+        let p = Planes::new(h, w, ho, wo, k, g);
         let mut out = vec![0f32; n * o * ho * wo];
         let src_of = |plane: usize| {
             let (b, oc) = (plane / o, plane % o);
@@ -452,15 +444,7 @@ impl CustomOp2 for DepthwiseGradInput {
         // Every plane of the input gradient gathers the `m` output planes that read it.
         let c = self.channels;
         let m = o / c;
-        let (rows, cols) = (tap_ranges(h, ho, k, g), tap_ranges(w, wo, k, g));
-        let p = Planes {
-            w,
-            wo,
-            k,
-            g,
-            rows: &rows,
-            cols: &cols,
-        };
+        let p = Planes::new(h, w, ho, wo, k, g);
         let mut out = vec![0f32; n * c * h * w];
         if g.stride == 1 && g.padding < k {
             // With stride 1 the input gradient is a correlation of the output gradient, padded
@@ -524,15 +508,7 @@ impl CustomOp2 for DepthwiseGradWeight {
             contiguous_f32(s1, l1, "depthwise conv gradient")?,
             contiguous_f32(s2, l2, "depthwise conv input")?,
         );
-        let (rows, cols) = (tap_ranges(h, ho, k, g), tap_ranges(w, wo, k, g));
-        let p = Planes {
-            w,
-            wo,
-            k,
-            g,
-            rows: &rows,
-            cols: &cols,
-        };
+        let p = Planes::new(h, w, ho, wo, k, g);
         let mut out = vec![0f32; o * k * k];
         out.par_chunks_mut(k * k).enumerate().for_each(|(oc, dst)| {
             // Per-sample partial sums in float32 lanes, accumulated across samples in float64
