@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod fastvit;
 pub mod init;
 pub mod layers;

@@ -69,6 +69,15 @@ pub struct Preprocess {
     /// Per-channel standard deviation (default: OpenAI CLIP's; Apple's S0/S2/B release uses 1).
     #[serde(default = "default_std")]
     pub std: [f32; 3],
+    /// Resize filter of the evaluation transform (default: bilinear, as OpenCLIP's
+    /// MobileCLIP/MobileCLIP2 S0/S2/B configs; bicubic for L-14). Training views are replayed
+    /// with the dataset's own augmentation settings.
+    #[serde(default = "default_interpolation")]
+    pub interpolation: dfndr_teachers::Resample,
+}
+
+fn default_interpolation() -> dfndr_teachers::Resample {
+    dfndr_teachers::Resample::Bilinear
 }
 
 fn default_mean() -> [f32; 3] {
@@ -83,6 +92,7 @@ impl Default for Preprocess {
         Self {
             mean: default_mean(),
             std: default_std(),
+            interpolation: default_interpolation(),
         }
     }
 }
