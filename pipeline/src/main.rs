@@ -7,12 +7,14 @@ mod crash;
 mod embed;
 mod embed_existing;
 mod encode;
+mod eval;
 mod executor;
 mod exit;
 mod export;
 mod import;
 mod inspect;
 mod liveness;
+mod model_args;
 mod output;
 mod progress;
 mod reinforce;
@@ -29,7 +31,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dfndr_shards::format::SCHEMA_VERSION;
 use dfndr_shards::job::{now_unix, Job, Placement, WorkerIdentity};
@@ -180,11 +182,12 @@ the same output.")]
     },
     /// Embed single images or texts with one CLIP model (JSON or .npy), to check a teacher.
     #[command(long_about = "\
-Embed single images or texts with one CLIP model, to check a teacher by hand.
+Embed single images or texts with one CLIP model (a student, a teacher, any OpenCLIP ViT), to
+check a model by hand against OpenCLIP.
 
 Images get the model's eval preprocessing (shorter side resized to the model's image size,
-centre crop, normalisation); texts are tokenised with the CLIP tokenizer at the model's
-context length. The embeddings are L2-normalised unless --no-normalize is given (OpenCLIP's
+centre crop, normalisation; OpenCLIP's defaults, or the student config's); texts are tokenised
+with the CLIP tokenizer at the model's context length. The embeddings are L2-normalised unless --no-normalize is given (OpenCLIP's
 encode_image/encode_text default to unnormalised).
 
 Output: JSON on stdout, or --out FILE.json, or --out FILE.npy (float32 [N, D]: the images in
@@ -193,8 +196,38 @@ order, then the texts).
 Examples:
   dfndr encode --model ViT-L-14-quickgelu --weights hf-hub:apple/DFN2B-CLIP-ViT-L-14 \\
       --image cat.jpg --text \"a photo of a cat\"
-  dfndr encode --model my-arch.toml --weights ckpt.safetensors --image a.jpg --out a.npy")]
+  dfndr encode --model my-arch.toml --weights ckpt.safetensors --image a.jpg --out a.npy
+  dfndr encode --model MobileCLIP2-S0 --weights mobileclip2_s0.pt --text \"a dog\"
+  dfndr encode --checkpoint train-out/s0-demo --image a.jpg")]
     Encode(EncodeCli),
+    /// Zero-shot classification and image-text retrieval of a model, with clip_benchmark's metrics.
+    #[command(long_about = "\
+Zero-shot classification and image-text retrieval of a model, with clip_benchmark's metrics.
+
+The model is a training checkpoint (--checkpoint) or any model dfndr loads (--model and
+--weights: MobileCLIP2 students from OpenCLIP's or Apple's files, OpenCLIP ViTs). Each --data
+is recognised by its layout:
+  - an image folder (ROOT/CLASS/IMAGE): zero-shot classification; class names from
+    ROOT/classnames.txt or the folder names (underscores as spaces);
+  - a clip_benchmark webdataset (clip_benchmark_export_wds): classification (cls) or, with
+    dataset_type.txt = retrieval, image-text retrieval (txt: one caption per line);
+  - a dfndr output: retrieval of each original image against its ground-truth caption.
+
+Classification builds the classifier as OpenCLIP and clip_benchmark do (every template with every
+class name, each embedding normalised, the mean per class, renormalised; OpenAI's 80 ImageNet
+templates unless the dataset or --templates brings others) and reports acc1, acc5 (with five or
+more classes) and mean_per_class_recall. Retrieval reports image_retrieval_recall@k (per caption)
+and text_retrieval_recall@k (per image: any of its captions in the top k), and mean_recall@1.
+Equal scores rank by lower index first (clip_benchmark's torch.topk leaves their order open).
+
+Each result is one JSON line in clip_benchmark's layout (dataset, model, pretrained, task,
+metrics, language) plus samples, captions, skipped and seconds, appended to --output or printed.
+
+Examples:
+  dfndr eval --checkpoint train-out/s0-dfndr12m --data imagenet-val/ --output results.jsonl
+  dfndr eval --model MobileCLIP2-S0 --weights mobileclip2_s0.pt --data wds_flickr1k/ \\
+      --data wds_imagenet1k/ --output results.jsonl")]
+    Eval(EvalCli),
     /// Show the progress of a job: shards done, in progress, failed; rows; skip reasons.
     Status {
         /// Output location of the job.
@@ -292,22 +325,10 @@ Example:
     },
 }
 
-/// Resize filter choices of `encode`.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Interp {
-    Bicubic,
-    Bilinear,
-}
-
 #[derive(clap::Args)]
 struct EncodeCli {
-    /// Built-in OpenCLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, each also
-    /// with -quickgelu) or a TOML file with explicit numbers.
-    #[arg(long)]
-    model: String,
-    /// Weights: a .safetensors/.bin/.pt file, hf-hub:ORG/NAME, or random:SEED.
-    #[arg(long)]
-    weights: String,
+    #[command(flatten)]
+    model: model_args::ModelArgs,
     /// Image files to embed (repeat for several).
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -317,25 +338,53 @@ struct EncodeCli {
     /// Output file (.json or .npy); JSON on stdout when absent.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Compute device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Compute precision: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16. The embeddings
-    /// are returned as float32 either way.
-    #[arg(long, default_value = "auto")]
-    precision: String,
     /// Return OpenCLIP's raw (unnormalised) embeddings.
     #[arg(long)]
     no_normalize: bool,
-    /// Resize filter of the image preprocessing.
-    #[arg(long, value_enum, default_value = "bicubic")]
-    interpolation: Interp,
-    /// Normalisation mean (three comma-separated values; default OpenAI CLIP).
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_MEAN)]
-    mean: Vec<f32>,
-    /// Normalisation std (three comma-separated values; default OpenAI CLIP).
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = dfndr_teachers::ensemble::CLIP_STD)]
-    std: Vec<f32>,
+}
+
+#[derive(clap::Args)]
+struct EvalCli {
+    #[command(flatten)]
+    model: model_args::ModelArgs,
+    /// A dataset to evaluate on (repeat for several): an image folder (one folder of images
+    /// per class), a clip_benchmark webdataset (SPLIT/nshards.txt, SPLIT/N.tar, classnames.txt,
+    /// zeroshot_classification_templates.txt, dataset_type.txt) or a dfndr output (retrieval of
+    /// each original against its caption; local or s3://, gs://, az://).
+    #[arg(long, required = true)]
+    data: Vec<String>,
+    /// auto (from the dataset), zeroshot_classification or zeroshot_retrieval.
+    #[arg(long, default_value = "auto")]
+    task: String,
+    /// Class names, one per line in label order, overriding the dataset's; `imagenet` for the
+    /// built-in 1,000 ImageNet names.
+    #[arg(long)]
+    classnames: Option<String>,
+    /// Prompt templates with {c} for the class name, one per line, overriding the dataset's;
+    /// `openai-imagenet` for OpenAI's 80 (the default when the dataset has none).
+    #[arg(long)]
+    templates: Option<String>,
+    /// Split folder of a clip_benchmark webdataset.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// DFNDR datasets: count every synthetic caption as a caption of its image too.
+    #[arg(long)]
+    synthetic_captions: bool,
+    /// Images (and prompts) encoded at a time.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Retrieval's recall@k values.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 5, 10])]
+    recall_k: Vec<usize>,
+    /// Evaluate at most this many images of each dataset (a quick look at a subset).
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Append the result lines to this JSON-lines file (default: print them on stdout).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Disable the progress bar even on a terminal.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 /// The job a command works on: its config, the overrides of its inputs and output, and
@@ -433,7 +482,29 @@ fn main() -> ExitCode {
             device,
             ..
         } => caption_command(&config, output, device.as_deref(), &progress),
-        Command::Encode(cli) => encode_command(cli).map(|_| ExitCode::SUCCESS),
+        Command::Encode(cli) => encode::run(&encode::EncodeArgs {
+            model: cli.model,
+            images: cli.images,
+            texts: cli.texts,
+            out: cli.out,
+            no_normalize: cli.no_normalize,
+        })
+        .map(|_| ExitCode::SUCCESS),
+        Command::Eval(cli) => eval::run(&eval::EvalArgs {
+            model: cli.model,
+            data: cli.data,
+            task: cli.task,
+            classnames: cli.classnames,
+            templates: cli.templates,
+            split: cli.split,
+            synthetic_captions: cli.synthetic_captions,
+            batch_size: cli.batch_size,
+            recall_k: cli.recall_k,
+            limit: cli.limit,
+            output: cli.output,
+            progress: !cli.no_progress,
+        })
+        .map(|_| ExitCode::SUCCESS),
         Command::Train {
             config,
             output,
@@ -756,17 +827,6 @@ fn force_simd_level() -> Result<()> {
     Ok(())
 }
 
-/// Exactly three values (one per RGB channel).
-fn triple(what: &str, v: &[f32]) -> Result<[f32; 3]> {
-    match v {
-        [r, g, b] => Ok([*r, *g, *b]),
-        _ => bail!(
-            "--{what} takes three comma-separated values (R,G,B), got {}",
-            v.len()
-        ),
-    }
-}
-
 /// The job config and output location of a command that updates an existing output.
 fn existing_output(
     config: &std::path::Path,
@@ -863,25 +923,6 @@ fn rewrite_command(
         output,
         progress,
     )
-}
-
-fn encode_command(cli: EncodeCli) -> Result<()> {
-    encode::run(&encode::EncodeArgs {
-        mean: triple("mean", &cli.mean)?,
-        std: triple("std", &cli.std)?,
-        model: cli.model,
-        weights: cli.weights,
-        images: cli.images,
-        texts: cli.texts,
-        out: cli.out,
-        device: cli.device,
-        precision: cli.precision,
-        no_normalize: cli.no_normalize,
-        interpolation: match cli.interpolation {
-            Interp::Bicubic => dfndr_teachers::Resample::Bicubic,
-            Interp::Bilinear => dfndr_teachers::Resample::Bilinear,
-        },
-    })
 }
 
 /// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).

@@ -18,6 +18,7 @@ pub mod fastvit;
 pub mod init;
 pub mod layers;
 pub mod loss;
+pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod plot;

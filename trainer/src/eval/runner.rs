@@ -15,7 +15,7 @@ use super::classifier::zero_shot_classifier;
 use super::data::{DataOptions, EvalData, EvalSample, Task};
 use super::metrics;
 use super::prompts::openai_imagenet_templates;
-use super::towers::Towers;
+use super::towers::{ImageTransform, Towers};
 use crate::error::{Result, TrainError};
 
 /// How to evaluate.
@@ -35,6 +35,8 @@ pub struct EvalSettings {
     pub limit: Option<u64>,
     /// How to read the dataset.
     pub data: DataOptions,
+    /// The image transform, overriding the model's own.
+    pub transform: Option<ImageTransform>,
 }
 
 impl Default for EvalSettings {
@@ -47,6 +49,7 @@ impl Default for EvalSettings {
             max_pixels: 89_478_485,
             limit: None,
             data: DataOptions::default(),
+            transform: None,
         }
     }
 }
@@ -86,11 +89,11 @@ impl EvalProgress for Quiet {}
 /// not decode or are too large.
 fn pixels(
     towers: &dyn Towers,
+    transform: &ImageTransform,
     batch: &[EvalSample],
     max_pixels: u64,
     skipped: &mut BTreeMap<String, u64>,
 ) -> Result<(Tensor, Vec<usize>)> {
-    let transform = towers.transform();
     let decoded: Vec<Option<Vec<f32>>> = batch
         .par_iter()
         .map(|s| match decode_rgb(&s.image, max_pixels) {
@@ -144,6 +147,10 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let started = Instant::now();
     let batch_size = settings.batch_size.max(1);
+    let transform = settings
+        .transform
+        .clone()
+        .unwrap_or_else(|| towers.transform());
     let classifier = match &data.task {
         Task::Classification {
             classnames,
@@ -183,7 +190,13 @@ pub fn evaluate(
         if batch.is_empty() {
             return Ok(());
         }
-        let (px, kept) = pixels(towers, batch, settings.max_pixels, &mut skipped_decode)?;
+        let (px, kept) = pixels(
+            towers,
+            &transform,
+            batch,
+            settings.max_pixels,
+            &mut skipped_decode,
+        )?;
         if !kept.is_empty() {
             let emb = l2_normalize(&towers.encode_images(&px)?)?;
             match &classifier {

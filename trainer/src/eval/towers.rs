@@ -50,6 +50,8 @@ pub trait Towers: Sync {
     fn encode_images(&self, pixels: &Tensor) -> Result<Tensor>;
     /// Text embeddings `[N, D]` of token rows.
     fn encode_texts(&self, ids: &[Vec<u32>]) -> Result<Tensor>;
+    /// The model's logit scale (the multiplier, `exp` of the stored value).
+    fn logit_scale(&self) -> Result<f32>;
 }
 
 impl Towers for Student {
@@ -73,6 +75,13 @@ impl Towers for Student {
     }
     fn encode_texts(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         self.encode_text(ids)
+    }
+    fn logit_scale(&self) -> Result<f32> {
+        Ok(Student::logit_scale(self)
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .first()
+            .map_or(1.0, |v| v.exp()))
     }
 }
 
@@ -101,5 +110,8 @@ impl Towers for ClipTowers {
     }
     fn encode_texts(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         Ok(self.model.encode_text(ids)?)
+    }
+    fn logit_scale(&self) -> Result<f32> {
+        Ok(self.model.logit_scale_log()?.exp())
     }
 }
