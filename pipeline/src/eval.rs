@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use dfndr_teachers::device::Compute;
-use dfndr_trainer::eval::prompts::{imagenet_classnames, openai_imagenet_templates, read_lines};
+use dfndr_trainer::eval::prompts::{imagenet_classnames, named_or_file, openai_imagenet_templates};
 use dfndr_trainer::eval::{
     evaluate, DataOptions, EvalData, EvalProgress, EvalReport, EvalSettings,
 };
@@ -76,18 +76,6 @@ impl EvalProgress for Bar {
     }
 }
 
-fn list(
-    spec: &Option<String>,
-    builtin: &str,
-    make: fn() -> Vec<String>,
-) -> Result<Option<Vec<String>>> {
-    Ok(match spec.as_deref() {
-        None => None,
-        Some(s) if s == builtin => Some(make()),
-        Some(path) => Some(read_lines(std::path::Path::new(path)).usage()?),
-    })
-}
-
 /// Runs `dfndr eval`.
 pub fn run(args: &EvalArgs) -> Result<()> {
     if args.data.is_empty() {
@@ -108,12 +96,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     let settings = EvalSettings {
         batch_size: args.batch_size,
-        classnames: list(&args.classnames, "imagenet", imagenet_classnames)?,
-        templates: list(
-            &args.templates,
+        classnames: named_or_file(args.classnames.as_deref(), "imagenet", imagenet_classnames)
+            .usage()?,
+        templates: named_or_file(
+            args.templates.as_deref(),
             "openai-imagenet",
             openai_imagenet_templates,
-        )?,
+        )
+        .usage()?,
         recall_ks: args.recall_k.clone(),
         limit: args.limit,
         data: DataOptions {

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use dfndr_trainer::eval::EvalReport;
 use dfndr_trainer::run::{train, Observer, StepLog, TrainConfig};
 use dfndr_trainer::TrainError;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -46,6 +47,19 @@ impl Observer for Bar {
             samples_per_s = log.samples_per_s,
             "step"
         );
+    }
+
+    fn evaluated(&mut self, step: u64, reports: &[EvalReport]) {
+        for r in reports {
+            let metrics: Vec<String> = r
+                .metrics
+                .iter()
+                .filter_map(|(k, v)| v.map(|v| format!("{k} {v:.4}")))
+                .collect();
+            self.bar.suspend(
+                || tracing::info!(step, dataset = %r.dataset, "eval: {}", metrics.join(", ")),
+            );
+        }
     }
 
     fn checkpoint(&mut self, path: &Path) {

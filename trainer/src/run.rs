@@ -5,6 +5,8 @@
 //! - `checkpoints/ckpt-SSSSSSSS/`: see [`crate::checkpoint`]; the run resumes from the newest;
 //! - `metrics.jsonl`: one JSON object per step (every loss term, learning rate, gradient norm,
 //!   logit scale, skipped rows, seconds split into data / forward / backward / optimiser);
+//! - `eval.jsonl`: with `[eval]`, one line per evaluation and dataset in clip_benchmark's
+//!   layout plus the step (the metrics also go to `metrics.jsonl` as `eval`);
 //! - `loss.png`: the loss curve so far;
 //! - `config.json`: the resolved config of the run.
 
@@ -22,6 +24,8 @@ use crate::checkpoint;
 use crate::data::loader::StudentInput;
 use crate::data::{DataConfig, Dataset, Loader, Position};
 use crate::error::{Result, TrainError};
+use crate::eval::in_training::{EvalSection, TrainingEval};
+use crate::eval::EvalReport;
 use crate::loss::{LossConfig, TeacherLayout};
 use crate::optim::{cosine_lr, AdamW, AdamWConfig};
 use crate::plot;
@@ -153,6 +157,9 @@ pub struct TrainConfig {
     /// Checkpoints.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Zero-shot evaluation every N steps and at the end.
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
 }
 
 impl TrainConfig {
@@ -275,6 +282,9 @@ pub struct StepLog {
     pub backward_seconds: f64,
     /// Seconds in clipping and AdamW.
     pub optimizer_seconds: f64,
+    /// Evaluation results after this step, `DATASET/METRIC` (clip_benchmark's metric names).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub eval: BTreeMap<String, f64>,
 }
 
 /// What the caller sees while a run goes on.
@@ -285,6 +295,8 @@ pub trait Observer {
     fn step(&mut self, _log: &StepLog) {}
     /// A checkpoint was written.
     fn checkpoint(&mut self, _path: &Path) {}
+    /// The evaluations after `step` are done.
+    fn evaluated(&mut self, _step: u64, _reports: &[EvalReport]) {}
 }
 
 /// How a run ended.
@@ -310,6 +322,9 @@ struct ResumeState {
 }
 
 const METRICS: &str = "metrics.jsonl";
+/// Evaluation results in clip_benchmark's layout, one line per dataset and evaluation, with
+/// the step.
+const EVAL_RESULTS: &str = "eval.jsonl";
 
 /// Trains `student` as `config` says into `output`, resuming from its newest checkpoint.
 /// `stop` ends the run cleanly (a checkpoint is written) when set.
@@ -361,6 +376,7 @@ pub fn train(
     };
     let mut history = read_metrics(&output.join(METRICS), step)?;
     write_metrics(&output.join(METRICS), &history)?;
+    truncate_eval_results(&output.join(EVAL_RESULTS), step)?;
     let mut summary = RunSummary {
         steps: step,
         interrupted: false,
@@ -389,6 +405,7 @@ pub fn train(
         resume.position,
     )?;
     let layout = teacher_layout(&loader.requirements().teachers, &config.loss)?;
+    let evals = config.eval.as_ref().map(TrainingEval::open).transpose()?;
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -460,7 +477,21 @@ pub fn train(
             forward_seconds: report.forward_seconds,
             backward_seconds: report.backward_seconds,
             optimizer_seconds: report.optimizer_seconds,
+            eval: BTreeMap::new(),
         };
+        let mut log = log;
+        if let Some(evals) = evals.as_ref().filter(|e| e.due(step, config.optim.steps)) {
+            let reports = evals.run(&student)?;
+            append_eval_results(&output.join(EVAL_RESULTS), step, &reports)?;
+            for r in &reports {
+                for (metric, value) in &r.metrics {
+                    if let Some(v) = value {
+                        log.eval.insert(format!("{}/{metric}", r.dataset), *v);
+                    }
+                }
+            }
+            observer.evaluated(step, &reports);
+        }
         let line = serde_json::to_string(&log).map_err(|e| TrainError::Internal(e.to_string()))?;
         writeln!(metrics, "{line}")
             .and_then(|_| metrics.flush())
@@ -489,6 +520,59 @@ pub fn train(
     }
     summary.steps = step;
     Ok(summary)
+}
+
+/// Drops the evaluation results of steps after `step` (redone after a resume).
+fn truncate_eval_results(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TrainError::Io(format!("{}: {e}", path.display()))),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Appends `reports` to the evaluation results file (clip_benchmark's layout plus the step).
+fn append_eval_results(path: &Path, step: u64, reports: &[EvalReport]) -> Result<()> {
+    let mut text = String::new();
+    for r in reports {
+        let line = serde_json::json!({
+            "dataset": r.dataset,
+            "model": "student",
+            "pretrained": format!("step {step}"),
+            "task": r.task,
+            "metrics": r.metrics,
+            "language": "en",
+            "step": step,
+            "samples": r.samples,
+            "captions": r.captions,
+            "skipped": r.skipped,
+            "seconds": r.seconds,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.flush())
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
 }
 
 /// The dataset's teacher layout with the config's logit-scale override.

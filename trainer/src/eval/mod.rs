@@ -6,10 +6,12 @@
 //! - [`classifier`]: the zero-shot classifier from class names and templates;
 //! - [`data`]: image folders, clip_benchmark webdatasets and DFNDR datasets;
 //! - [`metrics`]: the metrics on logits and scores (and the tie rule);
-//! - [`runner`]: one evaluation, batched, into a report.
+//! - [`runner`]: one evaluation, batched, into a report;
+//! - [`in_training`]: the `[eval]` section of a training config.
 
 pub mod classifier;
 pub mod data;
+pub mod in_training;
 pub mod metrics;
 pub mod prompts;
 pub mod runner;

@@ -40,6 +40,19 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// A list given as the name of a built-in one (`builtin`, made by `make`) or as a file.
+pub fn named_or_file(
+    spec: Option<&str>,
+    builtin: &str,
+    make: fn() -> Vec<String>,
+) -> Result<Option<Vec<String>>> {
+    Ok(match spec {
+        None => None,
+        Some(s) if s == builtin => Some(make()),
+        Some(path) => Some(read_lines(Path::new(path))?),
+    })
+}
+
 /// Checks that every template has a placeholder (`{c}` as clip_benchmark writes them, or
 /// Python's `{}` as OpenCLIP's string templates).
 pub fn check_templates(templates: &[String]) -> Result<()> {
