@@ -1,12 +1,14 @@
 //! The student learns: on a procedurally generated dataset (coloured shapes on noise, with
 //! templated captions) a tiny student reaches an image-to-text recall@1 on held-out pairs far
 //! above chance, once with the CLIP loss alone and once with distillation alone (teacher
-//! embeddings constructed from the ground truth).
+//! embeddings constructed from the ground truth). The CLIP-loss student is then evaluated
+//! zero-shot on a generated image folder, far above chance.
 
 mod common;
 
 use candle_core::{Device, Tensor};
 use dfndr_teachers::tokenizer::Tokenizer;
+use dfndr_trainer::eval::{evaluate, DataOptions, EvalData, EvalSettings, ImageTransform, Quiet};
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::optim::{cosine_lr, AdamW, AdamWConfig};
 use dfndr_trainer::step::{l2_normalize, train_step, Batch};
@@ -57,6 +59,14 @@ fn caption(class: usize) -> String {
 /// A `[3, 32, 32]` image of `class`: the shape in its colour at a random place and size on
 /// grey noise, normalised with mean 0.5 and std 0.25.
 fn image(class: usize, rng: &mut Rng) -> Vec<f32> {
+    raw_image(class, rng)
+        .into_iter()
+        .map(|v| (v - 0.5) / 0.25)
+        .collect()
+}
+
+/// The same image with values in [0, 1].
+fn raw_image(class: usize, rng: &mut Rng) -> Vec<f32> {
     let color = COLORS[class / SHAPES.len()].1;
     let shape = class % SHAPES.len();
     let r = 5.0 + rng.unit() * 5.0;
@@ -74,7 +84,7 @@ fn image(class: usize, rng: &mut Rng) -> Vec<f32> {
             let grey = 0.3 + 0.4 * rng.unit();
             for c in 0..3 {
                 let v = if inside { color[c] } else { grey };
-                px[c * SIZE * SIZE + y * SIZE + x] = (v - 0.5) / 0.25;
+                px[c * SIZE * SIZE + y * SIZE + x] = v;
             }
         }
     }
@@ -163,7 +173,7 @@ fn recall_at_1(student: &Student, per_class: usize, rng: &mut Rng) -> f64 {
     hits as f64 / classes.len() as f64
 }
 
-fn learn(loss: LossConfig, seed: u64) -> f64 {
+fn learn(loss: LossConfig, seed: u64) -> (Student, f64) {
     let cfg: StudentConfig =
         toml::from_str(&common::tiny_student(32, CONTEXT, None, None)).unwrap();
     let student = Student::with_seed(&cfg, seed, &Device::Cpu).unwrap();
@@ -194,13 +204,41 @@ fn learn(loss: LossConfig, seed: u64) -> f64 {
         )
         .unwrap();
     }
-    recall_at_1(&student, 4, &mut Rng(seed + 1000))
+    let r = recall_at_1(&student, 4, &mut Rng(seed + 1000));
+    (student, r)
+}
+
+/// Writes an image folder of `per_class` fresh PNG images per class (`red_circle/0.png`, …)
+/// and its prompt templates (the training captions' two forms).
+fn image_folder(dir: &std::path::Path, per_class: usize, rng: &mut Rng) {
+    for class in 0..CLASSES {
+        let name = caption(class)[2..].replace(' ', "_");
+        let folder = dir.join(&name);
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..per_class {
+            let px = raw_image(class, rng);
+            let plane = SIZE * SIZE;
+            let rgb: Vec<u8> = (0..plane)
+                .flat_map(|p| (0..3).map(move |c| (c, p)))
+                .map(|(c, p)| (px[c * plane + p] * 255.0).round() as u8)
+                .collect();
+            image::RgbImage::from_raw(SIZE as u32, SIZE as u32, rgb)
+                .unwrap()
+                .save(folder.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    std::fs::write(
+        dir.join("zeroshot_classification_templates.txt"),
+        "a {c}\na photo of a {c}\n",
+    )
+    .unwrap();
 }
 
 #[test]
 fn the_student_learns_with_the_clip_loss_alone() {
     let chance = 1.0 / CLASSES as f64;
-    let r = learn(
+    let (student, r) = learn(
         LossConfig {
             contrastive_weight: 1.0,
             distill_weight: 0.0,
@@ -209,12 +247,34 @@ fn the_student_learns_with_the_clip_loss_alone() {
     );
     eprintln!("CLIP loss only: held-out image-to-text recall@1 {r:.3} (chance {chance:.3})");
     assert!(r >= 4.0 * chance, "recall@1 {r}");
+
+    // The same student evaluated zero-shot on an image folder of fresh images, as `dfndr
+    // eval` does: class names from the folder names, the folder's templates.
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(dir.path(), 5, &mut Rng(77));
+    let data = EvalData::open(dir.path().to_str().unwrap(), &DataOptions::default()).unwrap();
+    let settings = EvalSettings {
+        transform: Some(ImageTransform {
+            size: SIZE,
+            interpolation: dfndr_teachers::Resample::Bilinear,
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        }),
+        ..EvalSettings::default()
+    };
+    let report = evaluate(&student, &data, &settings, &mut Quiet).unwrap();
+    eprintln!("zero-shot on the image folder: {:?}", report.metrics);
+    assert_eq!(report.samples, (CLASSES * 5) as u64);
+    assert_eq!(report.task, "zeroshot_classification");
+    let acc1 = report.metrics["acc1"].unwrap();
+    assert!(acc1 >= 4.0 * chance, "acc1 {acc1}");
+    assert!(report.metrics["acc5"].unwrap() >= acc1);
 }
 
 #[test]
 fn the_student_learns_with_distillation_alone() {
     let chance = 1.0 / CLASSES as f64;
-    let r = learn(
+    let (_, r) = learn(
         LossConfig {
             contrastive_weight: 0.0,
             distill_weight: 1.0,
