@@ -30,7 +30,7 @@ fn wds_classification(root: &Path) {
     let images = demo_images();
     let test = root.join("test");
     std::fs::create_dir_all(&test).unwrap();
-    let mut shards = vec![Vec::new(), Vec::new()];
+    let mut shards = [Vec::new(), Vec::new()];
     for i in 0..7 {
         let (ext, data) = &images[i % images.len()];
         let key = format!("s{i:04}");
