@@ -1,7 +1,8 @@
 //! `dfndr train` end to end on a dataset `dfndr reinforce` writes: a run killed with SIGKILL
 //! at several steps (and one stopped with SIGINT) resumes to the same losses and the same
 //! bytes of weights as an uninterrupted run; bad datasets and configs are clear errors or
-//! counted skips.
+//! counted skips. Evaluation during training ([eval]) changes nothing of that and resumes
+//! with the run; `dfndr eval` on the last checkpoint gives the same numbers.
 
 mod common;
 
@@ -100,11 +101,24 @@ fn final_weights(out: &Path, steps: u64) -> Vec<u8> {
     std::fs::read(out.join(format!("checkpoints/ckpt-{steps:08}/model.safetensors"))).unwrap()
 }
 
+fn eval_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path(), true);
-    let config = train_config(dir.path(), &data, 14, 3, "");
+    // Evaluation during training must not change the run, and its results resume too.
+    let eval = format!(
+        "[eval]\nevery_steps = 5\n[[eval.datasets]]\npath = {:?}\nname = \"held\"\n",
+        data.display().to_string()
+    );
+    let config = train_config(dir.path(), &data, 14, 3, &eval);
 
     let whole = dir.path().join("whole");
     let o = run(&mut train(&config, &whole));
@@ -134,6 +148,31 @@ fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
         final_weights(&broken, 14) == final_weights(&whole, 14),
         "weights differ"
     );
+    let evals = eval_lines(&whole);
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [5, 10, 14]);
+    let metrics = |v: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        v.iter().map(|e| e["metrics"].clone()).collect()
+    };
+    assert_eq!(metrics(&eval_lines(&broken)), metrics(&evals));
+    assert_eq!(evals[0]["dataset"], "held");
+    assert_eq!(evals[0]["task"], "zeroshot_retrieval");
+    let logged = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
+    let step10: serde_json::Value = serde_json::from_str(logged.lines().nth(9).unwrap()).unwrap();
+    assert_eq!(
+        step10["eval"]["held/mean_recall@1"],
+        evals[1]["metrics"]["mean_recall@1"]
+    );
+    // `dfndr eval` on the run's last checkpoint gives the in-training numbers.
+    let o = run(dfndr()
+        .args(["eval", "--no-progress", "--checkpoint"])
+        .arg(&whole)
+        .arg("--data")
+        .arg(&data));
+    assert!(o.status.success(), "{}", text(&o));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(line["metrics"], evals[2]["metrics"]);
 
     // A finished run has nothing left to do.
     let o = run(&mut train(&config, &whole));
