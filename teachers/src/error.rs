@@ -15,6 +15,13 @@ pub enum TeacherError {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The file is not a checkpoint we can read, or it is damaged.
     #[error("{path} is not a readable checkpoint: {reason}")]
     BadCheckpoint { path: PathBuf, reason: String },

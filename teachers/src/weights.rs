@@ -1,14 +1,17 @@
 //! Where tower weights come from: checkpoint files, the Hugging Face cache, or deterministic
-//! random numbers; and the strict binding of a state dict to an architecture.
+//! random numbers; the strict binding of a state dict to an architecture; and writing a state
+//! dict back as a `torch.save` file.
 
 mod binder;
 mod checkpoint;
 mod hub;
 mod random;
+mod torch_save;
 
 pub use binder::{bind, requested_shapes, WeightSource};
 pub use checkpoint::StateDict;
 pub use hub::{hub_cache_dir, resolve_hub, HubRef};
+pub use torch_save::save_torch;
 
 use std::path::{Path, PathBuf};
 
