@@ -173,6 +173,43 @@ fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
     let line: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     assert_eq!(line["metrics"], evals[2]["metrics"]);
+    // `dfndr export` writes it as OpenCLIP's torch.save file, which dfndr reads back to the
+    // same embeddings.
+    let exported = dir.path().join("exported");
+    let o = run(dfndr()
+        .args(["export", "--format", "pt", "--checkpoint"])
+        .arg(&whole)
+        .arg("--out")
+        .arg(&exported));
+    assert!(o.status.success(), "{}", text(&o));
+    let image = dir.path().join("in/probe.jpg");
+    let (_, jpg) = common::demo_images()
+        .into_iter()
+        .find(|(ext, _)| ext == "jpg")
+        .unwrap();
+    std::fs::write(&image, jpg).unwrap();
+    let embed = |source: &[&str]| -> serde_json::Value {
+        let o = run(dfndr()
+            .arg("encode")
+            .args(source)
+            .arg("--image")
+            .arg(&image)
+            .args(["--text", "a photo"]));
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        serde_json::json!([v["images"][0]["embedding"], v["texts"][0]["embedding"]])
+    };
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/students/tiny.toml");
+    let weights = exported.join("open_clip_pytorch_model.bin");
+    assert_eq!(
+        embed(&[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap()
+        ]),
+        embed(&["--checkpoint", whole.to_str().unwrap()])
+    );
 
     // A finished run has nothing left to do.
     let o = run(&mut train(&config, &whole));

@@ -200,6 +200,26 @@ Examples:
   dfndr encode --model MobileCLIP2-S0 --weights mobileclip2_s0.pt --text \"a dog\"
   dfndr encode --checkpoint train-out/s0-demo --image a.jpg")]
     Encode(EncodeCli),
+    /// Write a student as OpenCLIP loads it (safetensors or torch.save) with open_clip_config.json.
+    #[command(long_about = "\
+Write a student (a training checkpoint, or --model/--weights) as OpenCLIP loads it, into the
+folder --out:
+  - open_clip_model.safetensors (--format safetensors, the default), or
+    open_clip_pytorch_model.bin (--format pt: torch.save({\"state_dict\": ...}), the layout of
+    OpenCLIP's training checkpoints and Apple's .pt releases);
+  - open_clip_config.json: OpenCLIP's model config (model_cfg, as model_configs/MobileCLIP2-S0.json)
+    and the evaluation preprocessing (preprocess_cfg).
+
+Keys are OpenCLIP's (visual.trunk.*, text.*, logit_scale), in the train-time (branched) form.
+
+In Python:
+  model, _, preprocess = open_clip.create_model_and_transforms('local-dir:OUT')
+  model = open_clip.create_model('MobileCLIP2-S0', pretrained='OUT/open_clip_pytorch_model.bin')
+
+Examples:
+  dfndr export --checkpoint train-out/s0-dfndr12m --out s0-export/
+  dfndr export --checkpoint train-out/s0-dfndr12m --format pt --out s0-export-pt/")]
+    Export(ExportCli),
     /// Zero-shot classification and image-text retrieval of a model, with clip_benchmark's metrics.
     #[command(long_about = "\
 Zero-shot classification and image-text retrieval of a model, with clip_benchmark's metrics.
@@ -341,6 +361,25 @@ struct EncodeCli {
     /// Return OpenCLIP's raw (unnormalised) embeddings.
     #[arg(long)]
     no_normalize: bool,
+}
+
+/// Weights file formats of `export`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormatArg {
+    Safetensors,
+    Pt,
+}
+
+#[derive(clap::Args)]
+struct ExportCli {
+    #[command(flatten)]
+    model: model_args::ModelArgs,
+    /// Folder to write into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Weights format: safetensors, or pt (torch.save zip with {"state_dict": ...}).
+    #[arg(long, value_enum, default_value = "safetensors")]
+    format: ExportFormatArg,
 }
 
 #[derive(clap::Args)]
@@ -490,6 +529,7 @@ fn main() -> ExitCode {
             no_normalize: cli.no_normalize,
         })
         .map(|_| ExitCode::SUCCESS),
+        Command::Export(cli) => export_command(cli).map(|_| ExitCode::SUCCESS),
         Command::Eval(cli) => eval::run(&eval::EvalArgs {
             model: cli.model,
             data: cli.data,
@@ -923,6 +963,38 @@ fn rewrite_command(
         output,
         progress,
     )
+}
+
+fn export_command(cli: ExportCli) -> Result<()> {
+    use dfndr_trainer::export::{export_student, ExportFormat};
+    let source = cli.model.source()?;
+    let compute = dfndr_teachers::device::Compute::cpu();
+    let loaded = dfndr_trainer::models::load(&source, &compute).usage()?;
+    let Some(student) = loaded.student() else {
+        return Err(exit::usage(format!(
+            "{} is not a student: OpenCLIP models are exported by OpenCLIP itself",
+            loaded.label
+        )));
+    };
+    let format = match cli.format {
+        ExportFormatArg::Safetensors => ExportFormat::Safetensors,
+        ExportFormatArg::Pt => ExportFormat::Torch,
+    };
+    let written = export_student(student, &cli.out, format)
+        .with_context(|| format!("cannot export into {}", cli.out.display()))?;
+    eprintln!("wrote {}", written.weights.display());
+    match &written.config {
+        Some(path) => eprintln!(
+            "wrote {}\nload it with open_clip.create_model_and_transforms('local-dir:{}')",
+            path.display(),
+            cli.out.display()
+        ),
+        None => eprintln!(
+            "warning: no open_clip_config.json: this student's image tower has no timm \
+             architecture name (vision.arch), which OpenCLIP needs to build it"
+        ),
+    }
+    Ok(())
 }
 
 /// The process's peak resident set size (`VmHWM`), where the OS reports it (Linux).

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod fastvit;
 pub mod init;
 pub mod layers;
