@@ -9,6 +9,7 @@
 //!   [`checkpoint`]: atomic checkpoints from which a run continues bit for bit;
 //!   [`recompute`]: activation recomputation (less memory for one more forward pass);
 //!   [`step`]: one optimisation step.
+//! - [`plot`]: PNGs of the step metrics; [`tensorboard`]: TensorBoard event files of scalars.
 
 pub mod checkpoint;
 pub mod data;
@@ -27,6 +28,7 @@ pub mod recompute;
 pub mod run;
 pub mod step;
 pub mod student;
+pub mod tensorboard;
 
 pub use error::{Result, TrainError};
 pub use layers::Mode;
