@@ -101,6 +101,26 @@ fn final_weights(out: &Path, steps: u64) -> Vec<u8> {
     std::fs::read(out.join(format!("checkpoints/ckpt-{steps:08}/model.safetensors"))).unwrap()
 }
 
+/// Records of the run's only TensorBoard event file (TFRecord framing: length, its CRC, data,
+/// data CRC).
+fn event_records(out: &Path) -> usize {
+    let files: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let (mut at, mut n) = (0, 0);
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        at += 12 + len + 4;
+        n += 1;
+    }
+    assert_eq!(at, bytes.len());
+    n
+}
+
 fn eval_lines(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("eval.jsonl"))
         .unwrap()
@@ -125,7 +145,7 @@ fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
     assert!(o.status.success());
     let reference = losses(&whole);
     assert_eq!(reference.len(), 14);
-    assert!(whole.join("loss.png").exists() && whole.join("config.json").exists());
+    assert!(whole.join("metrics.png").exists() && whole.join("config.json").exists());
 
     // Killed twice without warning (once possibly while a checkpoint is written), stopped
     // once with SIGINT (exit 130 after a checkpoint), then run to the end.
@@ -148,6 +168,10 @@ fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
         final_weights(&broken, 14) == final_weights(&whole, 14),
         "weights differ"
     );
+    // One TensorBoard event file per run folder, with one event per step after the
+    // file-version event: the steps redone after each resume appear once.
+    assert_eq!(event_records(&whole), 1 + 14);
+    assert_eq!(event_records(&broken), 1 + 14);
     let evals = eval_lines(&whole);
     let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [5, 10, 14]);

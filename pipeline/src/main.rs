@@ -101,7 +101,9 @@ with theirs.
 
 The output folder gets checkpoints/ (model in OpenCLIP's key names, optimiser moments, data
 position; the newest few kept), metrics.jsonl (every loss term, learning rate, gradient norm,
-logit scale, skips and the step time split into data/forward/backward/optimiser), loss.png and
+logit scale, skips and the step time split into data/forward/backward/optimiser; with [eval],
+the evaluation metrics), TensorBoard event files (tensorboard --logdir OUT), metrics.png (plots
+of the same), eval.jsonl (with [eval]: clip_benchmark-layout results per evaluation) and
 config.json. Run the same command again after a crash or preemption and it continues from the
 newest checkpoint; on the CPU the result equals an uninterrupted run's bit for bit.
 

@@ -3,10 +3,11 @@
 //!
 //! [`write_panels_png`] draws any number of [`Panel`]s in a grid of two columns; each panel has
 //! a frame, a light grid, its curves in a fixed palette, its title, a legend with the curve
-//! names, and its x and y ranges printed as numbers on the axes. [`write_loss_png`] is the
+//! names, and its x and y ranges printed as numbers on the axes. [`write_metrics_png`] is the
 //! trainer's use of it: the weighted loss with its running mean, the unweighted loss terms, the
-//! learning rate and the gradient norm.
+//! learning rate, the gradient norm, the logit scale, the throughput and the evaluations.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use image::{Rgb, RgbImage};
@@ -102,12 +103,13 @@ pub fn write_panels_png(path: &Path, panels: &[Panel]) -> Result<()> {
 
 /// Draws `logs`' metrics against their step into `path` (written atomically): the weighted
 /// loss with its running mean over a twentieth of the run, the four unweighted loss terms, the
-/// learning rate and the gradient norm before clipping.
-pub fn write_loss_png(path: &Path, logs: &[StepLog]) -> Result<()> {
+/// learning rate, the gradient norm before clipping, the logit scale, the throughput and, per
+/// evaluated dataset, its metrics.
+pub fn write_metrics_png(path: &Path, logs: &[StepLog]) -> Result<()> {
     write_panels_png(path, &step_panels(logs))
 }
 
-/// The panels [`write_loss_png`] draws.
+/// The panels [`write_metrics_png`] draws.
 pub fn step_panels(logs: &[StepLog]) -> Vec<Panel> {
     let series = |f: fn(&StepLog) -> f64| -> Vec<(f64, f64)> {
         logs.iter().map(|l| (l.step as f64, f(l))).collect()
@@ -115,7 +117,7 @@ pub fn step_panels(logs: &[StepLog]) -> Vec<Panel> {
     let loss = series(|l| l.loss);
     let window = (loss.len() / 20).max(1);
     let mean = running_mean(&loss, window);
-    vec![
+    let mut panels = vec![
         Panel::new(
             "loss (weighted total)",
             vec![
@@ -137,7 +139,38 @@ pub fn step_panels(logs: &[StepLog]) -> Vec<Panel> {
             "gradient norm (before clipping)",
             vec![Curve::new("grad_norm", series(|l| l.grad_norm))],
         ),
-    ]
+        Panel::new(
+            "logit scale (exp)",
+            vec![Curve::new("logit_scale", series(|l| l.logit_scale))],
+        ),
+        Panel::new(
+            "throughput (samples/s)",
+            vec![Curve::new("samples_per_s", series(|l| l.samples_per_s))],
+        ),
+    ];
+    // One panel per evaluated dataset, a curve per metric, points at the evaluated steps.
+    type Curves<'a> = BTreeMap<&'a str, Vec<(f64, f64)>>;
+    let mut eval: BTreeMap<&str, Curves> = BTreeMap::new();
+    for l in logs {
+        for (key, v) in &l.eval {
+            let (dataset, metric) = key.rsplit_once('/').unwrap_or(("eval", key));
+            eval.entry(dataset)
+                .or_default()
+                .entry(metric)
+                .or_default()
+                .push((l.step as f64, *v));
+        }
+    }
+    for (dataset, metrics) in eval {
+        panels.push(Panel::new(
+            format!("eval: {dataset}"),
+            metrics
+                .into_iter()
+                .map(|(m, points)| Curve::new(m, points))
+                .collect(),
+        ));
+    }
+    panels
 }
 
 /// The mean of each point's value and the `window - 1` finite values before it, at the
@@ -758,9 +791,9 @@ mod tests {
     }
 
     #[test]
-    fn loss_png_draws_the_step_panels() {
+    fn metrics_png_draws_the_step_and_eval_panels() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("loss.png");
+        let path = dir.path().join("metrics.png");
         let logs: Vec<StepLog> = (1..=30)
             .map(|s| StepLog {
                 step: s,
@@ -779,13 +812,27 @@ mod tests {
                 forward_seconds: 0.0,
                 backward_seconds: 0.0,
                 optimizer_seconds: 0.0,
+                time: 0.0,
+                eval: if s % 10 == 0 {
+                    [("pets/acc1".to_string(), s as f64 / 40.0)].into()
+                } else {
+                    Default::default()
+                },
             })
             .collect();
-        write_loss_png(&path, &logs).unwrap();
+        write_metrics_png(&path, &logs).unwrap();
+        // Six step panels and one for the evaluated dataset: four rows of two.
         assert_eq!(
             read(&path).dimensions(),
-            (2 * PANEL_WIDTH, 2 * PANEL_HEIGHT)
+            (2 * PANEL_WIDTH, 4 * PANEL_HEIGHT)
         );
-        write_loss_png(&path, &[]).unwrap();
+        let panels = step_panels(&logs);
+        assert_eq!(panels.len(), 7);
+        assert_eq!(panels[6].title, "eval: pets");
+        assert_eq!(
+            panels[6].curves[0].points,
+            [(10.0, 0.25), (20.0, 0.5), (30.0, 0.75)]
+        );
+        write_metrics_png(&path, &[]).unwrap();
     }
 }

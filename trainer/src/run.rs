@@ -7,7 +7,9 @@
 //!   logit scale, skipped rows, seconds split into data / forward / backward / optimiser);
 //! - `eval.jsonl`: with `[eval]`, one line per evaluation and dataset in clip_benchmark's
 //!   layout plus the step (the metrics also go to `metrics.jsonl` as `eval`);
-//! - `loss.png`: the loss curve so far;
+//! - `metrics.png`: plots of the loss terms, learning rate, gradient norm, logit scale,
+//!   throughput and evaluations so far;
+//! - `events.out.tfevents.*.dfndr`: the same for TensorBoard (`tensorboard --logdir OUT`);
 //! - `config.json`: the resolved config of the run.
 
 use std::collections::BTreeMap;
@@ -31,6 +33,7 @@ use crate::optim::{cosine_lr, AdamW, AdamWConfig};
 use crate::plot;
 use crate::step::{train_step_accumulated, Plan};
 use crate::student::{Student, StudentConfig};
+use crate::tensorboard::EventWriter;
 
 /// The student of a run: a student config file, or the config inline.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -282,6 +285,9 @@ pub struct StepLog {
     pub backward_seconds: f64,
     /// Seconds in clipping and AdamW.
     pub optimizer_seconds: f64,
+    /// Unix time when the step ended (seconds).
+    #[serde(default)]
+    pub time: f64,
     /// Evaluation results after this step, `DATASET/METRIC` (clip_benchmark's metric names).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub eval: BTreeMap<String, f64>,
@@ -322,6 +328,8 @@ struct ResumeState {
 }
 
 const METRICS: &str = "metrics.jsonl";
+/// The plots, redrawn at every checkpoint.
+const PLOT: &str = "metrics.png";
 /// Evaluation results in clip_benchmark's layout, one line per dataset and evaluation, with
 /// the step.
 const EVAL_RESULTS: &str = "eval.jsonl";
@@ -377,6 +385,7 @@ pub fn train(
     let mut history = read_metrics(&output.join(METRICS), step)?;
     write_metrics(&output.join(METRICS), &history)?;
     truncate_eval_results(&output.join(EVAL_RESULTS), step)?;
+    let mut events = tensorboard_from(output, &history)?;
     let mut summary = RunSummary {
         steps: step,
         interrupted: false,
@@ -477,6 +486,7 @@ pub fn train(
             forward_seconds: report.forward_seconds,
             backward_seconds: report.backward_seconds,
             optimizer_seconds: report.optimizer_seconds,
+            time: unix_now(),
             eval: BTreeMap::new(),
         };
         let mut log = log;
@@ -500,11 +510,12 @@ pub fn train(
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         summary.first_loss = Some(mean(&losses[..losses.len().min(5)]));
         summary.last_loss = Some(mean(&losses[losses.len().saturating_sub(5)..]));
+        write_events(&mut events, &log)?;
         history.push(log.clone());
         observer.step(&log);
         if step % config.checkpoint.every_steps == 0 || step == config.optim.steps {
             let path = save(step, &resume, &optimizer)?;
-            plot::write_loss_png(&output.join("loss.png"), &history)?;
+            plot::write_metrics_png(&output.join(PLOT), &history)?;
             observer.checkpoint(&path);
             summary.checkpoint = Some(path);
         }
@@ -514,12 +525,64 @@ pub fn train(
         && step > 0
     {
         let path = save(step, &resume, &optimizer)?;
-        plot::write_loss_png(&output.join("loss.png"), &history)?;
+        plot::write_metrics_png(&output.join(PLOT), &history)?;
         observer.checkpoint(&path);
         summary.checkpoint = Some(path);
     }
     summary.steps = step;
     Ok(summary)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A fresh TensorBoard event file in `output` holding `history` (the steps up to the
+/// checkpoint the run continues from): older event files of dfndr are removed, so steps redone
+/// after a resume appear once, as in `metrics.jsonl`.
+fn tensorboard_from(output: &Path, history: &[StepLog]) -> Result<EventWriter> {
+    let entries = std::fs::read_dir(output)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", output.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("events.out.tfevents.") && name.ends_with(".dfndr") {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| TrainError::Io(format!("{}: {e}", entry.path().display())))?;
+        }
+    }
+    let mut events = EventWriter::create(output)?;
+    for log in history {
+        write_events(&mut events, log)?;
+    }
+    Ok(events)
+}
+
+/// One step's scalars: loss terms, learning rate, gradient norm, logit scale, throughput and
+/// time split, and its evaluations (`eval/DATASET/METRIC`).
+fn write_events(events: &mut EventWriter, log: &StepLog) -> Result<()> {
+    let mut values: Vec<(String, f64)> = vec![
+        ("loss/total".into(), log.loss),
+        ("loss/contrastive_gt".into(), log.contrastive_gt),
+        ("loss/contrastive_syn".into(), log.contrastive_syn),
+        ("loss/distill_gt".into(), log.distill_gt),
+        ("loss/distill_syn".into(), log.distill_syn),
+        ("train/lr".into(), log.lr),
+        ("train/grad_norm".into(), log.grad_norm),
+        ("train/logit_scale".into(), log.logit_scale),
+        ("perf/samples_per_s".into(), log.samples_per_s),
+        ("perf/data_seconds".into(), log.data_seconds),
+        ("perf/forward_seconds".into(), log.forward_seconds),
+        ("perf/backward_seconds".into(), log.backward_seconds),
+        ("perf/optimizer_seconds".into(), log.optimizer_seconds),
+    ];
+    for (k, v) in &log.eval {
+        values.push((format!("eval/{k}"), *v));
+    }
+    let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    events.scalars(log.step, log.time, &refs)?;
+    events.flush()
 }
 
 /// Drops the evaluation results of steps after `step` (redone after a resume).
