@@ -13,8 +13,6 @@
 //! every image, which would make the image-side comparison vacuous). Set
 //! `DFNDR_INTERCHANGE_OUT=DIR` to keep the exported files (the golden script does).
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -169,15 +167,6 @@ fn openclip_loads_dfndr_s0_exports_and_gives_the_same_embeddings() {
             meta["sha256"][folder].as_str().unwrap(),
             "{folder}: the exported file is not the one the goldens were made from"
         );
-        // dfndr reads its own export back to the same model.
-        let back = load_student(
-            &builtin_student("MobileCLIP2-S0").unwrap(),
-            &WeightsRef::Path(written.weights.clone()),
-        )
-        .unwrap();
-        let (image, text) = encode(&back, &golden);
-        assert_eq!(max_abs(&image, &image_ref), 0.0, "{folder}");
-        assert_eq!(max_abs(&text, &text_ref), 0.0, "{folder}");
     }
     // As `dfndr encode` gives them: L2-normalised.
     let norm = |t: &Tensor| dfndr_teachers::l2_normalize(t).unwrap();
@@ -234,7 +223,7 @@ fn dfndr_loads_openclip_training_checkpoints() {
     let path: &Path = &fixture("openclip_tiny_checkpoint.pt");
     let config: StudentConfig = toml::from_str(TINY).unwrap();
     let student = load_student(&config, &WeightsRef::Path(path.to_path_buf())).unwrap();
-    let expected = common::load("s0_tiny.safetensors");
+    let expected = crate::common::load("s0_tiny.safetensors");
     let got = student.state_dict().unwrap();
     assert_eq!(got.len(), expected.len());
     for (k, v) in &got {
