@@ -1,6 +1,6 @@
 //! Checkpoint reading and strict binding: every container OpenCLIP users have, the exact
 //! state-dict key sets of the built-in architectures, and clear errors for damaged or
-//! mismatched files.
+//! mismatched files. Writing: `save_torch` (module `torch_save`).
 
 use dfndr_teachers::device::Compute;
 use std::collections::BTreeMap;
@@ -10,6 +10,10 @@ use dfndr_teachers::blocks::Kernels;
 use dfndr_teachers::weights::{StateDict, WeightSource};
 use dfndr_teachers::{ClipConfig, ClipModel, DType, Device, TeacherError, Tensor};
 use serde_json::Value;
+
+/// Writing torch.save files (in this binary: one link fewer on CI).
+#[path = "checkpoints/torch_save.rs"]
+mod torch_save;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/teachers")
