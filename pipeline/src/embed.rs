@@ -3,11 +3,11 @@
 
 use anyhow::{bail, Context, Result};
 use dfndr_augment::params::normalize_chw;
-use dfndr_augment::resize::{center_crop, resize_shorter, Filter};
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{EmbDtype, EmbLayout, TeacherInfo};
+use dfndr_trainer::eval::ImageTransform;
 use dfndr_teachers::device::Compute;
-use dfndr_teachers::{Ensemble, Preprocess, Resample, Teacher, TeacherConfig, Tensor};
+use dfndr_teachers::{Ensemble, Preprocess, Teacher, TeacherConfig, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -41,21 +41,16 @@ impl Default for EmbedSection {
     }
 }
 
-/// The PIL filter of a teacher's resize.
-pub fn filter_of(r: Resample) -> Filter {
-    match r {
-        Resample::Bicubic => Filter::Bicubic,
-        Resample::Bilinear => Filter::Bilinear,
-    }
-}
-
 /// A teacher's eval preprocessing of a whole image: resize the shorter side, centre crop,
 /// normalise (OpenCLIP's `image_transform(is_train=False)`), as CHW floats.
 pub fn preprocess_image(img: &RgbImage, p: &Preprocess, size: usize) -> Vec<f32> {
-    let size = size as u32;
-    let resized = resize_shorter(img, size, filter_of(p.interpolation));
-    let cropped = center_crop(&resized, size, size);
-    normalize_chw(&cropped, p.mean, p.std)
+    ImageTransform {
+        size,
+        interpolation: p.interpolation,
+        mean: p.mean,
+        std: p.std,
+    }
+    .apply(img)
 }
 
 /// The loaded ensemble and its settings.
@@ -277,8 +272,8 @@ mod tests {
             let p = Preprocess {
                 image_size: Some(size),
                 interpolation: match setting["interpolation"].as_str().unwrap() {
-                    "bicubic" => Resample::Bicubic,
-                    _ => Resample::Bilinear,
+                    "bicubic" => dfndr_teachers::Resample::Bicubic,
+                    _ => dfndr_teachers::Resample::Bilinear,
                 },
                 mean: three(&setting["mean"]),
                 std: three(&setting["std"]),

@@ -67,7 +67,11 @@ struct Bar(ProgressBar);
 impl EvalProgress for Bar {
     fn phase(&mut self, name: &str, total: Option<u64>) {
         self.0.set_position(0);
-        self.0.set_length(total.unwrap_or(0));
+        match total {
+            Some(n) => self.0.set_length(n),
+            // A webdataset's size is known only once read: a count without a bar.
+            None => self.0.unset_length(),
+        }
         self.0.set_message(name.to_string());
         self.0.reset_eta();
     }
