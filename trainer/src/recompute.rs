@@ -62,6 +62,17 @@ impl<'a> Units<'a> {
         Ok((Tape { inputs }, x))
     }
 
+    /// Runs every unit in `mode` for inference: each unit's output is detached, so memory
+    /// holds one unit's graph at a time (the parameters are variables, so every operation on
+    /// them records its inputs; a whole tower's graph at batch 64 is tens of GB).
+    pub fn infer(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut x = x.detach();
+        for i in 0..self.count {
+            x = (self.run)(i, &x, mode)?.detach();
+        }
+        Ok(x)
+    }
+
     /// Back-propagates `grad` (the gradient of the tower's output) through the units in
     /// reverse, recomputing each from `tape`, and adds the parameters' gradients to `store`.
     pub fn backward(&self, tape: Tape, grad: Tensor, store: &mut GradStore) -> Result<()> {

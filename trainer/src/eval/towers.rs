@@ -70,11 +70,15 @@ impl Towers for Student {
     fn device(&self) -> Device {
         Student::device(self).clone()
     }
+    // Unit by unit with the graph cut between units: the student's weights are variables,
+    // and a whole tower's recorded graph would hold every activation of the batch.
     fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.encode_image(pixels, Mode::Eval)
+        self.image_units().infer(pixels, Mode::Eval)
     }
     fn encode_texts(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
-        self.encode_text(ids)
+        // The text units ignore their first input (they embed `ids`).
+        let unused = Tensor::zeros(1, candle_core::DType::F32, Student::device(self))?;
+        self.text_units(ids)?.infer(&unused, Mode::Eval)
     }
     fn logit_scale(&self) -> Result<f32> {
         Ok(Student::logit_scale(self)
