@@ -5,9 +5,9 @@ use anyhow::{bail, Context, Result};
 use dfndr_augment::params::normalize_chw;
 use dfndr_augment::rgb::RgbImage;
 use dfndr_shards::format::{EmbDtype, EmbLayout, TeacherInfo};
-use dfndr_trainer::eval::ImageTransform;
 use dfndr_teachers::device::Compute;
 use dfndr_teachers::{Ensemble, Preprocess, Teacher, TeacherConfig, Tensor};
+use dfndr_trainer::eval::ImageTransform;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
