@@ -32,6 +32,14 @@ pub fn builtin_student(name: &str) -> Option<StudentConfig> {
     }
 }
 
+/// OpenCLIP's model name of a student with a built-in architecture (for result lines).
+pub fn openclip_name(config: &StudentConfig) -> Option<String> {
+    STUDENT_NAMES
+        .iter()
+        .find(|n| builtin_student(n).is_some_and(|b| b.vision.arch == config.vision.arch))
+        .map(|n| n.to_string())
+}
+
 /// Names `--model` accepts for students.
 pub const STUDENT_NAMES: &[&str] = &["MobileCLIP2-S0"];
 
@@ -171,11 +179,7 @@ pub fn load(source: &ModelSource, compute: &Compute) -> Result<LoadedModel> {
             let weights = WeightsRef::Path(ckpt.join(checkpoint::MODEL_FILE));
             let student = load_student(&config, &weights)?;
             Ok(LoadedModel {
-                label: config
-                    .vision
-                    .arch
-                    .clone()
-                    .unwrap_or_else(|| "student".into()),
+                label: openclip_name(&config).unwrap_or_else(|| "student".into()),
                 weights: ckpt.display().to_string(),
                 model: Loaded::Student(Box::new(student)),
             })
@@ -254,6 +258,7 @@ mod tests {
         assert_eq!(cfg.embed_dim, 512);
         assert_eq!(cfg.preprocess.interpolation, Resample::Bilinear);
         assert!(builtin_student("MobileCLIP2-S9").is_none());
+        assert_eq!(openclip_name(&cfg).as_deref(), Some("MobileCLIP2-S0"));
     }
 
     #[test]
