@@ -24,7 +24,8 @@ release:
 	$(CARGO) build --release -p dfndr
 
 ## Run the reinforce job on the bundled demo shards into a fresh output, show its status, and
-## end with a short distillation run of a tiny student on it (its loss goes down).
+## end with a short distillation run of a tiny student on it (its loss goes down) and a
+## zero-shot retrieval evaluation of the trained student.
 demo: deps release
 	rm -rf $(DEMO_OUT)
 	./target/release/dfndr reinforce --config configs/demo.toml --output $(DEMO_OUT)
@@ -36,6 +37,8 @@ demo: deps release
 	./target/release/dfndr export-wds $(DEMO_OUT) $(DEMO_OUT)/apple-wds --no-progress
 	./target/release/dfndr train --config configs/train/s0-demo.toml --data $(DEMO_OUT) \
 	    --output $(DEMO_OUT)/train --no-progress
+	./target/release/dfndr eval --checkpoint $(DEMO_OUT)/train --data $(DEMO_OUT) --no-progress \
+	    --output $(DEMO_OUT)/eval-results.jsonl
 
 ## The GPU build: dfndr and the benchmark harnesses with `--features cuda`, for NVIDIA GPUs of
 ## compute capability CUDA_COMPUTE_CAP (90: H100/H200), into $(CUDA_TARGET)/release. With nvcc on
