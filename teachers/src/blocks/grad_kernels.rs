@@ -638,7 +638,15 @@ mod tests {
         assert!(max_diff(&ours, &theirs) < 1e-6);
         let g1 = (ours * &r)?.sum_all()?.backward()?;
         let g2 = (theirs * &r)?.sum_all()?.backward()?;
-        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
+        // Relative to the gradient's size, as the other kernels' checks: the inputs are
+        // unseeded, and an absolute 1e-6 sits at float32 rounding for the largest gradients.
+        let (a, c) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+        let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(
+            max_diff(a, c) < 1e-6 * scale.max(1.0) * 4.0,
+            "{}",
+            max_diff(a, c)
+        );
         Ok(())
     }
 
