@@ -16,6 +16,14 @@ fn tiny() -> String {
         .to_string()
 }
 
+/// `dfndr eval` of the tiny student with random weights from `seed`.
+fn eval_tiny(seed: u64) -> std::process::Command {
+    let mut cmd = dfndr();
+    cmd.args(["eval", "--no-progress", "--model", &tiny(), "--weights"])
+        .arg(format!("random:{seed}"));
+    cmd
+}
+
 fn lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -80,15 +88,7 @@ fn eval_writes_clip_benchmark_result_lines_for_webdatasets_and_counts_skips() {
     wds_classification(&cls);
     wds_retrieval(&ret);
     let results = dir.path().join("out/results.jsonl");
-    let o = run(dfndr()
-        .args([
-            "eval",
-            "--no-progress",
-            "--model",
-            &tiny(),
-            "--weights",
-            "random:1",
-        ])
+    let o = run(eval_tiny(1)
         .arg("--data")
         .arg(&cls)
         .arg("--data")
@@ -133,15 +133,7 @@ fn eval_writes_clip_benchmark_result_lines_for_webdatasets_and_counts_skips() {
     assert_eq!(r["metrics"]["mean_recall@1"].as_f64().unwrap(), mean);
 
     // The same model and data give the same numbers (appended, not overwritten).
-    let o = run(dfndr()
-        .args([
-            "eval",
-            "--no-progress",
-            "--model",
-            &tiny(),
-            "--weights",
-            "random:1",
-        ])
+    let o = run(eval_tiny(1)
         .arg("--data")
         .arg(&cls)
         .arg("--output")
@@ -165,17 +157,7 @@ fn eval_reads_image_folders_and_refuses_what_it_cannot_use() {
         }
     }
     std::fs::write(folder.join("a_cat/notes.txt"), "not an image").unwrap();
-    let o = run(dfndr()
-        .args([
-            "eval",
-            "--no-progress",
-            "--model",
-            &tiny(),
-            "--weights",
-            "random:2",
-        ])
-        .arg("--data")
-        .arg(&folder));
+    let o = run(eval_tiny(2).arg("--data").arg(&folder));
     assert!(o.status.success(), "{}", text(&o));
     let line: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
@@ -218,16 +200,7 @@ fn eval_reads_image_folders_and_refuses_what_it_cannot_use() {
         ),
     ];
     for (args, expect) in cases {
-        let o = run(dfndr()
-            .args([
-                "eval",
-                "--no-progress",
-                "--model",
-                &tiny(),
-                "--weights",
-                "random:2",
-            ])
-            .args(&args));
+        let o = run(eval_tiny(2).args(&args));
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
         assert!(text(&o).contains(expect), "{args:?}: {}", text(&o));
     }

@@ -96,10 +96,11 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
             );
         }
         out => {
-            let weights_sha256 = match &source {
-                models::ModelSource::Spec { weights, .. }
-                    if !weights.starts_with("random:")
-                        && std::path::Path::new(weights).is_file() =>
+            // Teacher-style models were hashed while loading; a student file is hashed here.
+            let weights_sha256 = match (&loaded.weights_sha256, &source) {
+                (Some(h), _) => Some(h.clone()),
+                (None, models::ModelSource::Spec { weights, .. })
+                    if std::path::Path::new(weights).is_file() =>
                 {
                     Some(dfndr_teachers::weights::sha256_file(std::path::Path::new(
                         weights,

@@ -8,9 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use dfndr_teachers::device::Compute;
 use dfndr_trainer::eval::prompts::{imagenet_classnames, named_or_file, openai_imagenet_templates};
-use dfndr_trainer::eval::{
-    evaluate, DataOptions, EvalData, EvalProgress, EvalReport, EvalSettings,
-};
+use dfndr_trainer::eval::{evaluate, DataOptions, EvalData, EvalProgress, EvalSettings};
 use dfndr_trainer::models::{self, ModelSource};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -43,23 +41,6 @@ pub struct EvalArgs {
     pub output: Option<PathBuf>,
     /// Progress bar on a terminal.
     pub progress: bool,
-}
-
-/// The result line: clip_benchmark's dump (`dataset`, `model`, `pretrained`, `task`,
-/// `metrics`, `language`) plus what dfndr knows besides.
-pub fn result_line(model: &str, pretrained: &str, report: &EvalReport) -> serde_json::Value {
-    serde_json::json!({
-        "dataset": report.dataset,
-        "model": model,
-        "pretrained": pretrained,
-        "task": report.task,
-        "metrics": report.metrics,
-        "language": "en",
-        "samples": report.samples,
-        "captions": report.captions,
-        "skipped": report.skipped,
-        "seconds": report.seconds,
-    })
 }
 
 struct Bar(ProgressBar);
@@ -184,7 +165,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 format!("; left out {:?}", report.skipped)
             }
         );
-        let line = result_line(&model.label, &model.weights, &report).to_string();
+        let line = report.result_line(&model.label, &model.weights).to_string();
         match out.as_mut() {
             Some(f) => writeln!(f, "{line}").context("cannot write the results")?,
             None => println!("{line}"),

@@ -71,6 +71,8 @@ pub struct LoadedModel {
     pub label: String,
     /// The weights (clip_benchmark's `pretrained`).
     pub weights: String,
+    /// sha256 of the weights file, where loading read it whole anyway (teacher-style models).
+    pub weights_sha256: Option<String>,
     /// The model.
     pub model: Loaded,
 }
@@ -181,6 +183,7 @@ pub fn load(source: &ModelSource, compute: &Compute) -> Result<LoadedModel> {
             Ok(LoadedModel {
                 label: openclip_name(&config).unwrap_or_else(|| "student".into()),
                 weights: ckpt.display().to_string(),
+                weights_sha256: None,
                 model: Loaded::Student(Box::new(student)),
             })
         }
@@ -192,6 +195,7 @@ pub fn load(source: &ModelSource, compute: &Compute) -> Result<LoadedModel> {
                 return Ok(LoadedModel {
                     label: model.clone(),
                     weights: reference.to_string(),
+                    weights_sha256: None,
                     model: Loaded::Student(Box::new(student)),
                 });
             }
@@ -209,6 +213,7 @@ pub fn load(source: &ModelSource, compute: &Compute) -> Result<LoadedModel> {
             Ok(LoadedModel {
                 label,
                 weights: reference.to_string(),
+                weights_sha256: loaded.sha256.clone(),
                 model: Loaded::Clip(Box::new(ClipTowers {
                     model: clip,
                     transform,

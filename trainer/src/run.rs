@@ -612,19 +612,8 @@ fn truncate_eval_results(path: &Path, step: u64) -> Result<()> {
 fn append_eval_results(path: &Path, step: u64, reports: &[EvalReport]) -> Result<()> {
     let mut text = String::new();
     for r in reports {
-        let line = serde_json::json!({
-            "dataset": r.dataset,
-            "model": "student",
-            "pretrained": format!("step {step}"),
-            "task": r.task,
-            "metrics": r.metrics,
-            "language": "en",
-            "step": step,
-            "samples": r.samples,
-            "captions": r.captions,
-            "skipped": r.skipped,
-            "seconds": r.seconds,
-        });
+        let mut line = r.result_line("student", &format!("step {step}"));
+        line["step"] = serde_json::json!(step);
         text.push_str(&line.to_string());
         text.push('\n');
     }

@@ -12,28 +12,8 @@ use dfndr_trainer::optim::{cosine_lr, AdamW, AdamWConfig};
 use dfndr_trainer::step::{train_step, Batch};
 use dfndr_trainer::{Mode, Student, StudentConfig};
 
-const TINY: &str = r#"
-embed_dim = 32
-[vision]
-image_size = 64
-[vision.fastvit]
-layers = [1, 2, 1, 1]
-embed_dims = [16, 32, 64, 128]
-mlp_ratios = [3.0, 3.0, 3.0, 3.0]
-token_mixers = ["repmixer", "repmixer", "repmixer", "attention"]
-se_downsamples = [false, false, true, true]
-pos_embs = [false, false, false, true]
-[text]
-context_length = 77
-vocab_size = 1000
-width = 64
-heads = 2
-layers = 2
-no_causal_mask = true
-"#;
-
 fn tiny() -> Student {
-    let cfg: StudentConfig = toml::from_str(TINY).unwrap();
+    let cfg: StudentConfig = toml::from_str(common::TINY_S0).unwrap();
     let student = Student::new(&cfg, &Device::Cpu).unwrap();
     student.load(&load("s0_tiny.safetensors"), true).unwrap();
     student

@@ -2,13 +2,12 @@
 //! clip_benchmark's `zero_shot_classifier` build it: every template filled with every class
 //! name, each text embedding L2-normalised, the mean per class, renormalised.
 
-use candle_core::{Device, Tensor};
-use dfndr_teachers::tokenizer::Tokenizer;
+use candle_core::Tensor;
+use dfndr_teachers::l2_normalize;
 
 use super::prompts::{check_templates, fill};
-use super::towers::Towers;
+use super::towers::{text_embeddings, Towers};
 use crate::error::{Result, TrainError};
-use crate::step::l2_normalize;
 
 /// The classifier `[D, classes]` for `classnames` under `templates`, encoding `batch_size`
 /// prompts at a time; `progress` gets the number of prompts encoded so far.
@@ -27,18 +26,7 @@ pub fn zero_shot_classifier(
         .iter()
         .flat_map(|c| templates.iter().map(move |t| fill(t, c)))
         .collect();
-    let tokenizer = Tokenizer::global();
-    let mut embeddings = Vec::with_capacity(prompts.len().div_ceil(batch_size.max(1)));
-    let mut done = 0;
-    for chunk in prompts.chunks(batch_size.max(1)) {
-        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let ids = tokenizer.tokenize_batch(&texts, towers.context_length());
-        let e = l2_normalize(&towers.encode_texts(&ids)?.to_device(&Device::Cpu)?)?;
-        embeddings.push(e);
-        done += chunk.len();
-        progress(done);
-    }
-    let all = Tensor::cat(&embeddings, 0)?;
+    let all = text_embeddings(towers, &prompts, batch_size, progress)?;
     let dim = all.dim(1)?;
     let per_class = all
         .reshape((classnames.len(), templates.len(), dim))?

@@ -7,7 +7,6 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use dfndr_augment::decode::decode_rgb;
 use dfndr_teachers::l2_normalize;
-use dfndr_teachers::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +14,7 @@ use super::classifier::zero_shot_classifier;
 use super::data::{DataOptions, EvalData, EvalSample, Task};
 use super::metrics;
 use super::prompts::openai_imagenet_templates;
-use super::towers::{ImageTransform, Towers};
+use super::towers::{text_embeddings, ImageTransform, Towers};
 use crate::error::{Result, TrainError};
 
 /// How to evaluate.
@@ -73,6 +72,26 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
+impl EvalReport {
+    /// The result as one JSON object: clip_benchmark's dump (`dataset`, `model`,
+    /// `pretrained`, `task`, `metrics`, `language`) plus `samples`, `captions`, `skipped` and
+    /// `seconds`, so clip_benchmark's aggregation reads it.
+    pub fn result_line(&self, model: &str, pretrained: &str) -> serde_json::Value {
+        serde_json::json!({
+            "dataset": self.dataset,
+            "model": model,
+            "pretrained": pretrained,
+            "task": self.task,
+            "metrics": self.metrics,
+            "language": "en",
+            "samples": self.samples,
+            "captions": self.captions,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+        })
+    }
+}
+
 /// What an evaluation reports while it runs.
 pub trait EvalProgress {
     /// A phase begins (`prompts`, `images`), with its size when known.
@@ -122,20 +141,6 @@ fn pixels(
         &towers.device(),
     )?;
     Ok((t, kept))
-}
-
-/// Normalised embeddings of `texts`, `batch_size` at a time, on the CPU.
-fn text_embeddings(towers: &dyn Towers, texts: &[String], batch_size: usize) -> Result<Tensor> {
-    let tokenizer = Tokenizer::global();
-    let mut out = Vec::new();
-    for chunk in texts.chunks(batch_size.max(1)) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let ids = tokenizer.tokenize_batch(&refs, towers.context_length());
-        out.push(l2_normalize(
-            &towers.encode_texts(&ids)?.to_device(&Device::Cpu)?,
-        )?);
-    }
-    Ok(Tensor::cat(&out, 0)?)
 }
 
 /// Evaluates `towers` on `data`.
@@ -267,8 +272,11 @@ pub fn evaluate(
                 )));
             }
             progress.phase("captions", Some(captions.len() as u64));
-            let texts = text_embeddings(towers, &captions, batch_size)?;
-            progress.advance(captions.len() as u64);
+            let mut last = 0;
+            let texts = text_embeddings(towers, &captions, batch_size, &mut |n| {
+                progress.advance((n - last) as u64);
+                last = n;
+            })?;
             let images_t = Tensor::cat(&image_emb, 0)?;
             let scores = texts.matmul(&images_t.t()?)?;
             let scores = scores.flatten_all()?.to_vec1::<f32>()?;

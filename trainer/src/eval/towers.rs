@@ -5,7 +5,8 @@ use candle_core::{Device, Tensor};
 use dfndr_augment::params::normalize_chw;
 use dfndr_augment::resize::{center_crop, resize_shorter, Filter};
 use dfndr_augment::rgb::RgbImage;
-use dfndr_teachers::{ClipModel, Resample};
+use dfndr_teachers::tokenizer::Tokenizer;
+use dfndr_teachers::{l2_normalize, ClipModel, Resample};
 
 use crate::error::Result;
 use crate::layers::Mode;
@@ -118,4 +119,28 @@ impl Towers for ClipTowers {
     fn logit_scale(&self) -> Result<f32> {
         Ok(self.model.logit_scale_log()?.exp())
     }
+}
+
+/// L2-normalised embeddings `[N, D]` of `texts` on the CPU (as `F.normalize`), tokenised at
+/// the model's context length and encoded `batch_size` at a time; `progress` gets the number
+/// of texts encoded so far.
+pub fn text_embeddings(
+    towers: &dyn Towers,
+    texts: &[String],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    let tokenizer = Tokenizer::global();
+    let mut out = Vec::with_capacity(texts.len().div_ceil(batch_size.max(1)));
+    let mut done = 0;
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let ids = tokenizer.tokenize_batch(&refs, towers.context_length());
+        out.push(l2_normalize(
+            &towers.encode_texts(&ids)?.to_device(&Device::Cpu)?,
+        )?);
+        done += chunk.len();
+        progress(done);
+    }
+    Ok(Tensor::cat(&out, 0)?)
 }

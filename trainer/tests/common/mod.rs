@@ -14,6 +14,27 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The tiny MobileCLIP2-S0 of `student_goldens.py` (weights: `s0_tiny.safetensors`).
+pub const TINY_S0: &str = r#"
+embed_dim = 32
+[vision]
+image_size = 64
+[vision.fastvit]
+layers = [1, 2, 1, 1]
+embed_dims = [16, 32, 64, 128]
+mlp_ratios = [3.0, 3.0, 3.0, 3.0]
+token_mixers = ["repmixer", "repmixer", "repmixer", "attention"]
+se_downsamples = [false, false, true, true]
+pos_embs = [false, false, false, true]
+[text]
+context_length = 77
+vocab_size = 1000
+width = 64
+heads = 2
+layers = 2
+no_causal_mask = true
+"#;
+
 /// Every tensor of a golden safetensors file.
 pub fn load(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()

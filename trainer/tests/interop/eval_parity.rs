@@ -15,6 +15,8 @@ use dfndr_trainer::eval::metrics;
 use dfndr_trainer::eval::{ClipTowers, ImageTransform, Towers};
 use serde_json::Value;
 
+use crate::common::max_abs;
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/eval")
@@ -188,28 +190,14 @@ fn zero_shot_classifier_and_logits_equal_openclip() {
     assert_eq!(calls.last(), Some(&(classnames.len() * templates.len())));
     let expected = &tensors["classifier"];
     assert_eq!(w.dims(), expected.dims());
-    let diff = (&w - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs(&w, expected);
     eprintln!("classifier max |dfndr - OpenCLIP| = {diff:.2e}");
     assert!(diff < 1e-4, "{diff}");
 
     let img =
         dfndr_teachers::l2_normalize(&towers.encode_images(&tensors["images"]).unwrap()).unwrap();
     let logits = (img.matmul(&w).unwrap() * 100.0).unwrap();
-    let ldiff = (&logits - &tensors["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let ldiff = max_abs(&logits, &tensors["logits"]);
     eprintln!("logits max |dfndr - OpenCLIP| = {ldiff:.2e}");
     assert!(ldiff < 1e-2, "{ldiff}");
 }

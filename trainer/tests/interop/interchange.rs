@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+
+use crate::common::max_abs;
 use dfndr_teachers::weights::{sha256_file, StateDict};
 use dfndr_teachers::WeightsRef;
 use dfndr_trainer::eval::Towers;
@@ -85,18 +87,6 @@ fn s0() -> Student {
         }
     }
     student
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn encode(student: &Student, golden: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
@@ -172,7 +162,7 @@ fn openclip_loads_dfndr_s0_exports_and_gives_the_same_embeddings() {
     let norm = |t: &Tensor| dfndr_teachers::l2_normalize(t).unwrap();
     let di = max_abs(&norm(&image_ref), &norm(&golden["image_emb"]));
     let dt = max_abs(&norm(&text_ref), &norm(&golden["text_emb"]));
-    let raw = max_abs(&image_ref, &golden["image_emb"])
+    let raw = max_abs(&image_ref, &golden["image_emb"]) as f32
         / golden["image_emb"]
             .abs()
             .unwrap()
@@ -198,30 +188,10 @@ fn openclip_loads_dfndr_s0_exports_and_gives_the_same_embeddings() {
     );
 }
 
-const TINY: &str = r#"
-embed_dim = 32
-[vision]
-image_size = 64
-[vision.fastvit]
-layers = [1, 2, 1, 1]
-embed_dims = [16, 32, 64, 128]
-mlp_ratios = [3.0, 3.0, 3.0, 3.0]
-token_mixers = ["repmixer", "repmixer", "repmixer", "attention"]
-se_downsamples = [false, false, true, true]
-pos_embs = [false, false, false, true]
-[text]
-context_length = 77
-vocab_size = 1000
-width = 64
-heads = 2
-layers = 2
-no_causal_mask = true
-"#;
-
 #[test]
 fn dfndr_loads_openclip_training_checkpoints() {
     let path: &Path = &fixture("openclip_tiny_checkpoint.pt");
-    let config: StudentConfig = toml::from_str(TINY).unwrap();
+    let config: StudentConfig = toml::from_str(crate::common::TINY_S0).unwrap();
     let student = load_student(&config, &WeightsRef::Path(path.to_path_buf())).unwrap();
     let expected = crate::common::load("s0_tiny.safetensors");
     let got = student.state_dict().unwrap();
