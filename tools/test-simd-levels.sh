@@ -26,7 +26,7 @@ mapfile -t tests < <($CARGO test --workspace --no-run --message-format=json 2>/d
 import json, os, sys
 numeric = {"dfndr-simd", "dfndr-augment", "dfndr-teachers", "dfndr-captioner"}
 end_to_end = {"reinforce", "teachers", "captions"}
-trainer = {"ops_parity", "s0_parity"}
+trainer = {"parity"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:

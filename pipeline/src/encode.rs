@@ -36,7 +36,10 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
     }
     let source = args.model.source()?;
     let compute = Compute::parse(&args.model.device, &args.model.precision).usage()?;
-    let loaded = models::load(&source, &compute).usage()?;
+    // Students encode in their reparameterised form: the same embeddings, faster.
+    let loaded = models::load(&source, &compute)
+        .and_then(models::LoadedModel::into_inference)
+        .usage()?;
     if args
         .model
         .weights

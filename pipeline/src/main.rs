@@ -382,6 +382,14 @@ struct ExportCli {
     /// Weights format: safetensors, or pt (torch.save zip with {"state_dict": ...}).
     #[arg(long, value_enum, default_value = "safetensors")]
     format: ExportFormatArg,
+    /// Write the reparameterised (fused) inference form of a FastViT student (S0-S4): each
+    /// MobileOne block, large-kernel convolution, RepMixer and positional encoding folded
+    /// into one convolution, under timm's fused key names (`…reparam_conv.weight|bias`).
+    /// The same outputs, faster; it cannot be trained. `dfndr encode` and `dfndr eval` load it
+    /// directly; OpenCLIP loads it into a model whose trunk went through timm's
+    /// `reparameterize_model` first.
+    #[arg(long)]
+    reparameterize: bool,
 }
 
 #[derive(clap::Args)]
@@ -971,12 +979,25 @@ fn export_command(cli: ExportCli) -> Result<()> {
     use dfndr_trainer::export::{export_student, ExportFormat};
     let source = cli.model.source()?;
     let compute = dfndr_teachers::device::Compute::cpu();
-    let loaded = dfndr_trainer::models::load(&source, &compute).usage()?;
+    let mut loaded = dfndr_trainer::models::load(&source, &compute).usage()?;
     let Some(student) = loaded.student() else {
         return Err(exit::usage(format!(
             "{} is not a student: OpenCLIP models are exported by OpenCLIP itself",
             loaded.label
         )));
+    };
+    if cli.reparameterize {
+        if !student.reparameterizable() {
+            return Err(exit::usage(format!(
+                "{}: --reparameterize: this student's image tower has no re-parameterisable \
+                 layers (only FastViT towers do); export it without the flag",
+                loaded.label
+            )));
+        }
+        loaded = loaded.into_inference().usage()?;
+    }
+    let Some(student) = loaded.student() else {
+        return Err(exit::usage(format!("{} is not a student", loaded.label)));
     };
     let format = match cli.format {
         ExportFormatArg::Safetensors => ExportFormat::Safetensors,
@@ -986,6 +1007,15 @@ fn export_command(cli: ExportCli) -> Result<()> {
         .with_context(|| format!("cannot export into {}", cli.out.display()))?;
     eprintln!("wrote {}", written.weights.display());
     match &written.config {
+        Some(path) if cli.reparameterize => eprintln!(
+            "wrote {}\nload it with OpenCLIP into a reparameterised model: \
+             model = open_clip.create_model('local-dir:{}', pretrained=None); \
+             model.visual.trunk = timm.utils.reparameterize_model(model.visual.trunk); \
+             model.load_state_dict(safetensors.torch.load_file('{}'))",
+            path.display(),
+            cli.out.display(),
+            written.weights.display()
+        ),
         Some(path) => eprintln!(
             "wrote {}\nload it with open_clip.create_model_and_transforms('local-dir:{}')",
             path.display(),

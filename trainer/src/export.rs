@@ -12,7 +12,7 @@ use dfndr_teachers::Resample;
 use serde_json::{json, Value};
 
 use crate::error::{Result, TrainError};
-use crate::student::{Student, StudentConfig};
+use crate::student::{Student, StudentConfig, VisionTower};
 
 /// The weights file's format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +48,10 @@ pub struct Exported {
 /// image tower is a named timm architecture.
 pub fn open_clip_model_cfg(config: &StudentConfig) -> Option<Value> {
     let arch = config.vision.arch.as_ref()?;
+    let (pool, drop_path) = match config.vision_tower().ok()? {
+        VisionTower::FastVit(_) => ("avg", 0.0),
+        VisionTower::Vit(v) => ("token", v.drop_path_rate),
+    };
     let t = &config.text;
     let mut text = json!({
         "context_length": t.context_length,
@@ -65,10 +69,10 @@ pub fn open_clip_model_cfg(config: &StudentConfig) -> Option<Value> {
         "vision_cfg": {
             "timm_model_name": arch,
             "timm_model_pretrained": false,
-            "timm_pool": "avg",
+            "timm_pool": pool,
             "timm_proj": null,
             "timm_drop": 0.0,
-            "timm_drop_path": 0.0,
+            "timm_drop_path": drop_path,
             "image_size": config.vision.image_size,
         },
         "text_cfg": text,

@@ -7,16 +7,26 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarMap};
 
-/// A [`VarMap`] whose new variables are initialised from `(seed, name)`.
+/// A [`VarMap`] whose new variables are initialised from `(seed, name)`, or zero-filled.
 pub struct SeededVarMap {
     map: VarMap,
-    seed: u64,
+    /// `None`: zeros (weights that a checkpoint overwrites).
+    seed: Option<u64>,
 }
 
 impl SeededVarMap {
     /// New variables go into `map`.
     pub fn new(map: VarMap, seed: u64) -> Self {
-        Self { map, seed }
+        Self {
+            map,
+            seed: Some(seed),
+        }
+    }
+
+    /// New variables go into `map`, zero-filled: for weights about to be loaded, where
+    /// drawing random values would only cost time (seconds for the large students).
+    pub fn zeros(map: VarMap) -> Self {
+        Self { map, seed: None }
     }
 }
 
@@ -78,8 +88,11 @@ impl SimpleBackend for SeededVarMap {
             }
             return Ok(var.as_tensor().clone());
         }
-        let v = values(h, s.elem_count(), self.seed, name)?;
-        let var = Var::from_tensor(&Tensor::from_vec(v, s, dev)?.to_dtype(dtype)?)?;
+        let t = match self.seed {
+            Some(seed) => Tensor::from_vec(values(h, s.elem_count(), seed, name)?, s, dev)?,
+            None => Tensor::zeros(s, DType::F32, dev)?,
+        };
+        let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
         let t = var.as_tensor().clone();
         data.insert(name.to_string(), var);
         Ok(t)

@@ -29,6 +29,7 @@ pub mod run;
 pub mod step;
 pub mod student;
 pub mod tensorboard;
+pub mod vit;
 
 pub use error::{Result, TrainError};
 pub use layers::Mode;

@@ -21,15 +21,24 @@ use crate::error::{Result, TrainError};
 use crate::eval::{ClipTowers, ImageTransform, Towers};
 use crate::student::{Student, StudentConfig};
 
-const MOBILECLIP2_S0: &str = include_str!("../../configs/students/mobileclip2-s0.toml");
+/// The student configs of `configs/students/`, in [`STUDENT_NAMES`]' order.
+const STUDENT_FILES: [&str; 6] = [
+    include_str!("../../configs/students/mobileclip2-s0.toml"),
+    include_str!("../../configs/students/mobileclip2-s2.toml"),
+    include_str!("../../configs/students/mobileclip2-s3.toml"),
+    include_str!("../../configs/students/mobileclip2-s4.toml"),
+    include_str!("../../configs/students/mobileclip2-b.toml"),
+    include_str!("../../configs/students/mobileclip2-l-14.toml"),
+];
 
 /// Built-in student architectures by OpenCLIP's model name (case-insensitive).
 pub fn builtin_student(name: &str) -> Option<StudentConfig> {
-    match name.to_ascii_lowercase().as_str() {
-        // The embedded file is part of the build and parses (tested).
-        "mobileclip2-s0" => toml::from_str(MOBILECLIP2_S0).ok(),
-        _ => None,
-    }
+    STUDENT_NAMES
+        .iter()
+        .zip(STUDENT_FILES)
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        // The embedded files are part of the build and parse (tested).
+        .and_then(|(_, text)| toml::from_str(text).ok())
 }
 
 /// OpenCLIP's model name of a student with a built-in architecture (for result lines).
@@ -41,7 +50,14 @@ pub fn openclip_name(config: &StudentConfig) -> Option<String> {
 }
 
 /// Names `--model` accepts for students.
-pub const STUDENT_NAMES: &[&str] = &["MobileCLIP2-S0"];
+pub const STUDENT_NAMES: [&str; 6] = [
+    "MobileCLIP2-S0",
+    "MobileCLIP2-S2",
+    "MobileCLIP2-S3",
+    "MobileCLIP2-S4",
+    "MobileCLIP2-B",
+    "MobileCLIP2-L-14",
+];
 
 /// Where a model comes from.
 #[derive(Clone, Debug)]
@@ -78,6 +94,18 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The model ready for inference only: a FastViT student reparameterised (faster, same
+    /// outputs); anything else as it is.
+    pub fn into_inference(self) -> Result<Self> {
+        Ok(match self.model {
+            Loaded::Student(s) => Self {
+                model: Loaded::Student(Box::new(s.into_inference()?)),
+                ..self
+            },
+            Loaded::Clip(_) => self,
+        })
+    }
+
     /// The model's towers, for evaluation and encoding.
     pub fn towers(&self) -> &dyn Towers {
         match &self.model {
@@ -165,7 +193,11 @@ pub fn load_student(config: &StudentConfig, weights: &WeightsRef) -> Result<Stud
     };
     let state = StateDict::load(&file)
         .map_err(|e| TrainError::Weights(format!("{}: {e}", file.display())))?;
-    let student = Student::new(config, &Device::Cpu)?;
+    // A reparameterised export (`dfndr export --reparameterize`, or timm's
+    // `reparameterize_model` saved) loads into the fused form.
+    let mut config = config.clone();
+    config.vision.inference_mode |= state.tensors.keys().any(|k| k.contains(".reparam_conv."));
+    let student = Student::for_loading(&config, &Device::Cpu)?;
     student
         .load(&state.tensors, true)
         .map_err(|e| TrainError::Weights(format!("{}: {e}", file.display())))?;
@@ -257,13 +289,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_built_in_student_parses_and_is_openclips_s0() {
+    fn every_built_in_student_parses_and_names_itself() {
         let cfg = builtin_student("MobileCLIP2-S0").unwrap();
         assert_eq!(cfg.vision.arch.as_deref(), Some("fastvit_mci0"));
         assert_eq!(cfg.embed_dim, 512);
         assert_eq!(cfg.preprocess.interpolation, Resample::Bilinear);
         assert!(builtin_student("MobileCLIP2-S9").is_none());
-        assert_eq!(openclip_name(&cfg).as_deref(), Some("MobileCLIP2-S0"));
+        for name in STUDENT_NAMES {
+            let cfg = builtin_student(name).unwrap_or_else(|| panic!("{name} does not parse"));
+            cfg.vision_tower().unwrap();
+            assert_eq!(openclip_name(&cfg).as_deref(), Some(name));
+        }
+        assert_eq!(
+            builtin_student("mobileclip2-l-14")
+                .unwrap()
+                .vision
+                .arch
+                .as_deref(),
+            Some("vit_large_patch14_clip_224")
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::eval::EvalReport;
 use crate::loss::{LossConfig, TeacherLayout};
 use crate::optim::{cosine_lr, AdamW, AdamWConfig};
 use crate::plot;
-use crate::step::{train_step_accumulated, Plan};
+use crate::step::{train_step_accumulated, Plan, Recompute};
 use crate::student::{Student, StudentConfig};
 use crate::tensorboard::EventWriter;
 
@@ -52,6 +52,52 @@ pub enum StudentSpec {
     Inline(Box<StudentConfig>),
 }
 
+/// `optim.grad_checkpointing`: which towers recompute their activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GradCheckpointing {
+    /// Both towers (`true`) or neither (`false`).
+    All(bool),
+    /// One tower: `"image"` or `"text"`.
+    Tower(TowerName),
+}
+
+/// A student's tower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TowerName {
+    /// The image tower.
+    Image,
+    /// The text tower.
+    Text,
+}
+
+impl Default for GradCheckpointing {
+    fn default() -> Self {
+        GradCheckpointing::All(false)
+    }
+}
+
+impl GradCheckpointing {
+    /// The towers that recompute.
+    pub fn recompute(self) -> Recompute {
+        match self {
+            GradCheckpointing::All(on) => Recompute {
+                image: on,
+                text: on,
+            },
+            GradCheckpointing::Tower(TowerName::Image) => Recompute {
+                image: true,
+                text: false,
+            },
+            GradCheckpointing::Tower(TowerName::Text) => Recompute {
+                image: false,
+                text: true,
+            },
+        }
+    }
+}
+
 /// `[optim]`: batch, schedule and AdamW.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,10 +113,10 @@ pub struct OptimConfig {
     pub micro_batches: usize,
     /// Activation recomputation (OpenCLIP's `--grad-checkpointing`): the towers keep only
     /// each block's input and forward every block again in the backward pass. Same numbers,
-    /// a fraction of the activation memory, about one more forward pass of time. Default
-    /// false.
+    /// a fraction of the activation memory, about one more forward pass of time. `true`
+    /// (both towers), `"image"` or `"text"` (one tower), or `false` (the default).
     #[serde(default)]
-    pub grad_checkpointing: bool,
+    pub grad_checkpointing: GradCheckpointing,
     /// Peak learning rate (Apple: 1e-3).
     #[serde(default = "default_lr")]
     pub lr: f64,
@@ -196,7 +242,15 @@ impl TrainConfig {
     /// Checks values before anything runs, naming the field.
     pub fn validate(&self, student: &StudentConfig) -> Result<()> {
         let bad = |field: &str, why: String| Err(TrainError::Config(format!("{field}: {why}")));
-        student.fastvit()?;
+        student.vision_tower()?;
+        if student.vision.inference_mode {
+            return bad(
+                "student.vision.inference_mode",
+                "a reparameterised (fused) student evaluates only; train the branched form \
+                 and export it with --reparameterize"
+                    .into(),
+            );
+        }
         if student.norm.ghost_batch == Some(0) {
             return bad("ghost_batch", "must be at least 1".into());
         }
@@ -447,13 +501,16 @@ pub fn train(
             config.optim.steps,
             step,
         );
+        // Stochastic depth draws from the run's seed and the step, so a resumed run drops
+        // the same blocks as an uninterrupted one.
+        student.set_forward_seed(crate::vit::splitmix(config.seed ^ (step << 20)));
         let report = train_step_accumulated(
             &student,
             &mut optimizer,
             &loaded.batch,
             Plan {
                 micro_batches: config.optim.micro_batches,
-                recompute: config.optim.grad_checkpointing,
+                recompute: config.optim.grad_checkpointing.recompute(),
             },
             &layout,
             &config.loss.weights,

@@ -39,16 +39,43 @@ pub struct Plan {
     /// `--accum-freq`).
     pub micro_batches: usize,
     /// Activation recomputation (OpenCLIP's `--grad-checkpointing`, see [`crate::recompute`]):
-    /// the towers keep only each block's input and forward every block again in the backward
-    /// pass.
-    pub recompute: bool,
+    /// the chosen towers keep only each block's input and forward every block again in the
+    /// backward pass.
+    pub recompute: Recompute,
+}
+
+/// Which towers recompute their activations in the backward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recompute {
+    /// The image tower.
+    pub image: bool,
+    /// The text tower.
+    pub text: bool,
+}
+
+impl Recompute {
+    /// Neither tower.
+    pub const NONE: Recompute = Recompute {
+        image: false,
+        text: false,
+    };
+    /// Both towers.
+    pub const BOTH: Recompute = Recompute {
+        image: true,
+        text: true,
+    };
+
+    /// Whether any tower recomputes.
+    pub fn any(self) -> bool {
+        self.image || self.text
+    }
 }
 
 impl Default for Plan {
     fn default() -> Self {
         Self {
             micro_batches: 1,
-            recompute: false,
+            recompute: Recompute::NONE,
         }
     }
 }
@@ -131,48 +158,59 @@ pub fn features(student: &Student, batch: &Batch, mode: Mode) -> Result<Features
     })
 }
 
-/// The student's features of `batch` as [`features`] computes them, from towers that kept
-/// only their units' inputs: the features are functions of two leaves (the towers' outputs),
-/// and [`Recomputed::backward`] carries those leaves' gradients through the towers.
+/// The student's features of `batch` as [`features`] computes them, the towers `which` names
+/// keeping only their units' inputs: their outputs are then leaves, and
+/// [`Recomputed::backward`] carries those leaves' gradients through the towers.
 fn features_recomputed<'a>(
     student: &'a Student,
     batch: &Batch,
     ids: &'a [Vec<u32>],
+    which: Recompute,
 ) -> Result<(Features, Recomputed<'a>)> {
     let b = check_rows(batch)?;
-    let image_units = student.image_units();
-    let (image_tape, image_out) = image_units.forward(&batch.images)?;
-    let text_units = student.text_units(ids)?;
-    let none = Tensor::zeros((), candle_core::DType::F32, student.device())?;
-    let (text_tape, text_out) = text_units.forward(&none)?;
-    let image_leaf = candle_core::Var::from_tensor(&image_out)?;
-    let text_leaf = candle_core::Var::from_tensor(&text_out)?;
-    let image = l2_normalize(image_leaf.as_tensor())?;
-    let text = l2_normalize(text_leaf.as_tensor())?;
+    let (image_out, image) = if which.image {
+        let units = student.image_units();
+        let (tape, out) = units.forward(&batch.images)?;
+        let leaf = candle_core::Var::from_tensor(&out)?;
+        (leaf.as_tensor().clone(), Some((units, tape, leaf)))
+    } else {
+        (student.encode_image(&batch.images, Mode::Train)?, None)
+    };
+    let (text_out, text) = if which.text {
+        let units = student.text_units(ids)?;
+        let none = Tensor::zeros((), candle_core::DType::F32, student.device())?;
+        let (tape, out) = units.forward(&none)?;
+        let leaf = candle_core::Var::from_tensor(&out)?;
+        (leaf.as_tensor().clone(), Some((units, tape, leaf)))
+    } else {
+        (student.encode_text(ids)?, None)
+    };
+    let image_f = l2_normalize(&image_out)?;
+    let text_f = l2_normalize(&text_out)?;
     Ok((
         Features {
-            image,
-            gt: text.narrow(0, 0, b)?,
-            syn: text.narrow(0, b, b)?,
+            image: image_f,
+            gt: text_f.narrow(0, 0, b)?,
+            syn: text_f.narrow(0, b, b)?,
         },
-        Recomputed {
-            image: (image_units, image_tape, image_leaf),
-            text: (text_units, text_tape, text_leaf),
-        },
+        Recomputed { image, text },
     ))
 }
 
-/// The towers of [`features_recomputed`], waiting for their outputs' gradients.
+/// A recomputing tower: its units, their saved inputs and its output as a leaf.
+type RecomputedTower<'a> = (Units<'a>, Tape, candle_core::Var);
+
+/// The towers of [`features_recomputed`] that wait for their outputs' gradients.
 struct Recomputed<'a> {
-    image: (Units<'a>, Tape, candle_core::Var),
-    text: (Units<'a>, Tape, candle_core::Var),
+    image: Option<RecomputedTower<'a>>,
+    text: Option<RecomputedTower<'a>>,
 }
 
 impl Recomputed<'_> {
-    /// Takes the towers' output gradients out of `grads` (the loss's backward pass) and adds
-    /// the towers' parameter gradients.
+    /// Takes the recomputing towers' output gradients out of `grads` (the loss's backward
+    /// pass) and adds those towers' parameter gradients.
     fn backward(self, grads: &mut GradStore) -> Result<()> {
-        for (units, tape, leaf) in [self.text, self.image] {
+        for (units, tape, leaf) in [self.text, self.image].into_iter().flatten() {
             let Some(g) = grads.remove(leaf.as_tensor()) else {
                 return Err(TrainError::Internal(
                     "the loss does not depend on a tower".into(),
@@ -209,12 +247,12 @@ fn check_rows(batch: &Batch) -> Result<usize> {
 fn differentiate(
     student: &Student,
     batch: &Batch,
-    recompute: bool,
+    recompute: Recompute,
     loss: impl FnOnce(&Features) -> Result<LossTerms>,
 ) -> Result<(LossTerms, GradStore, std::time::Duration)> {
-    if recompute {
+    if recompute.any() {
         let ids = text_rows(batch);
-        let (f, towers) = features_recomputed(student, batch, &ids)?;
+        let (f, towers) = features_recomputed(student, batch, &ids, recompute)?;
         let terms = loss(&f)?;
         let t = std::time::Instant::now();
         let mut grads = terms.total.backward()?;
@@ -413,12 +451,18 @@ pub fn gradients(
         (loss, grads, t0.elapsed() - backward, backward)
     } else {
         let parts = split(batch, accum)?;
+        // Each micro-batch draws its own stochastic-depth masks, the same in its cached and
+        // its live forward.
+        let base_seed = student.forward_seed();
+        let part_seed = |j: usize| crate::vit::splitmix(base_seed ^ (j as u64 + 1));
         let cached = parts
             .iter()
-            .map(|p| {
-                if plan.recompute {
+            .enumerate()
+            .map(|(j, p)| {
+                student.set_forward_seed(part_seed(j));
+                if plan.recompute.any() {
                     let ids = text_rows(p);
-                    let (f, _) = features_recomputed(student, p, &ids)?;
+                    let (f, _) = features_recomputed(student, p, &ids, plan.recompute)?;
                     Ok(f.detach())
                 } else {
                     Ok(features(student, p, Mode::Train)?.detach())
@@ -439,6 +483,7 @@ pub fn gradients(
         let mut total: Option<GradStore> = None;
         for (j, part) in parts.iter().enumerate() {
             let ta = std::time::Instant::now();
+            student.set_forward_seed(part_seed(j));
             let (_, grads, back) = differentiate(student, part, plan.recompute, |live| {
                 let mut mixed = all.clone();
                 mixed[j] = live;

@@ -16,6 +16,7 @@ use crate::fastvit::{FastVit, FastVitConfig};
 use crate::init::SeededVarMap;
 use crate::layers::{Builder, Mode, NormConfig};
 use crate::recompute::Units;
+use crate::vit::{Vit, VitConfig};
 
 /// Key prefix of the image tower inside an OpenCLIP MobileCLIP2 state dict.
 pub const VISUAL_PREFIX: &str = "visual.trunk";
@@ -30,12 +31,40 @@ pub const LOGIT_SCALE: &str = "logit_scale";
 pub struct StudentVision {
     /// Input side in pixels.
     pub image_size: usize,
-    /// A timm architecture name (`fastvit_mci0`, `fastvit_mci1`, `fastvit_mci2`)…
+    /// A timm architecture name (one of [`IMAGE_ARCHS`])…
     #[serde(default)]
     pub arch: Option<String>,
-    /// …or explicit numbers (`num_classes` is the student's `embed_dim`).
+    /// …or the numbers of a FastViT (`num_classes` is the student's `embed_dim`)…
     #[serde(default)]
     pub fastvit: Option<FastVitConfig>,
+    /// …or of a ViT.
+    #[serde(default)]
+    pub vit: Option<VitConfig>,
+    /// The reparameterised form (timm's `inference_mode`): each re-parameterisable FastViT
+    /// layer is one convolution (`reparam_conv`). It evaluates the same as the branched form,
+    /// faster, and cannot train. Set when loading a fused weights file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inference_mode: bool,
+}
+
+/// The timm image towers a student config can name in `vision.arch`.
+pub const IMAGE_ARCHS: [&str; 7] = [
+    "fastvit_mci0",
+    "fastvit_mci1",
+    "fastvit_mci2",
+    "fastvit_mci3",
+    "fastvit_mci4",
+    "vit_base_mci_224",
+    "vit_large_patch14_clip_224",
+];
+
+/// The numbers of a student's image tower.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VisionTower {
+    /// A FastViT (MobileCLIP2-S0 to S4).
+    FastVit(FastVitConfig),
+    /// A ViT (MobileCLIP2-B, L-14).
+    Vit(VitConfig),
 }
 
 /// A student model's architecture.
@@ -103,31 +132,51 @@ fn default_logit_scale() -> f64 {
 
 impl StudentConfig {
     /// The image tower's numbers, with the CLIP width as its output.
-    pub fn fastvit(&self) -> Result<FastVitConfig> {
+    pub fn vision_tower(&self) -> Result<VisionTower> {
         let v = &self.vision;
-        let mut cfg = match (&v.arch, &v.fastvit) {
-            (Some(name), None) => FastVitConfig::named(name, self.embed_dim).ok_or_else(|| {
-                TrainError::Config(format!(
-                    "vision.arch: unknown architecture {name:?} (known: fastvit_mci0, \
-                     fastvit_mci1, fastvit_mci2)"
-                ))
-            })?,
-            (None, Some(numbers)) => numbers.clone(),
-            (Some(_), Some(_)) => {
-                return Err(TrainError::Config(
-                    "vision: give either arch or [vision.fastvit], not both".into(),
-                ))
+        let given = usize::from(v.arch.is_some())
+            + usize::from(v.fastvit.is_some())
+            + usize::from(v.vit.is_some());
+        if given != 1 {
+            return Err(TrainError::Config(format!(
+                "vision: give exactly one of arch (e.g. \"fastvit_mci0\"), [vision.fastvit] or \
+                 [vision.vit]; found {given}"
+            )));
+        }
+        let embed = self.embed_dim;
+        let tower = if let Some(name) = &v.arch {
+            if let Some(cfg) = FastVitConfig::named(name, embed) {
+                VisionTower::FastVit(cfg)
+            } else if let Some(cfg) = VitConfig::named(name, embed) {
+                VisionTower::Vit(cfg)
+            } else {
+                return Err(TrainError::Config(format!(
+                    "vision.arch: unknown architecture {name:?} (known: {})",
+                    IMAGE_ARCHS.join(", ")
+                )));
             }
-            (None, None) => {
-                return Err(TrainError::Config(
-                    "vision: give arch (e.g. \"fastvit_mci0\") or [vision.fastvit]".into(),
-                ))
-            }
+        } else if let Some(cfg) = &v.fastvit {
+            VisionTower::FastVit(FastVitConfig {
+                num_classes: embed,
+                ..cfg.clone()
+            })
+        } else if let Some(cfg) = &v.vit {
+            VisionTower::Vit(VitConfig {
+                num_classes: embed,
+                ..cfg.clone()
+            })
+        } else {
+            unreachable!("exactly one of the three is set")
         };
-        cfg.num_classes = self.embed_dim;
-        cfg.validate()
-            .map_err(|e| TrainError::Config(format!("vision.fastvit.{e}")))?;
-        Ok(cfg)
+        match &tower {
+            VisionTower::FastVit(cfg) => cfg
+                .validate()
+                .map_err(|e| TrainError::Config(format!("vision.fastvit.{e}")))?,
+            VisionTower::Vit(cfg) => cfg
+                .validate(v.image_size)
+                .map_err(|e| TrainError::Config(format!("vision.vit: {e}")))?,
+        }
+        Ok(tower)
     }
 
     /// The text tower as the teachers' CLIP config describes it (its vision part is unused).
@@ -156,10 +205,40 @@ impl StudentConfig {
     }
 }
 
+/// A student's image tower.
+#[derive(Clone, Debug)]
+enum ImageTower {
+    FastVit(Box<FastVit>),
+    Vit(Box<Vit>),
+}
+
+impl ImageTower {
+    fn units(&self) -> usize {
+        match self {
+            ImageTower::FastVit(t) => t.units(),
+            ImageTower::Vit(t) => t.units(),
+        }
+    }
+
+    fn forward_unit(&self, i: usize, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        match self {
+            ImageTower::FastVit(t) => t.forward_unit(i, x, mode),
+            ImageTower::Vit(t) => t.forward_unit(i, x, mode),
+        }
+    }
+
+    fn forward(&self, images: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        match self {
+            ImageTower::FastVit(t) => t.forward(images, mode),
+            ImageTower::Vit(t) => t.forward(images, mode),
+        }
+    }
+}
+
 /// A student with its parameters (trainable) and buffers (BatchNorm running statistics).
 pub struct Student {
     config: StudentConfig,
-    visual: FastVit,
+    visual: ImageTower,
     text: TextTransformer,
     logit_scale: Tensor,
     params: VarMap,
@@ -175,16 +254,37 @@ impl Student {
 
     /// A student with initial weights drawn from `seed` (the same seed, the same weights).
     pub fn with_seed(config: &StudentConfig, seed: u64, device: &Device) -> Result<Self> {
-        let fastvit = config.fastvit()?;
+        Self::build(config, Some(seed), device)
+    }
+
+    /// A student whose weights are zeros, to be set by [`Student::load`] (no time spent
+    /// drawing initial values that are overwritten at once).
+    pub fn for_loading(config: &StudentConfig, device: &Device) -> Result<Self> {
+        Self::build(config, None, device)
+    }
+
+    fn build(config: &StudentConfig, seed: Option<u64>, device: &Device) -> Result<Self> {
+        let tower = config.vision_tower()?;
         let params = VarMap::new();
         let buffers = VarMap::new();
-        let vb = VarBuilder::from_backend(
-            Box::new(SeededVarMap::new(params.clone(), seed)),
-            DType::F32,
-            device.clone(),
-        );
-        let b = Builder::new(vb.clone(), buffers.clone(), config.norm);
-        let visual = FastVit::new(&b.pp(VISUAL_PREFIX), &fastvit)?;
+        let backend = match seed {
+            Some(seed) => SeededVarMap::new(params.clone(), seed),
+            None => SeededVarMap::zeros(params.clone()),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+        let b = Builder::new(vb.clone(), buffers.clone(), config.norm)
+            .with_inference_mode(config.vision.inference_mode);
+        let vb_visual = b.pp(VISUAL_PREFIX);
+        let visual = match &tower {
+            VisionTower::FastVit(cfg) => {
+                ImageTower::FastVit(Box::new(FastVit::new(&vb_visual, cfg)?))
+            }
+            VisionTower::Vit(cfg) => ImageTower::Vit(Box::new(Vit::new(
+                &vb_visual,
+                cfg,
+                config.vision.image_size,
+            )?)),
+        };
         // Training needs the differentiable kernels: the fused ones would silently cut the
         // gradient. A student has no way to ask for anything else.
         let text = TextTransformer::new(
@@ -205,6 +305,30 @@ impl Student {
         })
     }
 
+    /// The student in its reparameterised form (see [`crate::fastvit::reparam`]): the same
+    /// evaluation outputs from fewer, larger convolutions. Students without re-parameterisable
+    /// layers (ViT towers) and students already fused come back as they are.
+    pub fn into_inference(self) -> Result<Student> {
+        let ImageTower::FastVit(fastvit) = &self.visual else {
+            return Ok(self);
+        };
+        if self.config.vision.inference_mode {
+            return Ok(self);
+        }
+        let state = fastvit.fused()?.apply(self.state_dict()?);
+        let mut config = self.config.clone();
+        config.vision.inference_mode = true;
+        let fused = Student::for_loading(&config, &self.device)?;
+        fused.load(&state.into_iter().collect(), true)?;
+        Ok(fused)
+    }
+
+    /// Whether [`Student::into_inference`] has anything to fuse (a FastViT tower in its
+    /// branched form).
+    pub fn reparameterizable(&self) -> bool {
+        matches!(self.visual, ImageTower::FastVit(_)) && !self.config.vision.inference_mode
+    }
+
     /// The architecture.
     pub fn config(&self) -> &StudentConfig {
         &self.config
@@ -223,6 +347,23 @@ impl Student {
     /// Unnormalised text embeddings `[B, embed_dim]` of token rows of equal length.
     pub fn encode_text(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         Ok(self.text.forward_with_tokens(ids)?.pooled)
+    }
+
+    /// Seeds the random choices of the next training forwards (the ViT towers' stochastic
+    /// depth); the trainer sets it per step and micro-batch so a recomputed or resumed forward
+    /// draws the same masks.
+    pub fn set_forward_seed(&self, seed: u64) {
+        if let ImageTower::Vit(vit) = &self.visual {
+            vit.drop_seed().set(seed);
+        }
+    }
+
+    /// The seed [`Student::set_forward_seed`] set last (0 for towers without random choices).
+    pub fn forward_seed(&self) -> u64 {
+        match &self.visual {
+            ImageTower::Vit(vit) => vit.drop_seed().get(),
+            ImageTower::FastVit(_) => 0,
+        }
     }
 
     /// The image tower as units for activation recomputation (see [`crate::recompute`]).

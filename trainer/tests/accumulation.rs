@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
-use dfndr_trainer::step::{gradients, l2_normalize, Batch, Plan};
+use dfndr_trainer::step::{gradients, l2_normalize, Batch, Plan, Recompute};
 use dfndr_trainer::{Student, StudentConfig};
 
 /// `shape` values from a fixed sequence (`seed`): roughly normal, the same on every run.
@@ -63,7 +63,11 @@ fn setup() -> (StudentConfig, Batch, TeacherLayout, LossConfig) {
 fn plan(micro_batches: usize, recompute: bool) -> Plan {
     Plan {
         micro_batches,
-        recompute,
+        recompute: if recompute {
+            Recompute::BOTH
+        } else {
+            Recompute::NONE
+        },
     }
 }
 

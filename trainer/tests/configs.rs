@@ -35,13 +35,124 @@ fn shipped_training_configs_load() {
     }
 }
 
+/// Every shipped student builds; the six MobileCLIP2 students at full size have exactly
+/// OpenCLIP's keys and shapes, its parameter counts, its model config when exported, and
+/// Apple's preprocessing (`tests/fixtures/variants/full.json`, from OpenCLIP 3.3.0 and timm
+/// 1.0.31); the FastViT students' reparameterised forms have exactly the keys and shapes of
+/// timm's `reparameterize_model`.
 #[test]
-fn shipped_students_build() {
+fn shipped_students_build_with_openclips_layout() {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/variants/full.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
     for path in configs("students") {
         let cfg: StudentConfig = toml::from_str(&std::fs::read_to_string(&path).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Student::new(&cfg, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // The layout does not depend on the values: zero-filled weights build in a fraction
+        // of the time of drawn ones (the large students hold ~400M values).
+        let student = Student::for_loading(&cfg, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let Some(name) = dfndr_trainer::models::openclip_name(&cfg) else {
+            continue;
+        };
+        let (_, g) = golden
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(_, g)| g["openclip_name"] == name.as_str())
+            .unwrap_or_else(|| panic!("{name}: no golden layout"));
+        assert_eq!(
+            layout(&student),
+            golden_layout(&g["keys"]),
+            "{name}: keys and shapes"
+        );
+        assert_eq!(
+            student.num_params().unwrap() as u64,
+            g["num_params"].as_u64().unwrap(),
+            "{name}: parameters"
+        );
+        assert_eq!(
+            dfndr_trainer::export::open_clip_model_cfg(&cfg).unwrap(),
+            g["model_config"],
+            "{name}: OpenCLIP model config"
+        );
+        let p = &g["preprocess"];
+        assert_eq!(
+            cfg.vision.image_size as u64,
+            p["size"].as_u64().unwrap(),
+            "{name}"
+        );
+        let close = |a: &[f32; 3], b: &serde_json::Value| {
+            a.iter()
+                .zip(b.as_array().unwrap())
+                .all(|(x, y)| (*x as f64 - y.as_f64().unwrap()).abs() < 1e-7)
+        };
+        assert!(close(&cfg.preprocess.mean, &p["mean"]), "{name}: mean");
+        assert!(close(&cfg.preprocess.std, &p["std"]), "{name}: std");
+        let interpolation = format!("{:?}", cfg.preprocess.interpolation).to_lowercase();
+        assert_eq!(
+            interpolation,
+            p["interpolation"].as_str().unwrap(),
+            "{name}"
+        );
+        drop(student);
+        if let Some(fused_keys) = g.get("fused_keys") {
+            let mut fused_cfg = cfg.clone();
+            fused_cfg.vision.inference_mode = true;
+            let fused = Student::for_loading(&fused_cfg, &Device::Cpu).unwrap();
+            assert_eq!(
+                layout(&fused),
+                golden_layout(fused_keys),
+                "{name}: fused keys"
+            );
+            assert_eq!(
+                fused.num_params().unwrap() as u64,
+                g["fused_num_params"].as_u64().unwrap(),
+                "{name}: fused parameters"
+            );
+        }
+        checked += 1;
     }
+    assert_eq!(
+        checked, 6,
+        "every MobileCLIP2 variant has a shipped student"
+    );
+}
+
+fn layout(s: &Student) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = s
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .chain(s.buffers().unwrap())
+        .map(|(k, v)| (k, v.as_tensor().dims().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn golden_layout(keys: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = keys
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let dims = s
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (k.clone(), dims)
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// A wrong field value is refused with the field named, before anything runs.

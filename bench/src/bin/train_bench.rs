@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use dfndr_trainer::step::{gradients, Batch, Plan};
+use dfndr_trainer::step::{gradients, Batch, Plan, Recompute};
 use dfndr_trainer::{Mode, Student, StudentConfig};
 
 const S0: &str = r#"
@@ -101,7 +101,11 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         let plan = Plan {
             micro_batches: 1,
-            recompute,
+            recompute: if recompute {
+                Recompute::BOTH
+            } else {
+                Recompute::NONE
+            },
         };
         let mut g = gradients(&student, &batch, plan, &layout, &loss_cfg)?;
         let t2 = Instant::now();

@@ -3,10 +3,13 @@
 
 use candle_core::{Result, Tensor};
 use dfndr_teachers::blocks::gelu_erf;
-use dfndr_teachers::blocks::{softmax_last_dim, Kernels, Linear};
 
 use super::mobileone::{LargeKernelConv, MobileOneBlock, MobileOneOptions};
-use crate::layers::{BatchNorm2d, Builder, Conv2d, ConvBn, ConvKind, LayerScale2d, Mode};
+use super::reparam::{identity_kernel, Fused};
+use super::AttnNorm;
+use crate::layers::{
+    BatchNorm2d, Builder, Conv2d, ConvBn, ConvKind, LayerNorm2d, LayerScale2d, Mode, SelfAttention,
+};
 
 /// timm's `ConvMlp`: depthwise 7×7 conv + BN (`conv`), then `fc1` → GELU → `fc2` (1×1, biased).
 #[derive(Clone, Debug)]
@@ -34,18 +37,31 @@ impl ConvMlp {
     }
 }
 
-/// `RepMixerBlock`: `x + γ₁·(mixer(x) − norm(x))`, then `x + γ₂·mlp(x)`.
+/// `RepMixerBlock`: `x + γ₁·(mixer(x) − norm(x))`, then `x + γ₂·mlp(x)`; reparameterised,
+/// the first half is one depthwise convolution (`token_mixer.reparam_conv`).
 #[derive(Clone, Debug)]
 pub struct RepMixerBlock {
-    norm: MobileOneBlock,
-    mixer: MobileOneBlock,
-    mixer_scale: LayerScale2d,
+    mixer: TokenMixerForm,
     mlp: ConvMlp,
     layer_scale: LayerScale2d,
 }
 
+/// The RepMixer token mixer in either form.
+#[derive(Clone, Debug)]
+enum TokenMixerForm {
+    Train {
+        prefix: String,
+        kernel: usize,
+        norm: Box<MobileOneBlock>,
+        mixer: Box<MobileOneBlock>,
+        scale: LayerScale2d,
+    },
+    Fused(Conv2d),
+}
+
 impl RepMixerBlock {
-    /// Loads `PREFIX.token_mixer.{norm,mixer,layer_scale}`, `PREFIX.mlp`, `PREFIX.layer_scale`.
+    /// Loads `PREFIX.token_mixer.{norm,mixer,layer_scale}` (or `token_mixer.reparam_conv` in
+    /// inference mode), `PREFIX.mlp`, `PREFIX.layer_scale`.
     pub fn new(
         b: &Builder,
         dim: usize,
@@ -54,29 +70,98 @@ impl RepMixerBlock {
         ls_init: f64,
     ) -> Result<Self> {
         let tm = b.pp("token_mixer");
-        let dw = MobileOneOptions {
-            kind: ConvKind::Depthwise,
-            use_act: false,
-            ..Default::default()
-        };
-        let norm_opts = MobileOneOptions {
-            use_scale_branch: false,
-            conv_branches: 0,
-            ..dw
+        let mixer = if b.inference_mode() {
+            TokenMixerForm::Fused(Conv2d::new(
+                &tm.pp("reparam_conv"),
+                dim,
+                dim,
+                kernel,
+                1,
+                ConvKind::Depthwise,
+                true,
+                Some(kernel / 2),
+            )?)
+        } else {
+            let dw = MobileOneOptions {
+                kind: ConvKind::Depthwise,
+                use_act: false,
+                ..Default::default()
+            };
+            let norm_opts = MobileOneOptions {
+                use_scale_branch: false,
+                conv_branches: 0,
+                ..dw
+            };
+            TokenMixerForm::Train {
+                prefix: tm.vb().prefix(),
+                kernel,
+                norm: Box::new(MobileOneBlock::new(
+                    &tm.pp("norm"),
+                    dim,
+                    dim,
+                    kernel,
+                    1,
+                    norm_opts,
+                )?),
+                mixer: Box::new(MobileOneBlock::new(
+                    &tm.pp("mixer"),
+                    dim,
+                    dim,
+                    kernel,
+                    1,
+                    dw,
+                )?),
+                scale: LayerScale2d::new(&tm.pp("layer_scale"), dim, ls_init)?,
+            }
         };
         Ok(Self {
-            norm: MobileOneBlock::new(&tm.pp("norm"), dim, dim, kernel, 1, norm_opts)?,
-            mixer: MobileOneBlock::new(&tm.pp("mixer"), dim, dim, kernel, 1, dw)?,
-            mixer_scale: LayerScale2d::new(&tm.pp("layer_scale"), dim, ls_init)?,
+            mixer,
             mlp: ConvMlp::new(&b.pp("mlp"), dim, (dim as f64 * mlp_ratio) as usize)?,
             layer_scale: LayerScale2d::new(&b.pp("layer_scale"), dim, ls_init)?,
         })
     }
 
+    /// Records the fused token mixer, `I + γ·(W_mixer − W_norm)` with bias
+    /// `γ·(b_mixer − b_norm)`, in `out`.
+    pub fn fuse_into(&self, out: &mut Fused) -> Result<()> {
+        let TokenMixerForm::Train {
+            prefix,
+            kernel,
+            norm,
+            mixer,
+            scale,
+        } = &self.mixer
+        else {
+            return Ok(());
+        };
+        let (wm, bm) = mixer.fused_kernel()?;
+        let (wn, bn) = norm.fused_kernel()?;
+        let gamma = scale.gamma().flatten_all()?;
+        let c = gamma.dim(0)?;
+        let id = identity_kernel(c, 1, *kernel, gamma.device())?;
+        let w = (id + (wm - wn)?.broadcast_mul(&gamma.reshape((c, 1, 1, 1))?)?)?;
+        let b = ((bm - bn)? * &gamma)?;
+        out.replace(
+            prefix,
+            &["norm", "mixer", "layer_scale"],
+            "reparam_conv",
+            w,
+            b,
+        );
+        Ok(())
+    }
+
     /// Applies the block.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mixed = (self.mixer.forward(x, mode)? - self.norm.forward(x, mode)?)?;
-        let x = (x + self.mixer_scale.forward(&mixed)?)?;
+        let x = match &self.mixer {
+            TokenMixerForm::Train {
+                norm, mixer, scale, ..
+            } => {
+                let mixed = (mixer.forward(x, mode)? - norm.forward(x, mode)?)?;
+                (x + scale.forward(&mixed)?)?
+            }
+            TokenMixerForm::Fused(conv) => conv.forward(x)?,
+        };
         let mlp = self.mlp.forward(&x, mode)?;
         x + self.layer_scale.forward(&mlp)?
     }
@@ -86,9 +171,7 @@ impl RepMixerBlock {
 /// bias, `proj` with bias).
 #[derive(Clone, Debug)]
 pub struct Attention {
-    qkv: Linear,
-    proj: Linear,
-    heads: usize,
+    inner: SelfAttention,
 }
 
 /// Width of one attention head in FastViT.
@@ -97,47 +180,42 @@ pub const HEAD_DIM: usize = 32;
 impl Attention {
     /// Loads `PREFIX.qkv` and `PREFIX.proj`.
     pub fn new(b: &Builder, dim: usize) -> Result<Self> {
-        if !dim.is_multiple_of(HEAD_DIM) {
-            candle_core::bail!(
-                "attention width {dim} at {} is not a multiple of the head width {HEAD_DIM}",
-                b.vb().prefix()
-            );
-        }
         Ok(Self {
-            qkv: Linear::new(b.vb().pp("qkv"), dim, 3 * dim, false)?,
-            proj: Linear::new(b.vb().pp("proj"), dim, dim, true)?,
-            heads: dim / HEAD_DIM,
+            inner: SelfAttention::new(b, dim, HEAD_DIM, false)?,
         })
     }
 
     /// Applies attention.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let n = h * w;
         let tokens = x.flatten_from(2)?.transpose(1, 2)?;
-        let qkv = self
-            .qkv
+        self.inner
             .forward(&tokens)?
-            .reshape((b, n, 3, self.heads, HEAD_DIM))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let q = (q * (HEAD_DIM as f64).powf(-0.5))?;
-        let scores = q.matmul(&k.t()?)?;
-        // The differentiable softmax: the fused one has no backward pass.
-        let weights = softmax_last_dim(&scores, Kernels::Differentiable)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.proj
-            .forward(&out)?
             .transpose(1, 2)?
             .reshape((b, c, h, w))
+    }
+}
+
+/// The normalisation of an [`AttentionBlock`].
+#[derive(Clone, Debug)]
+enum Norm2d {
+    Batch(BatchNorm2d),
+    Layer(LayerNorm2d),
+}
+
+impl Norm2d {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match self {
+            Norm2d::Batch(bn) => bn.forward(x, mode),
+            Norm2d::Layer(ln) => ln.forward(x),
+        }
     }
 }
 
 /// `AttentionBlock`: `x + γ₁·attn(norm(x))`, then `x + γ₂·mlp(x)`.
 #[derive(Clone, Debug)]
 pub struct AttentionBlock {
-    norm: BatchNorm2d,
+    norm: Norm2d,
     attn: Attention,
     layer_scale_1: LayerScale2d,
     mlp: ConvMlp,
@@ -146,9 +224,20 @@ pub struct AttentionBlock {
 
 impl AttentionBlock {
     /// Loads `PREFIX.norm`, `PREFIX.token_mixer`, `PREFIX.mlp` and both layer scales.
-    pub fn new(b: &Builder, dim: usize, mlp_ratio: f64, ls_init: f64) -> Result<Self> {
+    pub fn new(
+        b: &Builder,
+        dim: usize,
+        mlp_ratio: f64,
+        ls_init: f64,
+        norm: AttnNorm,
+    ) -> Result<Self> {
+        let norm = match norm {
+            AttnNorm::BatchNorm => Norm2d::Batch(BatchNorm2d::new(&b.pp("norm"), dim)?),
+            // timm's MCi3/4: LayerNorm2d(eps=1e-5).
+            AttnNorm::LayerNorm => Norm2d::Layer(LayerNorm2d::new(&b.pp("norm"), dim, 1e-5)?),
+        };
         Ok(Self {
-            norm: BatchNorm2d::new(&b.pp("norm"), dim)?,
+            norm,
             attn: Attention::new(&b.pp("token_mixer"), dim)?,
             layer_scale_1: LayerScale2d::new(&b.pp("layer_scale_1"), dim, ls_init)?,
             mlp: ConvMlp::new(&b.pp("mlp"), dim, (dim as f64 * mlp_ratio) as usize)?,
@@ -165,18 +254,24 @@ impl AttentionBlock {
     }
 }
 
-/// `RepConditionalPosEnc`: `x + pos_enc(x)`, a biased depthwise 7×7 convolution.
+/// `RepConditionalPosEnc`: `x + pos_enc(x)`, a biased depthwise 7×7 convolution;
+/// reparameterised, one convolution with the identity in its kernel (`reparam_conv`).
 #[derive(Clone, Debug)]
 pub struct RepCpe {
-    pos_enc: Conv2d,
+    prefix: String,
+    conv: Conv2d,
+    fused: bool,
 }
 
 impl RepCpe {
-    /// Loads `PREFIX.pos_enc`.
+    /// Loads `PREFIX.pos_enc` (or `PREFIX.reparam_conv` in inference mode).
     pub fn new(b: &Builder, dim: usize) -> Result<Self> {
+        let fused = b.inference_mode();
+        let name = if fused { "reparam_conv" } else { "pos_enc" };
         Ok(Self {
-            pos_enc: Conv2d::new(
-                &b.pp("pos_enc"),
+            prefix: b.vb().prefix(),
+            conv: Conv2d::new(
+                &b.pp(name),
                 dim,
                 dim,
                 7,
@@ -185,12 +280,37 @@ impl RepCpe {
                 true,
                 Some(3),
             )?,
+            fused,
         })
+    }
+
+    /// Records the fused form, `I + W_pe` with the same bias, in `out`.
+    pub fn fuse_into(&self, out: &mut Fused) -> Result<()> {
+        if self.fused {
+            return Ok(());
+        }
+        let w = self.conv.weight();
+        let (c, _, k, _) = w.dims4()?;
+        let Some(bias) = self.conv.bias() else {
+            candle_core::bail!("{}: pos_enc without bias", self.prefix);
+        };
+        let fused = (identity_kernel(c, 1, k, w.device())? + w)?;
+        out.replace(
+            &self.prefix,
+            &["pos_enc"],
+            "reparam_conv",
+            fused,
+            bias.clone(),
+        );
+        Ok(())
     }
 
     /// Applies the encoding.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.pos_enc.forward(x)? + x
+        if self.fused {
+            return self.conv.forward(x);
+        }
+        self.conv.forward(x)? + x
     }
 }
 
@@ -235,6 +355,12 @@ impl PatchEmbed {
                 MobileOneOptions::default(),
             )?,
         })
+    }
+
+    /// Records the fused forms of both layers in `out`.
+    pub fn fuse_into(&self, out: &mut Fused) -> Result<()> {
+        self.large.fuse_into(out)?;
+        self.pointwise.fuse_into(out)
     }
 
     /// Applies the embedding.

@@ -4,7 +4,8 @@
 use candle_core::{Result, Tensor};
 use dfndr_teachers::blocks::gelu_erf;
 
-use crate::layers::{BatchNorm2d, Builder, ConvBn, ConvKind, Mode, SqueezeExcite};
+use super::reparam::{identity_kernel, pad_kernel, Fused};
+use crate::layers::{BatchNorm2d, Builder, Conv2d, ConvBn, ConvKind, Mode, SqueezeExcite};
 
 /// Options of one [`MobileOneBlock`] beyond its channels, kernel and stride.
 #[derive(Clone, Copy, Debug)]
@@ -33,9 +34,14 @@ impl Default for MobileOneOptions {
     }
 }
 
-/// timm's `MobileOneBlock`: `act(se(conv_scale(x) + identity(x) + Σ conv_kxk[i](x)))`.
+/// timm's `MobileOneBlock`: `act(se(conv_scale(x) + identity(x) + Σ conv_kxk[i](x)))`, or in
+/// its reparameterised form `act(se(reparam_conv(x)))`.
 #[derive(Clone, Debug)]
 pub struct MobileOneBlock {
+    prefix: String,
+    reparam: Option<Conv2d>,
+    in_per_group: usize,
+    kernel: usize,
     identity: Option<BatchNorm2d>,
     conv_scale: Option<ConvBn>,
     conv_kxk: Vec<ConvBn>,
@@ -53,12 +59,46 @@ impl MobileOneBlock {
         stride: usize,
         opts: MobileOneOptions,
     ) -> Result<Self> {
-        let identity = if in_ch == out_ch && stride == 1 {
+        let se = if opts.use_se {
+            let reduced = SqueezeExcite::reduced_channels(out_ch, 1.0 / 16.0, 1);
+            Some(SqueezeExcite::new(&b.pp("se"), out_ch, reduced)?)
+        } else {
+            None
+        };
+        let in_per_group = match opts.kind {
+            ConvKind::Depthwise => 1,
+            ConvKind::Dense => in_ch,
+        };
+        let mut block = Self {
+            prefix: b.vb().prefix(),
+            reparam: None,
+            in_per_group,
+            kernel,
+            identity: None,
+            conv_scale: None,
+            conv_kxk: Vec::new(),
+            se,
+            use_act: opts.use_act,
+        };
+        if b.inference_mode() {
+            block.reparam = Some(Conv2d::new(
+                &b.pp("reparam_conv"),
+                in_ch,
+                out_ch,
+                kernel,
+                stride,
+                opts.kind,
+                true,
+                None,
+            )?);
+            return Ok(block);
+        }
+        block.identity = if in_ch == out_ch && stride == 1 {
             Some(BatchNorm2d::new(&b.pp("identity"), in_ch)?)
         } else {
             None
         };
-        let conv_scale = if kernel > 1 && opts.use_scale_branch {
+        block.conv_scale = if kernel > 1 && opts.use_scale_branch {
             Some(ConvBn::new(
                 &b.pp("conv_scale"),
                 in_ch,
@@ -70,7 +110,7 @@ impl MobileOneBlock {
         } else {
             None
         };
-        let conv_kxk = (0..opts.conv_branches)
+        block.conv_kxk = (0..opts.conv_branches)
             .map(|i| {
                 ConvBn::new(
                     &b.pp("conv_kxk").pp(i),
@@ -82,23 +122,63 @@ impl MobileOneBlock {
                 )
             })
             .collect::<Result<_>>()?;
-        let se = if opts.use_se {
-            let reduced = SqueezeExcite::reduced_channels(out_ch, 1.0 / 16.0, 1);
-            Some(SqueezeExcite::new(&b.pp("se"), out_ch, reduced)?)
-        } else {
-            None
+        Ok(block)
+    }
+
+    /// The sum of the branches (before squeeze-excite and activation) as one biased
+    /// convolution `(weight, bias)`: each conv+BN folded, the 1×1 scale kernel zero-padded to
+    /// k×k, the identity BatchNorm as a one-hot centre kernel.
+    pub fn fused_kernel(&self) -> Result<(Tensor, Tensor)> {
+        if let Some(conv) = &self.reparam {
+            let bias = match conv.bias() {
+                Some(b) => b.clone(),
+                None => candle_core::bail!("{}: reparam_conv without bias", self.prefix),
+            };
+            return Ok((conv.weight().clone(), bias));
+        }
+        let mut parts = Vec::new();
+        for conv in &self.conv_kxk {
+            parts.push(conv.fused()?);
+        }
+        if let Some(scale) = &self.conv_scale {
+            let (w, b) = scale.fused()?;
+            parts.push((pad_kernel(&w, self.kernel)?, b));
+        }
+        if let Some(bn) = &self.identity {
+            let (scale, shift) = bn.eval_affine()?;
+            let c = scale.dim(0)?;
+            let id = identity_kernel(c, self.in_per_group, self.kernel, scale.device())?;
+            parts.push((id.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?, shift));
+        }
+        let mut parts = parts.into_iter();
+        let Some((mut w, mut b)) = parts.next() else {
+            candle_core::bail!("{}: a MobileOne block without branches", self.prefix);
         };
-        Ok(Self {
-            identity,
-            conv_scale,
-            conv_kxk,
-            se,
-            use_act: opts.use_act,
-        })
+        for (pw, pb) in parts {
+            w = (w + pw)?;
+            b = (b + pb)?;
+        }
+        Ok((w, b))
+    }
+
+    /// Records the block's fused form (`PREFIX.reparam_conv`; `se` stays) in `out`.
+    pub fn fuse_into(&self, out: &mut Fused) -> Result<()> {
+        let (w, b) = self.fused_kernel()?;
+        out.replace(
+            &self.prefix,
+            &["identity", "conv_scale", "conv_kxk"],
+            "reparam_conv",
+            w,
+            b,
+        );
+        Ok(())
     }
 
     /// Applies the block.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if let Some(conv) = &self.reparam {
+            return self.finish(conv.forward(x)?);
+        }
         let mut branches = Vec::with_capacity(2 + self.conv_kxk.len());
         if let Some(scale) = &self.conv_scale {
             branches.push(scale.forward(x, mode)?);
@@ -109,7 +189,10 @@ impl MobileOneBlock {
         for conv in &self.conv_kxk {
             branches.push(conv.forward(x, mode)?);
         }
-        let mut out = sum(branches)?;
+        self.finish(sum(branches)?)
+    }
+
+    fn finish(&self, mut out: Tensor) -> Result<Tensor> {
         if let Some(se) = &self.se {
             out = se.forward(&out)?;
         }
@@ -136,10 +219,21 @@ fn sum(parts: Vec<Tensor>) -> Result<Tensor> {
 /// both depthwise with a channel multiplier.
 #[derive(Clone, Debug)]
 pub struct LargeKernelConv {
-    large_conv: ConvBn,
-    small_conv: ConvBn,
+    prefix: String,
+    branches: LargeKernelBranches,
     se: Option<SqueezeExcite>,
     use_act: bool,
+}
+
+/// The two branches of a [`LargeKernelConv`], or their fused convolution.
+#[derive(Clone, Debug)]
+enum LargeKernelBranches {
+    Train {
+        large_conv: ConvBn,
+        small_conv: ConvBn,
+        kernel: usize,
+    },
+    Fused(Conv2d),
 }
 
 impl LargeKernelConv {
@@ -163,24 +257,74 @@ impl LargeKernelConv {
         } else {
             None
         };
-        Ok(Self {
-            large_conv: ConvBn::new(&b.pp("large_conv"), in_ch, out_ch, kernel, stride, kind)?,
-            small_conv: ConvBn::new(
-                &b.pp("small_conv"),
+        let branches = if b.inference_mode() {
+            LargeKernelBranches::Fused(Conv2d::new(
+                &b.pp("reparam_conv"),
                 in_ch,
                 out_ch,
-                small_kernel,
+                kernel,
                 stride,
                 kind,
-            )?,
+                true,
+                None,
+            )?)
+        } else {
+            LargeKernelBranches::Train {
+                large_conv: ConvBn::new(&b.pp("large_conv"), in_ch, out_ch, kernel, stride, kind)?,
+                small_conv: ConvBn::new(
+                    &b.pp("small_conv"),
+                    in_ch,
+                    out_ch,
+                    small_kernel,
+                    stride,
+                    kind,
+                )?,
+                kernel,
+            }
+        };
+        Ok(Self {
+            prefix: b.vb().prefix(),
+            branches,
             se,
             use_act,
         })
     }
 
+    /// Records the fused form (`PREFIX.reparam_conv`: the large kernel plus the small one
+    /// zero-padded to its size; `se` stays) in `out`.
+    pub fn fuse_into(&self, out: &mut Fused) -> Result<()> {
+        let (w, b) = match &self.branches {
+            LargeKernelBranches::Train {
+                large_conv,
+                small_conv,
+                kernel,
+            } => {
+                let (wl, bl) = large_conv.fused()?;
+                let (ws, bs) = small_conv.fused()?;
+                ((wl + pad_kernel(&ws, *kernel)?)?, (bl + bs)?)
+            }
+            LargeKernelBranches::Fused(_) => return Ok(()),
+        };
+        out.replace(
+            &self.prefix,
+            &["large_conv", "small_conv"],
+            "reparam_conv",
+            w,
+            b,
+        );
+        Ok(())
+    }
+
     /// Applies the layer.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut out = (self.large_conv.forward(x, mode)? + self.small_conv.forward(x, mode)?)?;
+        let mut out = match &self.branches {
+            LargeKernelBranches::Train {
+                large_conv,
+                small_conv,
+                ..
+            } => (large_conv.forward(x, mode)? + small_conv.forward(x, mode)?)?,
+            LargeKernelBranches::Fused(conv) => conv.forward(x)?,
+        };
         if let Some(se) = &self.se {
             out = se.forward(&out)?;
         }

@@ -3,6 +3,7 @@
 
 mod blocks;
 mod mobileone;
+pub mod reparam;
 
 pub use blocks::{Attention, AttentionBlock, ConvMlp, PatchEmbed, RepCpe, RepMixerBlock};
 pub use mobileone::{LargeKernelConv, MobileOneBlock, MobileOneOptions};
@@ -21,6 +22,17 @@ pub enum TokenMixer {
     Repmixer,
     /// Multi-head self-attention (BatchNorm pre-norm).
     Attention,
+}
+
+/// The normalisation before attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnNorm {
+    /// `BatchNorm2d` (MCi0-2).
+    #[default]
+    BatchNorm,
+    /// `LayerNorm2d` with eps 1e-5 over each pixel's channels (MCi3-4).
+    LayerNorm,
 }
 
 /// The numbers of a FastViT tower (timm's `FastVit` arguments).
@@ -57,6 +69,9 @@ pub struct FastVitConfig {
     /// The 1×1 scale branch in the stem's blocks.
     #[serde(default = "default_true")]
     pub stem_use_scale_branch: bool,
+    /// Normalisation of the attention blocks (timm's `norm_layer`).
+    #[serde(default)]
+    pub attn_norm: AttnNorm,
     /// Width of the final convolution / last stage's width.
     #[serde(default = "default_cls_ratio")]
     pub cls_ratio: f64,
@@ -106,8 +121,28 @@ impl FastVitConfig {
             layer_scale_init_value: 1e-5,
             lkc_use_act: true,
             stem_use_scale_branch: true,
+            attn_norm: AttnNorm::BatchNorm,
             cls_ratio: 2.0,
             num_classes,
+        }
+    }
+
+    /// The five-stage MCi3/MCi4 layout (MobileCLIP2-S3/S4): attention in the last two stages
+    /// after a positional encoding, LayerNorm2d before attention, MLP ratio 4, no squeeze-excite
+    /// in the downsampling layers and no scale branch in the stem.
+    fn five_stage(layers: [usize; 5], embed_dims: [usize; 5], num_classes: usize) -> Self {
+        let rep = TokenMixer::Repmixer;
+        let attn = TokenMixer::Attention;
+        Self {
+            layers: layers.to_vec(),
+            embed_dims: embed_dims.to_vec(),
+            mlp_ratios: vec![4.0; 5],
+            token_mixers: vec![rep, rep, rep, attn, attn],
+            se_downsamples: vec![false; 5],
+            pos_embs: vec![false, false, false, true, true],
+            stem_use_scale_branch: false,
+            attn_norm: AttnNorm::LayerNorm,
+            ..Self::mci0(num_classes)
         }
     }
 
@@ -120,6 +155,12 @@ impl FastVitConfig {
             "fastvit_mci2" => {
                 cfg.layers = vec![4, 12, 24, 4];
                 cfg.embed_dims = vec![80, 160, 320, 640];
+            }
+            "fastvit_mci3" => {
+                cfg = Self::five_stage([2, 12, 24, 4, 2], [96, 192, 384, 768, 1536], num_classes)
+            }
+            "fastvit_mci4" => {
+                cfg = Self::five_stage([2, 12, 24, 4, 4], [128, 256, 512, 1024, 2048], num_classes)
             }
             _ => return None,
         }
@@ -263,25 +304,26 @@ impl FastVit {
             } else {
                 None
             };
-            let blocks = (0..depth)
-                .map(|j| {
-                    let bb = sb.pp("blocks").pp(j);
-                    let ratio = cfg.mlp_ratios[i];
-                    let ls = cfg.layer_scale_init_value;
-                    Ok(match cfg.token_mixers[i] {
-                        TokenMixer::Repmixer => Block::RepMixer(Box::new(RepMixerBlock::new(
-                            &bb,
-                            dim,
-                            cfg.repmixer_kernel_size,
-                            ratio,
-                            ls,
-                        )?)),
-                        TokenMixer::Attention => {
-                            Block::Attention(Box::new(AttentionBlock::new(&bb, dim, ratio, ls)?))
-                        }
+            let blocks =
+                (0..depth)
+                    .map(|j| {
+                        let bb = sb.pp("blocks").pp(j);
+                        let ratio = cfg.mlp_ratios[i];
+                        let ls = cfg.layer_scale_init_value;
+                        Ok(match cfg.token_mixers[i] {
+                            TokenMixer::Repmixer => Block::RepMixer(Box::new(RepMixerBlock::new(
+                                &bb,
+                                dim,
+                                cfg.repmixer_kernel_size,
+                                ratio,
+                                ls,
+                            )?)),
+                            TokenMixer::Attention => Block::Attention(Box::new(
+                                AttentionBlock::new(&bb, dim, ratio, ls, cfg.attn_norm)?,
+                            )),
+                        })
                     })
-                })
-                .collect::<Result<_>>()?;
+                    .collect::<Result<_>>()?;
             stages.push(Stage {
                 downsample,
                 pos_emb,
@@ -368,6 +410,30 @@ impl FastVit {
         let x = self.final_conv.forward(x, mode)?;
         let pooled = x.flatten_from(2)?.mean(D::Minus1)?;
         self.head.forward(&pooled)
+    }
+
+    /// The changes that reparameterise the tower (see [`reparam`]): applied to its state
+    /// dict, they give the state dict of the same tower built in inference mode.
+    pub fn fused(&self) -> Result<reparam::Fused> {
+        let mut out = reparam::Fused::default();
+        for block in &self.stem {
+            block.fuse_into(&mut out)?;
+        }
+        for stage in &self.stages {
+            if let Some(down) = &stage.downsample {
+                down.fuse_into(&mut out)?;
+            }
+            if let Some(pe) = &stage.pos_emb {
+                pe.fuse_into(&mut out)?;
+            }
+            for block in &stage.blocks {
+                if let Block::RepMixer(b) = block {
+                    b.fuse_into(&mut out)?;
+                }
+            }
+        }
+        self.final_conv.fuse_into(&mut out)?;
+        Ok(out)
     }
 
     /// Image embeddings `[B, num_classes]` of `[B, 3, S, S]` images.

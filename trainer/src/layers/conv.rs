@@ -79,6 +79,16 @@ impl Conv2d {
         })
     }
 
+    /// The weight, `[out, in/groups, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, when the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// Applies the convolution to `[N, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.kind {
@@ -91,12 +101,44 @@ impl Conv2d {
                 },
             )?,
             ConvKind::Dense if self.kernel == 1 && self.stride == 1 => pointwise(x, &self.weight)?,
+            ConvKind::Dense if self.kernel == self.stride && self.padding == 0 => {
+                self.patchify(x)?
+            }
             ConvKind::Dense => self.dense_on_input(x)?,
         };
         match &self.bias {
             Some(bias) => add_channel_bias(&y, bias),
             None => Ok(y),
         }
+    }
+
+    /// A dense k×k convolution with stride k and no padding (a ViT patch embedding, a conv
+    /// stem's 2×2 stride-2 layers): the non-overlapping patches are regrouped into channels
+    /// by a reshape and a permutation (both differentiable), then one 1×1 convolution. Rows
+    /// and columns past the last whole patch are dropped, as torch does.
+    fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let k = self.kernel;
+        let (ho, wo) = (h / k, w / k);
+        if ho == 0 || wo == 0 {
+            candle_core::bail!(
+                "a {k}x{k} stride-{k} convolution needs at least {k}x{k} pixels, got {h}x{w}"
+            );
+        }
+        let x = if ho * k != h || wo * k != w {
+            x.narrow(2, 0, ho * k)?.narrow(3, 0, wo * k)?
+        } else {
+            x.clone()
+        };
+        // [N, C, Ho, k, Wo, k] → [N, C, k, k, Ho, Wo]: channel index c·k·k + ky·k + kx, the
+        // order of the weight's [O, C, k, k] layout.
+        let patches = x
+            .reshape((n, c, ho, k, wo, k))?
+            .permute((0, 1, 3, 5, 2, 4))?
+            .contiguous()?
+            .reshape((n, c * k * k, ho, wo))?;
+        let o = self.weight.dim(0)?;
+        pointwise_conv(&patches, &self.weight.reshape((o, ()))?)
     }
 
     /// A dense k×k convolution as one matrix product over the input's patches. The patches
@@ -216,6 +258,18 @@ impl ConvBn {
     /// `bn(conv(x))`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         self.bn.forward(&self.conv.forward(x)?, mode)
+    }
+
+    /// The evaluation form as one biased convolution, `(weight, bias)`: the BatchNorm folded
+    /// into the kernel (`W·γ/√(var+eps)`, `β − mean·γ/√(var+eps)`).
+    pub fn fused(&self) -> Result<(Tensor, Tensor)> {
+        let (scale, shift) = self.bn.eval_affine()?;
+        let o = scale.dim(0)?;
+        let w = self
+            .conv
+            .weight()
+            .broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
+        Ok((w, shift))
     }
 }
 

@@ -1,11 +1,15 @@
 //! Convolutional building blocks with timm's state-dict key names, each with a training
 //! (batch statistics, differentiable) and an evaluation forward.
 
+mod attention;
 mod batch_norm;
 mod conv;
 
+pub use attention::SelfAttention;
 pub use batch_norm::{BatchNorm2d, NormConfig};
 pub use conv::{Conv2d, ConvBn, ConvKind, SqueezeExcite};
+
+use dfndr_teachers::blocks::{Kernels, LayerNorm};
 
 use candle_core::{DType, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -31,12 +35,30 @@ pub struct Builder<'a> {
     vb: VarBuilder<'a>,
     buffers: VarMap,
     norm: NormConfig,
+    inference_mode: bool,
 }
 
 impl<'a> Builder<'a> {
     /// A builder over `params` (trainable) and `buffers`, on `vb`'s device, float32.
     pub fn new(vb: VarBuilder<'a>, buffers: VarMap, norm: NormConfig) -> Self {
-        Self { vb, buffers, norm }
+        Self {
+            vb,
+            buffers,
+            norm,
+            inference_mode: false,
+        }
+    }
+
+    /// The builder of the reparameterised (inference) form, as timm's `inference_mode`:
+    /// re-parameterisable layers are built as one convolution each (`reparam_conv`).
+    pub fn with_inference_mode(mut self, inference_mode: bool) -> Self {
+        self.inference_mode = inference_mode;
+        self
+    }
+
+    /// Whether re-parameterisable layers are built fused.
+    pub fn inference_mode(&self) -> bool {
+        self.inference_mode
     }
 
     /// The builder one key level down (`PREFIX.name`).
@@ -45,6 +67,7 @@ impl<'a> Builder<'a> {
             vb: self.vb.pp(name),
             buffers: self.buffers.clone(),
             norm: self.norm,
+            inference_mode: self.inference_mode,
         }
     }
 
@@ -97,8 +120,38 @@ impl LayerScale2d {
         })
     }
 
+    /// The scale, `[C, 1, 1]`.
+    pub fn gamma(&self) -> &Tensor {
+        &self.gamma
+    }
+
     /// Scales each channel of `[N, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::scale_channels(x, &self.gamma.flatten_all()?)
+    }
+}
+
+/// timm's `LayerNorm2d`: LayerNorm over the channels of each pixel of `[N, C, H, W]` (keys
+/// `PREFIX.weight`, `PREFIX.bias`), differentiable.
+#[derive(Clone, Debug)]
+pub struct LayerNorm2d {
+    norm: LayerNorm,
+}
+
+impl LayerNorm2d {
+    /// Loads the layer at `b`'s prefix (weight 1, bias 0 when fresh).
+    pub fn new(b: &Builder, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNorm::new(b.vb().clone(), channels, eps, Kernels::Differentiable)?,
+        })
+    }
+
+    /// Normalises each pixel's channel vector.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
+        self.norm
+            .forward(&nhwc)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
     }
 }

@@ -3,17 +3,15 @@
 //! mode, running statistics, and two optimisation steps with Apple's loss and OpenCLIP's
 //! AdamW groups.
 
-mod common;
-
+use crate::common::{json, load, max_abs, rel_err, token_rows};
 use candle_core::Device;
-use common::{json, load, max_abs, rel_err, token_rows};
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::optim::{cosine_lr, AdamW, AdamWConfig};
 use dfndr_trainer::step::{train_step, Batch};
 use dfndr_trainer::{Mode, Student, StudentConfig};
 
 fn tiny() -> Student {
-    let cfg: StudentConfig = toml::from_str(common::TINY_S0).unwrap();
+    let cfg: StudentConfig = toml::from_str(crate::common::TINY_S0).unwrap();
     let student = Student::new(&cfg, &Device::Cpu).unwrap();
     student.load(&load("s0_tiny.safetensors"), true).unwrap();
     student
@@ -226,9 +224,9 @@ fn two_training_steps_match_pytorch() {
         let prefix = format!("after{}.", i + 1);
         let (mut worst, mut exempt, mut total) = ((0.0, String::new()), 0usize, 0usize);
         for (key, t) in s.state_dict().unwrap() {
-            let golden = common::values(&io[&format!("{prefix}{key}")]);
-            let grad0 = io.get(&format!("grad.{key}")).map(common::values);
-            for (j, (ours, theirs)) in common::values(&t).iter().zip(&golden).enumerate() {
+            let golden = crate::common::values(&io[&format!("{prefix}{key}")]);
+            let grad0 = io.get(&format!("grad.{key}")).map(crate::common::values);
+            for (j, (ours, theirs)) in crate::common::values(&t).iter().zip(&golden).enumerate() {
                 // Relative to the value where it is above 1 (running variances).
                 let e = (ours - theirs).abs() / theirs.abs().max(1.0);
                 total += 1;
@@ -301,7 +299,7 @@ fn gradients_match_pytorch() {
             .unwrap_or_else(|| panic!("{name} got no gradient"));
         let theirs = &io[&format!("grad.{name}")];
         assert!(
-            common::values(ours).iter().any(|v| *v != 0.0),
+            crate::common::values(ours).iter().any(|v| *v != 0.0),
             "{name}: zero gradient"
         );
         let e = rel_err(ours, theirs);

@@ -1,9 +1,7 @@
 //! The trainer's custom ops against PyTorch goldens and finite differences.
 
-mod common;
-
+use crate::common::{json, load, max_abs, rel_err};
 use candle_core::{Device, Tensor, Var};
-use common::{json, load, max_abs, rel_err};
 use dfndr_trainer::ops::{batch_norm_train, depthwise_conv2d, DepthwiseGeometry};
 
 /// Every depthwise geometry MCi0 uses (kernels 1/3/7, strides 1/2, multipliers 1/2, odd
