@@ -165,6 +165,35 @@ fn eval_reads_image_folders_and_refuses_what_it_cannot_use() {
     assert_eq!(line["samples"], 6);
     assert!(text(&o).contains("zeroshot_classification"));
 
+    // A student with a ViT image tower (MobileCLIP2-B's structure, reduced) evaluates too; it
+    // has nothing to reparameterise, so `export --reparameterize` refuses it.
+    let vit = dir.path().join("tiny-vit.toml");
+    std::fs::write(
+        &vit,
+        "embed_dim = 16\n[vision]\nimage_size = 32\n[vision.vit]\nwidth = 32\ndepth = 1\n\
+         heads = 2\nno_embed_class = true\n[vision.vit.conv_stem]\nchannels = [8, 8, 32]\n\
+         kernel_sizes = [4, 2, 2]\nstrides = [4, 2, 2]\n[text]\nwidth = 32\nheads = 2\n\
+         layers = 1\n",
+    )
+    .unwrap();
+    let o = run(dfndr()
+        .args(["eval", "--no-progress", "--model"])
+        .arg(&vit)
+        .args(["--weights", "random:1", "--data"])
+        .arg(&folder));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(dfndr()
+        .args(["export", "--reparameterize", "--model"])
+        .arg(&vit)
+        .args(["--weights", "random:1", "--out"])
+        .arg(dir.path().join("vit-export")));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("no re-parameterisable layers"),
+        "{}",
+        text(&o)
+    );
+
     // A folder that is none of the layouts, a missing one, a wrong task, no model.
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();

@@ -234,6 +234,35 @@ fn killed_and_interrupted_runs_resume_to_the_uninterrupted_result() {
         ]),
         embed(&["--checkpoint", whole.to_str().unwrap()])
     );
+    // `--reparameterize` writes the fused inference form under timm's `reparam_conv` keys;
+    // it loads as it is and encodes the same.
+    let fused = dir.path().join("fused");
+    let o = run(dfndr()
+        .args(["export", "--reparameterize", "--checkpoint"])
+        .arg(&whole)
+        .arg("--out")
+        .arg(&fused));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("fused inference form"), "{}", text(&o));
+    let file = fused.join("open_clip_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + header_len]).to_string();
+    assert!(
+        header.contains("visual.trunk.stem.0.reparam_conv.weight"),
+        "{header}"
+    );
+    assert!(header.contains("token_mixer.reparam_conv.bias"), "{header}");
+    assert!(!header.contains("conv_kxk") && !header.contains("token_mixer.mixer"));
+    assert_eq!(
+        embed(&[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--weights",
+            file.to_str().unwrap()
+        ]),
+        embed(&["--checkpoint", whole.to_str().unwrap()])
+    );
 
     // A finished run has nothing left to do.
     let o = run(&mut train(&config, &whole));

@@ -1008,13 +1008,12 @@ fn export_command(cli: ExportCli) -> Result<()> {
     eprintln!("wrote {}", written.weights.display());
     match &written.config {
         Some(path) if cli.reparameterize => eprintln!(
-            "wrote {}\nload it with OpenCLIP into a reparameterised model: \
+            "wrote {}\nload it with OpenCLIP into a model whose trunk is reparameterised: \
              model = open_clip.create_model('local-dir:{}', pretrained=None); \
              model.visual.trunk = timm.utils.reparameterize_model(model.visual.trunk); \
-             model.load_state_dict(safetensors.torch.load_file('{}'))",
+             model.load_state_dict(...)",
             path.display(),
             cli.out.display(),
-            written.weights.display()
         ),
         Some(path) => eprintln!(
             "wrote {}\nload it with open_clip.create_model_and_transforms('local-dir:{}')",
@@ -1025,6 +1024,12 @@ fn export_command(cli: ExportCli) -> Result<()> {
             "warning: no open_clip_config.json: this student's image tower has no timm \
              architecture name (vision.arch), which OpenCLIP needs to build it"
         ),
+    }
+    if cli.reparameterize {
+        eprintln!(
+            "the weights are the fused inference form (timm's reparameterize_model keys); \
+             dfndr encode and dfndr eval load them directly"
+        );
     }
     Ok(())
 }
