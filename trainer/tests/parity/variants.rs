@@ -365,3 +365,58 @@ fn one_training_step_per_variant_matches_pytorch() {
         }
     }
 }
+
+/// Stochastic depth under recomputation: a recomputed block draws the same masks as its first
+/// forward, so with drop path on the gradients are still those of the plain step (and differ
+/// from the gradients without drop path).
+#[test]
+fn stochastic_depth_gives_the_same_gradients_with_recomputation() {
+    let (s, g, io) = golden("l14");
+    let state: HashMap<String, Tensor> = s.state_dict().unwrap().into_iter().collect();
+    let step = &g["step"];
+    let layout = TeacherLayout {
+        dims: vec![16, 16],
+        scales: step["teacher_scales"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect(),
+    };
+    let loss_cfg = LossConfig::default();
+    let batch = step_batch(&io);
+    let grads = |rate: f64, recompute: Recompute| {
+        let mut cfg = s.config().clone();
+        cfg.vision.vit.as_mut().unwrap().drop_path_rate = rate;
+        let student = Student::new(&cfg, &Device::Cpu).unwrap();
+        student.load(&state, true).unwrap();
+        student.set_forward_seed(5);
+        let plan = Plan {
+            micro_batches: 1,
+            recompute,
+        };
+        let out = gradients(&student, &batch, plan, &layout, &loss_cfg).unwrap();
+        student
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (n, out.grads.get(v.as_tensor()).unwrap().clone()))
+            .collect::<Vec<_>>()
+    };
+    let plain = grads(0.5, Recompute::NONE);
+    let recomputed = grads(0.5, Recompute::BOTH);
+    let without = grads(0.0, Recompute::NONE);
+    let mut differs = false;
+    for (((name, a), (_, b)), (_, c)) in plain.iter().zip(&recomputed).zip(&without) {
+        let e = max_abs(a, b);
+        assert!(
+            e < 1e-6,
+            "{name}: recomputation changed the gradient by {e}"
+        );
+        differs |= name.starts_with("visual.") && max_abs(a, c) > 1e-4;
+    }
+    assert!(
+        differs,
+        "drop path 0.5 left every image-tower gradient unchanged"
+    );
+}
