@@ -4,8 +4,6 @@
 //! embeddings constructed from the ground truth). The CLIP-loss student is then evaluated
 //! zero-shot on a generated image folder, far above chance.
 
-mod common;
-
 use candle_core::{Device, Tensor};
 use dfndr_teachers::tokenizer::Tokenizer;
 use dfndr_trainer::eval::{evaluate, DataOptions, EvalData, EvalSettings, ImageTransform, Quiet};
@@ -175,7 +173,7 @@ fn recall_at_1(student: &Student, per_class: usize, rng: &mut Rng) -> f64 {
 
 fn learn(loss: LossConfig, seed: u64) -> (Student, f64) {
     let cfg: StudentConfig =
-        toml::from_str(&common::tiny_student(32, CONTEXT, None, None)).unwrap();
+        toml::from_str(&crate::common::tiny_student(32, CONTEXT, None, None)).unwrap();
     let student = Student::with_seed(&cfg, seed, &Device::Cpu).unwrap();
     let mut opt = AdamW::new(
         student.parameters().unwrap(),

@@ -2,8 +2,6 @@
 //! fresh process-like state (a new student with other random weights, a new optimiser) gives
 //! the same losses and bit-identical weights as an uninterrupted run.
 
-mod common;
-
 use candle_core::{Device, Tensor};
 use dfndr_trainer::checkpoint;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
@@ -12,7 +10,7 @@ use dfndr_trainer::step::{l2_normalize, train_step, Batch};
 use dfndr_trainer::{Student, StudentConfig};
 
 fn tiny() -> String {
-    common::tiny_student(16, 12, Some(64), Some(2))
+    crate::common::tiny_student(16, 12, Some(64), Some(2))
 }
 
 fn batches() -> Vec<Batch> {

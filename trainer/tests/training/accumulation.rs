@@ -3,8 +3,6 @@
 //! the same slices); the logit scale gets one gradient per micro-batch. Activation
 //! recomputation gives the plain step's loss, gradients and running statistics.
 
-mod common;
-
 use candle_core::{Device, Tensor};
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::step::{gradients, l2_normalize, Batch, Plan, Recompute};
@@ -33,7 +31,7 @@ fn fixed(seed: u64, shape: &[usize], dev: &Device) -> Tensor {
 fn setup() -> (StudentConfig, Batch, TeacherLayout, LossConfig) {
     let dev = Device::Cpu;
     let cfg: StudentConfig =
-        toml::from_str(&common::tiny_student(16, 10, Some(64), Some(4))).unwrap();
+        toml::from_str(&crate::common::tiny_student(16, 10, Some(64), Some(4))).unwrap();
     let n = 12;
     let tokens = |off: u32| -> Vec<Vec<u32>> {
         (0..n as u32)
