@@ -1,9 +1,13 @@
-//! MobileCLIP2-S0 training steps on CPU: the same random weights and in-memory batch the
-//! reference script saved, Apple's loss (distillation only, two 768-d teachers at 70/60),
-//! AdamW with OpenCLIP's groups, clipping 1.0. Run through `bench/train.sh`.
+//! MobileCLIP2 training steps on CPU (S0 unless `--model` names another student): the same
+//! random weights and in-memory batch the reference script saved, Apple's loss (distillation
+//! only, two 768-d teachers at 70/60), AdamW with OpenCLIP's groups, clipping 1.0. Run through
+//! `bench/train.sh` (S0) and `bench/students.sh` (every student, with `--forward`).
 //!
-//! Usage: train_bench --weights FILE --data FILE [--steps N] [--towers | --tower image|text]
-//! [--units] [--recompute]
+//! Usage: train_bench --weights FILE --data FILE [--model NAME] [--steps N]
+//! [--forward | --towers | --tower image|text | --units] [--recompute]
+//! (`--model`: a built-in student, `MobileCLIP2-S0` (default) to `MobileCLIP2-L-14`)
+//! (`--forward`: images/s of the image tower in evaluation mode, branched and, for FastViT
+//! towers, reparameterised; `--steps` timed calls after one warm-up, one JSON line)
 //! (`--units`: forward and backward seconds of every unit of both towers, as
 //! [`dfndr_trainer::recompute`] splits them, one JSON line each)
 //! (`--recompute`: with activation recomputation, OpenCLIP's `--grad-checkpointing`)
@@ -14,28 +18,19 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use dfndr_trainer::eval::Towers;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
+use dfndr_trainer::models::builtin_student;
 use dfndr_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use dfndr_trainer::step::{gradients, Batch, Plan, Recompute};
-use dfndr_trainer::{Mode, Student, StudentConfig};
-
-const S0: &str = r#"
-embed_dim = 512
-[vision]
-image_size = 256
-arch = "fastvit_mci0"
-[text]
-width = 512
-heads = 8
-layers = 12
-no_causal_mask = true
-"#;
+use dfndr_trainer::{Mode, Student};
 
 fn main() -> Result<()> {
     // As `dfndr` does at start-up.
     dfndr_teachers::memory::reuse_large_buffers();
     let (mut weights, mut data, mut steps) = (None, None, 3usize);
-    let (mut towers, mut recompute, mut units) = (false, false, false);
+    let (mut towers, mut recompute, mut units, mut forward) = (false, false, false, false);
+    let mut model = "MobileCLIP2-S0".to_string();
     let mut only_tower: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -43,7 +38,9 @@ fn main() -> Result<()> {
         match a.as_str() {
             "--weights" => weights = Some(value()?),
             "--data" => data = Some(value()?),
+            "--model" => model = value()?,
             "--steps" => steps = value()?.parse()?,
+            "--forward" => forward = true,
             "--towers" => towers = true,
             "--tower" => {
                 only_tower = Some(value()?);
@@ -55,12 +52,14 @@ fn main() -> Result<()> {
         }
     }
     let (Some(weights), Some(data)) = (weights, data) else {
-        bail!("usage: train_bench --weights FILE --data FILE [--steps N]");
+        bail!("usage: train_bench --weights FILE --data FILE [--model NAME] [--steps N]");
     };
     let dev = Device::Cpu;
-    let config: StudentConfig = toml::from_str(S0)?;
-    let student = Student::new(&config, &dev)?;
-    student.load(&candle_core::safetensors::load(&weights, &dev)?, true)?;
+    let config = builtin_student(&model).with_context(|| format!("no built-in student {model}"))?;
+    let student = Student::for_loading(&config, &dev)?;
+    student
+        .load(&candle_core::safetensors::load(&weights, &dev)?, true)
+        .with_context(|| format!("loading {weights} into {model}"))?;
     let d = candle_core::safetensors::load(&data, &dev)?;
     let get = |k: &str| {
         d.get(k)
@@ -73,6 +72,9 @@ fn main() -> Result<()> {
         .into_iter()
         .map(|r| r.into_iter().map(|v| v as u32).collect())
         .collect();
+    if forward {
+        return time_forward(student, &get("images")?, steps);
+    }
     let b = get("images")?.dim(0)?;
     let batch = Batch {
         images: get("images")?,
@@ -132,6 +134,44 @@ fn main() -> Result<()> {
             "loss": last_loss,
         })
     );
+    Ok(())
+}
+
+/// `--forward`: images/s of the image tower in evaluation mode (the median of `iters` calls
+/// after one warm-up), as `dfndr eval` and `dfndr encode` run it (unit by unit, no graph kept),
+/// branched and then, where there is anything to fuse, after [`Student::into_inference`]; the
+/// mean absolute feature and the fused features' largest difference from the branched ones.
+fn time_forward(student: Student, images: &candle_core::Tensor, iters: usize) -> Result<()> {
+    let b = images.dim(0)?;
+    let rate = |s: &Student| -> Result<(f64, candle_core::Tensor)> {
+        let mut times = Vec::new();
+        let mut features = None;
+        for i in 0..=iters {
+            let t0 = Instant::now();
+            let f = s.encode_images(images)?;
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            features = Some(f);
+        }
+        times.sort_by(f64::total_cmp);
+        let f = features.context("no forward")?;
+        Ok((b as f64 / times[times.len() / 2], f))
+    };
+    let (branched, f) = rate(&student)?;
+    let mut out = serde_json::json!({
+        "images_per_s": branched,
+        "features_abs_mean": f.abs()?.mean_all()?.to_scalar::<f32>()?,
+        "fused_images_per_s": null,
+        "fused_max_diff": null,
+    });
+    if student.reparameterizable() {
+        let fused = student.into_inference()?;
+        let (rate, g) = rate(&fused)?;
+        out["fused_images_per_s"] = rate.into();
+        out["fused_max_diff"] = (g - &f)?.abs()?.max_all()?.to_scalar::<f32>()?.into();
+    }
+    println!("{out}");
     Ok(())
 }
 
