@@ -8,7 +8,8 @@ use rayon::prelude::*;
 
 use super::{BatchNorm2d, Builder, Mode};
 use crate::ops::{
-    add_channel_bias, depthwise_conv2d, pointwise_conv, scale_channels, DepthwiseGeometry,
+    add_channel_bias, depthwise_conv2d, pointwise_conv, pointwise_conv_bias, scale_channels,
+    DepthwiseGeometry,
 };
 
 /// How a convolution's channels are connected.
@@ -91,31 +92,50 @@ impl Conv2d {
 
     /// Applies the convolution to `[N, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.kind {
-            ConvKind::Depthwise => depthwise_conv2d(
-                x,
-                &self.weight,
-                DepthwiseGeometry {
-                    stride: self.stride,
-                    padding: self.padding,
-                },
-            )?,
-            ConvKind::Dense if self.kernel == 1 && self.stride == 1 => pointwise(x, &self.weight)?,
-            ConvKind::Dense if self.kernel == self.stride && self.padding == 0 => {
-                self.patchify(x)?
+        self.forward_with(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// Applies the convolution's geometry with `weight` and `bias` in place of its own (a
+    /// BatchNorm folded into them in evaluation). A dense convolution adds the bias inside
+    /// its matrix product; a depthwise one in one pass after it.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let o = weight.dim(0)?;
+        match self.kind {
+            ConvKind::Depthwise => {
+                let y = depthwise_conv2d(
+                    x,
+                    weight,
+                    DepthwiseGeometry {
+                        stride: self.stride,
+                        padding: self.padding,
+                    },
+                )?;
+                match bias {
+                    Some(bias) => add_channel_bias(&y, bias),
+                    None => Ok(y),
+                }
             }
-            ConvKind::Dense => self.dense_on_input(x)?,
-        };
-        match &self.bias {
-            Some(bias) => add_channel_bias(&y, bias),
-            None => Ok(y),
+            ConvKind::Dense if self.kernel == 1 && self.stride == 1 => {
+                dense_product(x, &weight.reshape((o, ()))?, bias)
+            }
+            ConvKind::Dense if self.kernel == self.stride && self.padding == 0 => {
+                dense_product(&self.patchify(x)?, &weight.reshape((o, ()))?, bias)
+            }
+            ConvKind::Dense => {
+                dense_product(&self.dense_on_input(x)?, &weight.reshape((o, ()))?, bias)
+            }
         }
     }
 
-    /// A dense k×k convolution with stride k and no padding (a ViT patch embedding, a conv
-    /// stem's 2×2 stride-2 layers): the non-overlapping patches are regrouped into channels
-    /// by a reshape and a permutation (both differentiable), then one 1×1 convolution. Rows
-    /// and columns past the last whole patch are dropped, as torch does.
+    /// The patches of a dense k×k convolution with stride k and no padding (a ViT patch
+    /// embedding, a conv stem's 2×2 stride-2 layers) as the channels of a 1×1 convolution's
+    /// input: the non-overlapping patches regrouped by a reshape and a permutation (both
+    /// differentiable). Rows and columns past the last whole patch are dropped, as torch does.
     fn patchify(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let k = self.kernel;
@@ -132,17 +152,14 @@ impl Conv2d {
         };
         // [N, C, Ho, k, Wo, k] → [N, C, k, k, Ho, Wo]: channel index c·k·k + ky·k + kx, the
         // order of the weight's [O, C, k, k] layout.
-        let patches = x
-            .reshape((n, c, ho, k, wo, k))?
+        x.reshape((n, c, ho, k, wo, k))?
             .permute((0, 1, 3, 5, 2, 4))?
             .contiguous()?
-            .reshape((n, c * k * k, ho, wo))?;
-        let o = self.weight.dim(0)?;
-        pointwise_conv(&patches, &self.weight.reshape((o, ()))?)
+            .reshape((n, c * k * k, ho, wo))
     }
 
-    /// A dense k×k convolution as one matrix product over the input's patches. The patches
-    /// are extracted without a backward pass, so this is only for inputs that need no
+    /// The patches of a dense k×k convolution as the channels of a 1×1 convolution's input.
+    /// They are extracted without a backward pass, so this is only for inputs that need no
     /// gradient: the image at the network's stem.
     fn dense_on_input(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() {
@@ -160,19 +177,18 @@ impl Conv2d {
             stride: self.stride,
             padding: self.padding,
         })?;
-        let o = self.weight.dim(0)?;
-        let wmat = self.weight.reshape((o, ()))?;
         // The patch matrix as a C·k·k-channel input of a 1×1 convolution: one product per
         // sample, and no gradient for the patches (they track none).
-        let cols = cols.reshape((n, (), ho, wo))?;
-        pointwise_conv(&cols, &wmat)
+        cols.reshape((n, (), ho, wo))
     }
 }
 
-/// `w [O, C, 1, 1]` applied to `x [N, C, H, W]`.
-fn pointwise(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let o = w.dim(0)?;
-    pointwise_conv(x, &w.reshape((o, ()))?)
+/// `w [O, C]` (and the bias) applied to `x [N, C, H, W]`.
+fn dense_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => pointwise_conv_bias(x, w, b),
+        None => pointwise_conv(x, w),
+    }
 }
 
 /// `[N, C, H, W]` to the patch matrix `[N, C·k·k, Ho·Wo]` (zero padded), torch's unfold.
@@ -255,8 +271,13 @@ impl ConvBn {
         })
     }
 
-    /// `bn(conv(x))`.
+    /// `bn(conv(x))`; in evaluation one biased convolution with the BatchNorm folded in (the
+    /// same numbers to rounding, one pass fewer).
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Eval {
+            let (w, b) = self.fused()?;
+            return self.conv.forward_with(x, &w, Some(&b));
+        }
         self.bn.forward(&self.conv.forward(x)?, mode)
     }
 

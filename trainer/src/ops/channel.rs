@@ -7,7 +7,7 @@
 //! materialises an `[N, O, C]` weight gradient before summing it; here each is one pass (or
 //! one matrix product per sample, accumulated into the weight gradient).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use dfndr_teachers::blocks::{contiguous_f32, matmul_strided as matmul, GemmThreads};
 use rayon::prelude::*;
 
@@ -92,6 +92,82 @@ impl CustomOp2 for Pointwise {
         };
         let gw = grad.apply_op2_no_bwd(x, &PointwiseGradWeight)?;
         Ok((gx, Some(gw)))
+    }
+}
+
+/// A 1×1 convolution with bias, `w [O, C]` and `b [O]` applied to `x [N, C, H, W]`, in one
+/// pass: each output row starts as its bias and the product accumulates onto it (no separate
+/// pass over the output to add the bias). Differentiable in all three.
+pub fn pointwise_conv_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let (o, wc) = w.dims2()?;
+    if wc != c || b.dims() != [o] {
+        candle_core::bail!(
+            "1x1 conv: weight {:?} and bias {:?} do not fit input {:?}",
+            w.dims(),
+            b.dims(),
+            x.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, PointwiseBias)
+}
+
+struct PointwiseBias;
+
+impl CustomOp3 for PointwiseBias {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, wd) = l1.shape().dims4()?;
+        let (o, _) = l2.shape().dims2()?;
+        let (x, w, bias) = (
+            contiguous_f32(s1, l1, "1x1 conv input")?,
+            contiguous_f32(s2, l2, "1x1 conv weight")?,
+            contiguous_f32(s3, l3, "1x1 conv bias")?,
+        );
+        let l = h * wd;
+        let mut out = Vec::with_capacity(n * o * l);
+        for _ in 0..n {
+            for &v in bias {
+                out.extend(std::iter::repeat_n(v, l));
+            }
+        }
+        per_sample(&mut out, o * l, |b, dst, threads| {
+            let xb = &x[b * c * l..(b + 1) * c * l];
+            let strides = ((1, c as isize), (1, l as isize));
+            matmul(o, l, c, dst, true, w, strides.0, xb, strides.1, threads)
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &PointwiseGradInput)?)
+        } else {
+            None
+        };
+        let gw = grad.apply_op2_no_bwd(x, &PointwiseGradWeight)?;
+        let gb = grad.apply_op1_no_bwd(&PlaneSum)?.sum(0)?;
+        Ok((gx, Some(gw), Some(gb)))
     }
 }
 

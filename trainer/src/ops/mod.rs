@@ -7,5 +7,5 @@ mod channel;
 mod depthwise;
 
 pub use batch_norm::{batch_norm_train, BatchStats};
-pub use channel::{add_channel_bias, pointwise_conv, scale_channels};
+pub use channel::{add_channel_bias, pointwise_conv, pointwise_conv_bias, scale_channels};
 pub use depthwise::{depthwise_conv2d, DepthwiseGeometry};

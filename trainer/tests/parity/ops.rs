@@ -227,7 +227,9 @@ fn batch_norm_matches_composed_reference() {
 /// The per-channel ops against their compositions of candle ops: outputs and every gradient.
 #[test]
 fn channel_ops_match_composed_references() {
-    use dfndr_trainer::ops::{add_channel_bias, pointwise_conv, scale_channels};
+    use dfndr_trainer::ops::{
+        add_channel_bias, pointwise_conv, pointwise_conv_bias, scale_channels,
+    };
     let dev = Device::Cpu;
     // Batches of 1 (one product at a time on every thread), 3 (samples in parallel, one
     // group of the weight gradient) and 9 (three groups, the last one short).
@@ -256,6 +258,32 @@ fn channel_ops_match_composed_references() {
                     ga.get(v.as_tensor()).unwrap(),
                     gb.get(v.as_tensor()).unwrap()
                 ) < 1e-5,
+                "batch {n}"
+            );
+        }
+        // With the bias inside the product: the same as the product and then the bias.
+        let b = Var::randn(0f32, 1.0, 7, &dev).unwrap();
+        let fused = pointwise_conv_bias(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let composed = add_channel_bias(&ours, b.as_tensor()).unwrap();
+        assert!(max_abs(&fused, &composed) < 1e-5, "batch {n}");
+        let ga = (&fused * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (&composed * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            assert!(
+                rel_err(
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap()
+                ) < 1e-6,
                 "batch {n}"
             );
         }
