@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::{BatchNorm2d, Builder, Mode};
 use crate::ops::{
-    add_channel_bias, depthwise_conv2d, pointwise_conv, pointwise_conv_bias, scale_channels,
+    depthwise_conv2d, depthwise_conv2d_bias, pointwise_conv, pointwise_conv_bias, scale_channels,
     DepthwiseGeometry,
 };
 
@@ -96,8 +96,8 @@ impl Conv2d {
     }
 
     /// Applies the convolution's geometry with `weight` and `bias` in place of its own (a
-    /// BatchNorm folded into them in evaluation). A dense convolution adds the bias inside
-    /// its matrix product; a depthwise one in one pass after it.
+    /// BatchNorm folded into them in evaluation). The bias is added inside the convolution
+    /// (each output starts as it), not in a pass of its own.
     pub fn forward_with(
         &self,
         x: &Tensor,
@@ -107,17 +107,13 @@ impl Conv2d {
         let o = weight.dim(0)?;
         match self.kind {
             ConvKind::Depthwise => {
-                let y = depthwise_conv2d(
-                    x,
-                    weight,
-                    DepthwiseGeometry {
-                        stride: self.stride,
-                        padding: self.padding,
-                    },
-                )?;
+                let geometry = DepthwiseGeometry {
+                    stride: self.stride,
+                    padding: self.padding,
+                };
                 match bias {
-                    Some(bias) => add_channel_bias(&y, bias),
-                    None => Ok(y),
+                    Some(bias) => depthwise_conv2d_bias(x, weight, bias, geometry),
+                    None => depthwise_conv2d(x, weight, geometry),
                 }
             }
             ConvKind::Dense if self.kernel == 1 && self.stride == 1 => {

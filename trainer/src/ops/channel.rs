@@ -424,6 +424,12 @@ impl CustomOp2 for AddChannelBias {
     }
 }
 
+/// `[C]`: the sum over samples and pixels of each channel of `[N, C, H, W]` (a bias's
+/// gradient).
+pub(crate) fn channel_sums(grad: &Tensor) -> Result<Tensor> {
+    grad.apply_op1_no_bwd(&PlaneSum)?.sum(0)
+}
+
 /// `[N, C]`: `Σ_hw a` of every plane (float64 accumulation).
 struct PlaneSum;
 

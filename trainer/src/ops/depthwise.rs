@@ -6,7 +6,7 @@
 //! and `w: [C·m, 1, k, k]` (output channel `o` reads input channel `o / m`) directly, and its
 //! backward computes both gradients in one pass each, with no intermediate copies.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use dfndr_teachers::blocks::contiguous_f32;
 use rayon::prelude::*;
 
@@ -25,6 +25,29 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, geometry: DepthwiseGeometry) -> 
     check_shapes(x, w, geometry)?;
     x.contiguous()?
         .apply_op2(&w.contiguous()?, DepthwiseConv { geometry })
+}
+
+/// [`depthwise_conv2d`] plus a bias per output channel `b [C·m]`, in one pass: each output
+/// plane starts as its bias and the taps accumulate onto it. Differentiable in all three.
+pub fn depthwise_conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    geometry: DepthwiseGeometry,
+) -> Result<Tensor> {
+    check_shapes(x, w, geometry)?;
+    if b.dims() != [w.dim(0)?] {
+        candle_core::bail!(
+            "depthwise conv: bias {:?} does not fit weight {:?}",
+            b.dims(),
+            w.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        DepthwiseConvBias { geometry },
+    )
 }
 
 fn check_shapes(x: &Tensor, w: &Tensor, g: DepthwiseGeometry) -> Result<()> {
@@ -325,6 +348,104 @@ fn grad_weight_plane_generic(total: &mut [f64], grad: &[f32], x: &[f32], p: &Pla
     }
 }
 
+/// The forward pass: every output plane from its input plane and kernel, starting from its
+/// bias (or zero).
+fn forward(
+    g: DepthwiseGeometry,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    bias: Option<&[f32]>,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, c, h, w) = l1.shape().dims4()?;
+    let (o, _, k, _) = l2.shape().dims4()?;
+    let m = o / c;
+    let (x, wt) = (
+        contiguous_f32(s1, l1, "depthwise conv input")?,
+        contiguous_f32(s2, l2, "depthwise conv weight")?,
+    );
+    let (ho, wo) = (out_len(h, k, g), out_len(w, k, g));
+    let p = Planes::new(h, w, ho, wo, k, g);
+    let plane_len = ho * wo;
+    let mut out = match bias {
+        Some(bias) => {
+            let mut out = Vec::with_capacity(n * o * plane_len);
+            for _ in 0..n {
+                for &v in bias {
+                    out.extend(std::iter::repeat_n(v, plane_len));
+                }
+            }
+            out
+        }
+        None => vec![0f32; n * o * plane_len],
+    };
+    let src_of = |plane: usize| {
+        let (b, oc) = (plane / o, plane % o);
+        (
+            &x[(b * c + oc / m) * h * w..][..h * w],
+            &wt[oc * k * k..][..k * k],
+        )
+    };
+    if g.stride == 1 {
+        let pw = w + 2 * g.padding;
+        out.par_chunks_mut(ho * wo)
+            .enumerate()
+            .for_each_init(Vec::new, |pad, (plane, dst)| {
+                let (src, kernel) = src_of(plane);
+                pad_plane(pad, src, w, g.padding);
+                correlate_s1(dst, pad, pw, kernel, k, wo, bias.is_some());
+            });
+    } else {
+        out.par_chunks_mut(ho * wo)
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let (src, kernel) = src_of(plane);
+                forward_plane(dst, src, kernel, &p);
+            });
+    }
+    Ok((CpuStorage::F32(out), Shape::from((n, o, ho, wo))))
+}
+
+struct DepthwiseConvBias {
+    geometry: DepthwiseGeometry,
+}
+
+impl CustomOp3 for DepthwiseConvBias {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = contiguous_f32(s3, l3, "depthwise conv bias")?;
+        forward(self.geometry, s1, l1, s2, l2, Some(bias))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = DepthwiseConv {
+            geometry: self.geometry,
+        }
+        .bwd(x, w, res, grad)?;
+        let gb = super::channel::channel_sums(&grad.contiguous()?)?;
+        Ok((gx, gw, Some(gb)))
+    }
+}
+
 struct DepthwiseConv {
     geometry: DepthwiseGeometry,
 }
@@ -341,42 +462,7 @@ impl CustomOp2 for DepthwiseConv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry;
-        let (n, c, h, w) = l1.shape().dims4()?;
-        let (o, _, k, _) = l2.shape().dims4()?;
-        let m = o / c;
-        let (x, wt) = (
-            contiguous_f32(s1, l1, "depthwise conv input")?,
-            contiguous_f32(s2, l2, "depthwise conv weight")?,
-        );
-        let (ho, wo) = (out_len(h, k, g), out_len(w, k, g));
-        let p = Planes::new(h, w, ho, wo, k, g);
-        let mut out = vec![0f32; n * o * ho * wo];
-        let src_of = |plane: usize| {
-            let (b, oc) = (plane / o, plane % o);
-            (
-                &x[(b * c + oc / m) * h * w..][..h * w],
-                &wt[oc * k * k..][..k * k],
-            )
-        };
-        if g.stride == 1 {
-            let pw = w + 2 * g.padding;
-            out.par_chunks_mut(ho * wo)
-                .enumerate()
-                .for_each_init(Vec::new, |pad, (plane, dst)| {
-                    let (src, kernel) = src_of(plane);
-                    pad_plane(pad, src, w, g.padding);
-                    correlate_s1(dst, pad, pw, kernel, k, wo, false);
-                });
-        } else {
-            out.par_chunks_mut(ho * wo)
-                .enumerate()
-                .for_each(|(plane, dst)| {
-                    let (src, kernel) = src_of(plane);
-                    forward_plane(dst, src, kernel, &p);
-                });
-        }
-        Ok((CpuStorage::F32(out), Shape::from((n, o, ho, wo))))
+        forward(self.geometry, s1, l1, s2, l2, None)
     }
 
     fn bwd(

@@ -8,4 +8,4 @@ mod depthwise;
 
 pub use batch_norm::{batch_norm_train, BatchStats};
 pub use channel::{add_channel_bias, pointwise_conv, pointwise_conv_bias, scale_channels};
-pub use depthwise::{depthwise_conv2d, DepthwiseGeometry};
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_bias, DepthwiseGeometry};

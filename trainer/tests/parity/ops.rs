@@ -4,6 +4,56 @@ use crate::common::{json, load, max_abs, rel_err};
 use candle_core::{Device, Tensor, Var};
 use dfndr_trainer::ops::{batch_norm_train, depthwise_conv2d, DepthwiseGeometry};
 
+/// The depthwise convolution with its bias inside equals the convolution and then the bias,
+/// forward and in all three gradients, at strides 1 and 2 and with a channel multiplier.
+#[test]
+fn depthwise_with_bias_equals_convolution_then_bias() {
+    use dfndr_trainer::ops::{add_channel_bias, depthwise_conv2d_bias};
+    let dev = Device::Cpu;
+    for (stride, padding, m) in [(1, 1, 1), (2, 3, 2), (1, 3, 1)] {
+        let k = 2 * padding + 1;
+        let x = Var::randn(0f32, 1.0, (3, 4, 9, 7), &dev).unwrap();
+        let w = Var::randn(0f32, 1.0, (4 * m, 1, k, k), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, 4 * m, &dev).unwrap();
+        let g = DepthwiseGeometry { stride, padding };
+        let fused = depthwise_conv2d_bias(x.as_tensor(), w.as_tensor(), b.as_tensor(), g).unwrap();
+        let composed = add_channel_bias(
+            &depthwise_conv2d(x.as_tensor(), w.as_tensor(), g).unwrap(),
+            b.as_tensor(),
+        )
+        .unwrap();
+        assert!(max_abs(&fused, &composed) < 1e-5, "stride {stride}");
+        let r = Tensor::randn(0f32, 1.0, fused.dims(), &dev).unwrap();
+        let ga = (&fused * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (&composed * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let e = rel_err(
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-6, "stride {stride}: {e}");
+        }
+    }
+    let x = Tensor::zeros((1, 4, 5, 5), candle_core::DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((4, 1, 3, 3), candle_core::DType::F32, &dev).unwrap();
+    let bad = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
+    let g = DepthwiseGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    assert!(depthwise_conv2d_bias(&x, &w, &bad, g).is_err());
+}
+
 /// Every depthwise geometry MCi0 uses (kernels 1/3/7, strides 1/2, multipliers 1/2, odd
 /// sizes): output and both gradients equal PyTorch's `conv2d(groups = C)`.
 #[test]
