@@ -315,7 +315,12 @@ impl Student {
         if self.config.vision.inference_mode {
             return Ok(self);
         }
-        let state = fastvit.fused()?.apply(self.state_dict()?);
+        // The weights as they are (no copies): `load` copies them into the fused student.
+        let mut state = BTreeMap::new();
+        for (name, var) in self.parameters()?.into_iter().chain(self.buffers()?) {
+            state.insert(name, var.as_tensor().clone());
+        }
+        let state = fastvit.fused()?.apply(state);
         let mut config = self.config.clone();
         config.vision.inference_mode = true;
         let fused = Student::for_loading(&config, &self.device)?;

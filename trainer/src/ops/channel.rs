@@ -27,6 +27,64 @@ pub fn pointwise_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 struct Pointwise;
 
+/// The output `[n, channels, plane]` of an op that accumulates onto its planes: each plane
+/// starts as its channel's bias, or zero.
+pub(crate) fn start_planes(
+    n: usize,
+    channels: usize,
+    plane: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    match bias {
+        Some(bias) => {
+            let mut out = Vec::with_capacity(n * channels * plane);
+            for _ in 0..n {
+                for &v in bias {
+                    out.extend(std::iter::repeat_n(v, plane));
+                }
+            }
+            out
+        }
+        None => vec![0f32; n * channels * plane],
+    }
+}
+
+/// The 1×1 convolution's forward pass, one product per sample: without a bias into a fresh
+/// output, with one onto output rows that start as their bias.
+fn pointwise_forward(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    bias: Option<&[f32]>,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, c, h, wd) = l1.shape().dims4()?;
+    let (o, _) = l2.shape().dims2()?;
+    let (x, w) = (
+        contiguous_f32(s1, l1, "1x1 conv input")?,
+        contiguous_f32(s2, l2, "1x1 conv weight")?,
+    );
+    let l = h * wd;
+    let mut out = start_planes(n, o, l, bias);
+    per_sample(&mut out, o * l, |b, dst, threads| {
+        let xb = &x[b * c * l..(b + 1) * c * l];
+        let strides = ((1, c as isize), (1, l as isize));
+        matmul(
+            o,
+            l,
+            c,
+            dst,
+            bias.is_some(),
+            w,
+            strides.0,
+            xb,
+            strides.1,
+            threads,
+        )
+    })?;
+    Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
+}
+
 /// Runs `product(b, dst, threads)` for the `chunk`-sized output of every sample `b`. With at
 /// least as many samples as threads the samples run in parallel, each product on one thread
 /// (small per-sample products split over threads spend more on synchronisation than they
@@ -60,20 +118,7 @@ impl CustomOp2 for Pointwise {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, wd) = l1.shape().dims4()?;
-        let (o, _) = l2.shape().dims2()?;
-        let (x, w) = (
-            contiguous_f32(s1, l1, "1x1 conv input")?,
-            contiguous_f32(s2, l2, "1x1 conv weight")?,
-        );
-        let l = h * wd;
-        let mut out = vec![0f32; n * o * l];
-        per_sample(&mut out, o * l, |b, dst, threads| {
-            let xb = &x[b * c * l..(b + 1) * c * l];
-            let strides = ((1, c as isize), (1, l as isize));
-            matmul(o, l, c, dst, false, w, strides.0, xb, strides.1, threads)
-        })?;
-        Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
+        pointwise_forward(s1, l1, s2, l2, None)
     }
 
     fn bwd(
@@ -129,26 +174,8 @@ impl CustomOp3 for PointwiseBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, wd) = l1.shape().dims4()?;
-        let (o, _) = l2.shape().dims2()?;
-        let (x, w, bias) = (
-            contiguous_f32(s1, l1, "1x1 conv input")?,
-            contiguous_f32(s2, l2, "1x1 conv weight")?,
-            contiguous_f32(s3, l3, "1x1 conv bias")?,
-        );
-        let l = h * wd;
-        let mut out = Vec::with_capacity(n * o * l);
-        for _ in 0..n {
-            for &v in bias {
-                out.extend(std::iter::repeat_n(v, l));
-            }
-        }
-        per_sample(&mut out, o * l, |b, dst, threads| {
-            let xb = &x[b * c * l..(b + 1) * c * l];
-            let strides = ((1, c as isize), (1, l as isize));
-            matmul(o, l, c, dst, true, w, strides.0, xb, strides.1, threads)
-        })?;
-        Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
+        let bias = contiguous_f32(s3, l3, "1x1 conv bias")?;
+        pointwise_forward(s1, l1, s2, l2, Some(bias))
     }
 
     fn bwd(

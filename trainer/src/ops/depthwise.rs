@@ -368,18 +368,7 @@ fn forward(
     let (ho, wo) = (out_len(h, k, g), out_len(w, k, g));
     let p = Planes::new(h, w, ho, wo, k, g);
     let plane_len = ho * wo;
-    let mut out = match bias {
-        Some(bias) => {
-            let mut out = Vec::with_capacity(n * o * plane_len);
-            for _ in 0..n {
-                for &v in bias {
-                    out.extend(std::iter::repeat_n(v, plane_len));
-                }
-            }
-            out
-        }
-        None => vec![0f32; n * o * plane_len],
-    };
+    let mut out = super::channel::start_planes(n, o, plane_len, bias);
     let src_of = |plane: usize| {
         let (b, oc) = (plane / o, plane % o);
         (

@@ -125,3 +125,36 @@ no_causal_mask = true
 {norm}"#
     )
 }
+
+/// A state dict's `{key: shape}` JSON as sorted `(key, shape)` pairs.
+pub fn golden_layout(keys: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = keys
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let dims = s
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (k.clone(), dims)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A student's parameters and buffers as sorted `(key, shape)` pairs (no copies).
+pub fn student_layout(s: &dfndr_trainer::Student) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = s
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .chain(s.buffers().unwrap())
+        .map(|(k, v)| (k, v.as_tensor().dims().to_vec()))
+        .collect();
+    v.sort();
+    v
+}

@@ -4,6 +4,20 @@ use crate::common::{json, load, max_abs, rel_err};
 use candle_core::{Device, Tensor, Var};
 use dfndr_trainer::ops::{batch_norm_train, depthwise_conv2d, DepthwiseGeometry};
 
+/// The gradients of `Σ a·r` and `Σ b·r` with respect to each of `vars` agree within `tol`
+/// (relative).
+fn assert_same_gradients(a: &Tensor, b: &Tensor, r: &Tensor, vars: &[&Var], tol: f64) {
+    let ga = (a * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (b * r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let e = rel_err(
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        assert!(e < tol, "variable {i}: gradients differ by {e}");
+    }
+}
+
 /// The depthwise convolution with its bias inside equals the convolution and then the bias,
 /// forward and in all three gradients, at strides 1 and 2 and with a channel multiplier.
 #[test]
@@ -24,25 +38,7 @@ fn depthwise_with_bias_equals_convolution_then_bias() {
         .unwrap();
         assert!(max_abs(&fused, &composed) < 1e-5, "stride {stride}");
         let r = Tensor::randn(0f32, 1.0, fused.dims(), &dev).unwrap();
-        let ga = (&fused * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (&composed * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            let e = rel_err(
-                ga.get(v.as_tensor()).unwrap(),
-                gb.get(v.as_tensor()).unwrap(),
-            );
-            assert!(e < 1e-6, "stride {stride}: {e}");
-        }
+        assert_same_gradients(&fused, &composed, &r, &[&x, &w, &b], 1e-6);
     }
     let x = Tensor::zeros((1, 4, 5, 5), candle_core::DType::F32, &dev).unwrap();
     let w = Tensor::zeros((4, 1, 3, 3), candle_core::DType::F32, &dev).unwrap();
@@ -316,27 +312,7 @@ fn channel_ops_match_composed_references() {
         let fused = pointwise_conv_bias(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
         let composed = add_channel_bias(&ours, b.as_tensor()).unwrap();
         assert!(max_abs(&fused, &composed) < 1e-5, "batch {n}");
-        let ga = (&fused * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (&composed * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            assert!(
-                rel_err(
-                    ga.get(v.as_tensor()).unwrap(),
-                    gb.get(v.as_tensor()).unwrap()
-                ) < 1e-6,
-                "batch {n}"
-            );
-        }
+        assert_same_gradients(&fused, &composed, &r, &[&x, &w, &b], 1e-6);
     }
     let x = Var::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
     let r = Tensor::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();

@@ -3,7 +3,7 @@
 //! mode, running statistics, and two optimisation steps with Apple's loss and OpenCLIP's
 //! AdamW groups.
 
-use crate::common::{json, load, max_abs, rel_err, token_rows};
+use crate::common::{golden_layout, json, load, max_abs, rel_err, student_layout, token_rows};
 use candle_core::Device;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::optim::{cosine_lr, AdamW, AdamWConfig};
@@ -17,38 +17,11 @@ fn tiny() -> Student {
     student
 }
 
-fn shapes(keys: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
-    let mut v: Vec<(String, Vec<usize>)> = keys
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, s)| {
-            let dims = s
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (k.clone(), dims)
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn student_shapes(s: &Student) -> Vec<(String, Vec<usize>)> {
-    s.state_dict()
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.dims().to_vec()))
-        .collect()
-}
-
 #[test]
 fn tiny_key_layout_equals_openclip() {
     let golden = json("s0_tiny.json");
     let s = tiny();
-    assert_eq!(student_shapes(&s), shapes(&golden["keys"]));
+    assert_eq!(student_layout(&s), golden_layout(&golden["keys"]));
     assert_eq!(
         s.num_params().unwrap() as u64,
         golden["num_params"].as_u64().unwrap()
@@ -75,8 +48,8 @@ fn full_size_key_layout_equals_openclip() {
     )
     .unwrap();
     let s = Student::new(&cfg, &Device::Cpu).unwrap();
-    let ours = student_shapes(&s);
-    let theirs = shapes(&golden["keys"]);
+    let ours = student_layout(&s);
+    let theirs = golden_layout(&golden["keys"]);
     assert_eq!(ours.len(), golden["num_keys"].as_u64().unwrap() as usize);
     assert_eq!(ours, theirs);
     assert_eq!(

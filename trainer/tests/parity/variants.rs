@@ -13,7 +13,7 @@ use dfndr_trainer::step::{forward_loss, gradients, Batch, Plan, Recompute};
 use dfndr_trainer::{Mode, Student, StudentConfig};
 use serde_json::{json, Value};
 
-use crate::common::{max_abs, rel_err, token_rows, values};
+use crate::common::{golden_layout, max_abs, rel_err, student_layout, token_rows, values};
 
 const VARIANTS: [&str; 5] = ["s2", "s3", "s4", "b", "l14"];
 
@@ -105,36 +105,6 @@ fn golden(variant: &str) -> (Student, Value, HashMap<String, Tensor>) {
     (student, g, load(&format!("{variant}_tiny.io.safetensors")))
 }
 
-fn shapes_of(s: &Student) -> Vec<(String, Vec<usize>)> {
-    s.parameters()
-        .unwrap()
-        .into_iter()
-        .chain(s.buffers().unwrap())
-        .map(|(k, v)| (k, v.as_tensor().dims().to_vec()))
-        .collect::<std::collections::BTreeMap<_, _>>()
-        .into_iter()
-        .collect()
-}
-
-fn golden_shapes(keys: &Value) -> Vec<(String, Vec<usize>)> {
-    let mut v: Vec<(String, Vec<usize>)> = keys
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, s)| {
-            let dims = s
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (k.clone(), dims)
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// Image features of distinct images differ, so agreement means something.
 fn assert_not_degenerate(what: &str, f: &Tensor) {
     let a = f.get(0).unwrap();
@@ -150,7 +120,11 @@ fn assert_not_degenerate(what: &str, f: &Tensor) {
 fn reduced_variants_have_openclips_keys_and_embeddings() {
     for v in VARIANTS {
         let (s, g, io) = golden(v);
-        assert_eq!(shapes_of(&s), golden_shapes(&g["keys"]), "{v}: key layout");
+        assert_eq!(
+            student_layout(&s),
+            golden_layout(&g["keys"]),
+            "{v}: key layout"
+        );
         assert_eq!(
             s.num_params().unwrap() as u64,
             g["num_params"].as_u64().unwrap(),

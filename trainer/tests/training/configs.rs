@@ -6,6 +6,8 @@ use candle_core::Device;
 use dfndr_trainer::run::TrainConfig;
 use dfndr_trainer::{Student, StudentConfig};
 
+use crate::common::{golden_layout, student_layout};
+
 fn configs(folder: &str) -> Vec<std::path::PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../configs")
@@ -67,7 +69,7 @@ fn shipped_students_build_with_openclips_layout() {
             .find(|(_, g)| g["openclip_name"] == name.as_str())
             .unwrap_or_else(|| panic!("{name}: no golden layout"));
         assert_eq!(
-            layout(&student),
+            student_layout(&student),
             golden_layout(&g["keys"]),
             "{name}: keys and shapes"
         );
@@ -106,7 +108,7 @@ fn shipped_students_build_with_openclips_layout() {
             fused_cfg.vision.inference_mode = true;
             let fused = Student::for_loading(&fused_cfg, &Device::Cpu).unwrap();
             assert_eq!(
-                layout(&fused),
+                student_layout(&fused),
                 golden_layout(fused_keys),
                 "{name}: fused keys"
             );
@@ -122,37 +124,6 @@ fn shipped_students_build_with_openclips_layout() {
         checked, 6,
         "every MobileCLIP2 variant has a shipped student"
     );
-}
-
-fn layout(s: &Student) -> Vec<(String, Vec<usize>)> {
-    let mut v: Vec<(String, Vec<usize>)> = s
-        .parameters()
-        .unwrap()
-        .into_iter()
-        .chain(s.buffers().unwrap())
-        .map(|(k, v)| (k, v.as_tensor().dims().to_vec()))
-        .collect();
-    v.sort();
-    v
-}
-
-fn golden_layout(keys: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
-    let mut v: Vec<(String, Vec<usize>)> = keys
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, s)| {
-            let dims = s
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (k.clone(), dims)
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 /// A wrong field value is refused with the field named, before anything runs.
