@@ -158,12 +158,12 @@ impl RepMixerBlock {
                 norm, mixer, scale, ..
             } => {
                 let mixed = (mixer.forward(x, mode)? - norm.forward(x, mode)?)?;
-                (x + scale.forward(&mixed)?)?
+                scale.residual(x, &mixed)?
             }
             TokenMixerForm::Fused(conv) => conv.forward(x)?,
         };
         let mlp = self.mlp.forward(&x, mode)?;
-        x + self.layer_scale.forward(&mlp)?
+        self.layer_scale.residual(&x, &mlp)
     }
 }
 
@@ -248,9 +248,9 @@ impl AttentionBlock {
     /// Applies the block.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let attn = self.attn.forward(&self.norm.forward(x, mode)?)?;
-        let x = (x + self.layer_scale_1.forward(&attn)?)?;
+        let x = self.layer_scale_1.residual(x, &attn)?;
         let mlp = self.mlp.forward(&x, mode)?;
-        x + self.layer_scale_2.forward(&mlp)?
+        self.layer_scale_2.residual(&x, &mlp)
     }
 }
 

@@ -129,6 +129,11 @@ impl LayerScale2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::scale_channels(x, &self.gamma.flatten_all()?)
     }
+
+    /// `x + forward(branch)`: a residual branch behind the scale, in one pass.
+    pub fn residual(&self, x: &Tensor, branch: &Tensor) -> Result<Tensor> {
+        crate::ops::add_scaled_channels(x, branch, &self.gamma.flatten_all()?)
+    }
 }
 
 /// timm's `LayerNorm2d`: LayerNorm over the channels of each pixel of `[N, C, H, W]` (keys

@@ -368,6 +368,72 @@ impl CustomOp2 for ScaleChannels {
     }
 }
 
+/// `x + y · s` for `x, y [N, C, H, W]` and a per-channel scale `s [C]` (a residual branch
+/// behind a layer scale), differentiable in all three. One pass where scaling and adding
+/// would take two, each with a fresh output.
+pub fn add_scaled_channels(x: &Tensor, y: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = y.dims4()?;
+    if x.dims() != y.dims() || s.dims() != [c] {
+        candle_core::bail!(
+            "scaled residual: {:?} + {:?} · {:?} do not fit",
+            x.dims(),
+            y.dims(),
+            s.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3(&y.contiguous()?, &s.contiguous()?, AddScaledChannels)
+}
+
+struct AddScaledChannels;
+
+impl CustomOp3 for AddScaledChannels {
+    fn name(&self) -> &'static str {
+        "add-scaled-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l2.shape().dims4()?;
+        let (x, y, s) = (
+            contiguous_f32(s1, l1, "scaled residual input")?,
+            contiguous_f32(s2, l2, "scaled residual branch")?,
+            contiguous_f32(s3, l3, "scaled residual scale")?,
+        );
+        let hw = (h * w).max(1);
+        let mut out = x.to_vec();
+        out.par_chunks_mut(hw)
+            .zip(y.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (d, y))| {
+                let v = s[p % c];
+                d.iter_mut().zip(y).for_each(|(d, y)| *d += y * v);
+            });
+        Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        y: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gy = grad.apply_op2_no_bwd(s, &ScaleChannels)?;
+        let gs = grad.apply_op2_no_bwd(y, &PlaneDot)?.sum(0)?;
+        Ok((Some(grad), Some(gy), Some(gs)))
+    }
+}
+
 /// `[N, C]`: `Σ_hw a·b` of every plane (float64 accumulation).
 struct PlaneDot;
 

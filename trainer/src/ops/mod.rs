@@ -7,5 +7,7 @@ mod channel;
 mod depthwise;
 
 pub use batch_norm::{batch_norm_train, BatchStats};
-pub use channel::{add_channel_bias, pointwise_conv, pointwise_conv_bias, scale_channels};
+pub use channel::{
+    add_channel_bias, add_scaled_channels, pointwise_conv, pointwise_conv_bias, scale_channels,
+};
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_bias, DepthwiseGeometry};

@@ -274,7 +274,7 @@ fn batch_norm_matches_composed_reference() {
 #[test]
 fn channel_ops_match_composed_references() {
     use dfndr_trainer::ops::{
-        add_channel_bias, pointwise_conv, pointwise_conv_bias, scale_channels,
+        add_channel_bias, add_scaled_channels, pointwise_conv, pointwise_conv_bias, scale_channels,
     };
     let dev = Device::Cpu;
     // Batches of 1 (one product at a time on every thread), 3 (samples in parallel, one
@@ -345,6 +345,16 @@ fn channel_ops_match_composed_references() {
             );
         }
     }
+    // The scaled residual: the same as adding the scaled branch, in all three gradients.
+    let y = Var::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
+    let s = Var::randn(0f32, 1.0, 5, &dev).unwrap();
+    let fused = add_scaled_channels(x.as_tensor(), y.as_tensor(), s.as_tensor()).unwrap();
+    let composed = (x.as_tensor() + scale_channels(y.as_tensor(), s.as_tensor()).unwrap()).unwrap();
+    assert!(max_abs(&fused, &composed) < 1e-6);
+    assert_same_gradients(&fused, &composed, &r, &[&x, &y, &s], 1e-6);
+    let wrong = Var::randn(0f32, 1.0, 4, &dev).unwrap();
+    assert!(add_scaled_channels(x.as_tensor(), y.as_tensor(), wrong.as_tensor()).is_err());
+
     let b = Var::randn(0f32, 1.0, 5, &dev).unwrap();
     let ours = add_channel_bias(x.as_tensor(), b.as_tensor()).unwrap();
     let theirs = x
