@@ -125,12 +125,7 @@ impl LayerScale2d {
         &self.gamma
     }
 
-    /// Scales each channel of `[N, C, H, W]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::scale_channels(x, &self.gamma.flatten_all()?)
-    }
-
-    /// `x + forward(branch)`: a residual branch behind the scale, in one pass.
+    /// `x + branch · gamma`: a residual branch behind the scale, in one pass.
     pub fn residual(&self, x: &Tensor, branch: &Tensor) -> Result<Tensor> {
         crate::ops::add_scaled_channels(x, branch, &self.gamma.flatten_all()?)
     }
