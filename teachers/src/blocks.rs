@@ -13,6 +13,7 @@ mod gelu;
 mod grad_kernels;
 mod linear;
 mod norm;
+mod packed_attention;
 mod small_rows;
 mod transformer;
 
@@ -22,6 +23,7 @@ pub use gelu::gelu_erf;
 pub use grad_kernels::{contiguous_f32, matmul_strided, GemmThreads};
 pub use linear::{Linear, Projection};
 pub use norm::LayerNorm;
+pub use packed_attention::{mask_values, packed_self_attention};
 pub use transformer::{LayerScale, Mlp, ResidualAttentionBlock, Transformer, TransformerConfig};
 
 /// candle's `VarBuilder`, re-exported so users of the blocks need not depend on candle-nn.

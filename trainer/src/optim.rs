@@ -1,8 +1,10 @@
 //! AdamW with OpenCLIP's weight-decay groups, gradient clipping by global norm and OpenCLIP's
 //! cosine schedule. The optimiser's state is plain vectors, so a checkpoint holds it exactly.
 
+use std::sync::Mutex;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -156,79 +158,185 @@ impl AdamW {
     /// One update with learning rate `lr` from the gradients in `grads` (parameters without
     /// a gradient are left alone, as torch does).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] from the gradients multiplied by `grad_scale` (the factor of
+    /// [`clip_factor`]), as torch's `clip_grad_norm_` then `step` compute it. CPU float32
+    /// parameters are updated in place in one pass over parameter, gradient and moments; the
+    /// gradients themselves are not changed.
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f32) -> Result<()> {
         self.step += 1;
         let c = &self.config;
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let b2 = c.beta2 as f32;
-        let (one_m_b1, one_m_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-        let eps = c.eps as f32;
-        let bc2_sqrt = bc2_sqrt as f32;
+        let coeffs = Coefficients {
+            step_size: (lr / bc1) as f32,
+            beta2: c.beta2 as f32,
+            one_m_b1: (1.0 - c.beta1) as f32,
+            one_m_b2: (1.0 - c.beta2) as f32,
+            eps: c.eps as f32,
+            bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            grad_scale,
+            decay_factor: 1.0,
+        };
         for ((name, var, decay), st) in self.params.iter().zip(self.state.iter_mut()) {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-            let mut p: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-            if g.len() != p.len() {
+            if grad.elem_count() != st.exp_avg.len() || grad.dims() != var.as_tensor().dims() {
                 return Err(TrainError::Internal(format!(
                     "gradient of {name} has the wrong size"
                 )));
             }
-            let decay_factor = if *decay {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
+            let coeffs = Coefficients {
+                decay_factor: if *decay {
+                    (1.0 - lr * c.weight_decay) as f32
+                } else {
+                    1.0
+                },
+                ..coeffs
             };
-            p.par_iter_mut()
-                .zip(st.exp_avg.par_iter_mut())
-                .zip(st.exp_avg_sq.par_iter_mut())
-                .zip(g.par_iter())
-                .for_each(|(((p, m), v), &g)| {
-                    *p *= decay_factor;
-                    // torch: exp_avg.lerp_(grad, 1 − β₁); exp_avg_sq.mul_(β₂).addcmul_(g, g, 1 − β₂)
-                    *m += one_m_b1 * (g - *m);
-                    *v = *v * b2 + one_m_b2 * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    *p -= step_size * (*m / denom);
-                });
-            let shape = var.as_tensor().shape().clone();
-            var.set(&Tensor::from_vec(p, shape, var.as_tensor().device())?)?;
+            let param = var.as_tensor();
+            if param.device().is_cpu() && param.dtype() == DType::F32 {
+                let update = InPlaceUpdate {
+                    moments: Mutex::new(Some((&mut st.exp_avg, &mut st.exp_avg_sq))),
+                    coeffs,
+                };
+                param.inplace_op2(&grad.to_dtype(DType::F32)?.contiguous()?, &update)?;
+                continue;
+            }
+            let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+            let mut p: Vec<f32> = param.flatten_all()?.to_vec1()?;
+            coeffs.apply(&mut p, &mut st.exp_avg, &mut st.exp_avg_sq, &g);
+            var.set(&Tensor::from_vec(p, param.shape().clone(), param.device())?)?;
         }
         Ok(())
     }
 }
 
-/// `clip_grad_norm_(params, max_norm)`: the global L2 norm of every gradient, and the
-/// gradients scaled by `max_norm / (norm + 1e-6)` when that is below 1. Returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-            // Fixed chunks summed in order: rayon's own `sum` splits by thread timing, which
-            // would make the norm (and so a resumed run) differ in the last bits.
-            let partial: Vec<f64> = v
-                .par_chunks(1 << 14)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .collect();
-            total += partial.iter().sum::<f64>();
-        }
+/// The numbers of one AdamW update of one parameter.
+#[derive(Clone, Copy, Debug)]
+struct Coefficients {
+    step_size: f32,
+    beta2: f32,
+    one_m_b1: f32,
+    one_m_b2: f32,
+    eps: f32,
+    bc2_sqrt: f32,
+    grad_scale: f32,
+    decay_factor: f32,
+}
+
+impl Coefficients {
+    /// Updates parameter `p` and its moments `m`, `v` from gradient `g`, in parallel.
+    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let c = *self;
+        p.par_iter_mut()
+            .zip(m.par_iter_mut())
+            .zip(v.par_iter_mut())
+            .zip(g.par_iter())
+            .for_each(|(((p, m), v), &g)| {
+                // torch: clip_grad_norm_ scales the gradient (by exactly 1 when not clipping).
+                let g = g * c.grad_scale;
+                *p *= c.decay_factor;
+                // torch: exp_avg.lerp_(grad, 1 − β₁); exp_avg_sq.mul_(β₂).addcmul_(g, g, 1 − β₂)
+                *m += c.one_m_b1 * (g - *m);
+                *v = *v * c.beta2 + c.one_m_b2 * g * g;
+                let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+                *p -= c.step_size * (*m / denom);
+            });
     }
-    let norm = total.sqrt();
+}
+
+/// The update of one CPU parameter in place: the moments are the optimiser's own vectors,
+/// handed to the kernel once.
+struct InPlaceUpdate<'a> {
+    moments: Mutex<Option<(&'a mut Vec<f32>, &'a mut Vec<f32>)>>,
+    coeffs: Coefficients,
+}
+
+impl InplaceOp2 for InPlaceUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = dfndr_teachers::blocks::contiguous_f32(s2, l2, "gradient")?;
+        let CpuStorage::F32(data) = s1 else {
+            candle_core::bail!("AdamW: the parameter is not float32");
+        };
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("AdamW: the parameter is not contiguous");
+        };
+        let p = &mut data[start..end];
+        let mut moments = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("AdamW: moments lock poisoned".into()))?;
+        let Some((m, v)) = moments.take() else {
+            candle_core::bail!("AdamW: one update applied twice");
+        };
+        if p.len() != g.len() || m.len() != g.len() || v.len() != g.len() {
+            candle_core::bail!(
+                "AdamW: parameter {}, gradient {} and moments {} differ in size",
+                p.len(),
+                g.len(),
+                m.len()
+            );
+        }
+        self.coeffs.apply(p, m, v, g);
+        Ok(())
+    }
+}
+
+/// The global L2 norm of every gradient of `vars`, as torch's `clip_grad_norm_` computes it
+/// (summed in float64 over fixed chunks in order, so the norm does not depend on thread
+/// timing and a resumed run equals an uninterrupted one).
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
+    let mut total = 0f64;
+    let sum_sq = |v: &[f32]| -> f64 {
+        // Fixed chunks summed in order: rayon's own `sum` splits by thread timing.
+        let partial: Vec<f64> = v
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .collect();
+        partial.iter().sum::<f64>()
+    };
+    for var in vars {
+        let Some(g) = grads.get(var.as_tensor()) else {
+            continue;
+        };
+        let g = g.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        let direct = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(sum_sq(&v[a..b])),
+            _ => None,
+        };
+        drop(storage);
+        total += match direct {
+            Some(s) => s,
+            None => sum_sq(&g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?),
+        };
+    }
+    Ok(total.sqrt())
+}
+
+/// The factor torch's `clip_grad_norm_(params, max_norm)` scales every gradient by for a
+/// global norm `norm`: `max_norm / (norm + 1e-6)` when that is below 1, else exactly 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let scaled = (g * coef)?;
-                grads.insert(var.as_tensor(), scaled);
-            }
-        }
+        coef as f32
+    } else {
+        1.0
     }
-    Ok(norm)
 }
 
 /// OpenCLIP's `cosine_lr`: linear warm-up `base·(s + 1)/warmup` for `s < warmup`, then

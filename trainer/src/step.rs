@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use crate::error::{Result, TrainError};
 use crate::layers::Mode;
 use crate::loss::{dr_loss, CaptionSet, LossConfig, LossInputs, LossTerms, Rows, TeacherLayout};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::{clip_factor, grad_norm, AdamW};
 use crate::recompute::{Tape, Units};
 use crate::student::Student;
 
@@ -382,13 +382,14 @@ pub fn train_step_accumulated(
     let vars: Vec<_> = student.parameters()?.into_iter().map(|(_, v)| v).collect();
     let Gradients {
         loss,
-        mut grads,
+        grads,
         forward,
         backward,
     } = gradients(student, batch, plan, layout, config)?;
     let t2 = std::time::Instant::now();
-    let grad_norm = clip_grad_norm(&mut grads, &vars, grad_clip.unwrap_or(f64::INFINITY))?;
-    optimizer.step(&grads, lr)?;
+    let grad_norm = grad_norm(&grads, &vars)?;
+    let scale = clip_factor(grad_norm, grad_clip.unwrap_or(f64::INFINITY));
+    optimizer.step_scaled(&grads, lr, scale)?;
     let clamped = student.logit_scale().clamp(0.0, MAX_LOGIT_SCALE.ln())?;
     set_logit_scale(student, &clamped)?;
     Ok(StepReport {

@@ -21,7 +21,7 @@ use candle_core::Device;
 use dfndr_trainer::eval::Towers;
 use dfndr_trainer::loss::{LossConfig, TeacherLayout};
 use dfndr_trainer::models::builtin_student;
-use dfndr_trainer::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use dfndr_trainer::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
 use dfndr_trainer::step::{gradients, Batch, Plan, Recompute};
 use dfndr_trainer::{Mode, Student};
 
@@ -109,10 +109,10 @@ fn main() -> Result<()> {
                 Recompute::NONE
             },
         };
-        let mut g = gradients(&student, &batch, plan, &layout, &loss_cfg)?;
+        let g = gradients(&student, &batch, plan, &layout, &loss_cfg)?;
         let t2 = Instant::now();
-        clip_grad_norm(&mut g.grads, &vars, 1.0)?;
-        opt.step(&g.grads, 1e-3)?;
+        let norm = grad_norm(&g.grads, &vars)?;
+        opt.step_scaled(&g.grads, 1e-3, clip_factor(norm, 1.0))?;
         let t3 = Instant::now();
         last_loss = g.loss.total;
         if step > 0 {

@@ -2,7 +2,8 @@
 
 use candle_core::{Result, Tensor};
 
-use super::cpu_kernels::{self, PackedSelfAttention};
+use super::packed_attention::{mask_values, packed_self_attention, PackedSelfAttention};
+use super::{cpu_kernels, grad_kernels};
 use super::{softmax_last_dim, Kernels, Linear, VarBuilder};
 
 /// How the input projections are stored.
@@ -106,15 +107,15 @@ impl MultiheadAttention {
             return self.forward(x, x, mask);
         };
         if self.kernels == Kernels::Fused && cpu_kernels::usable(x) {
-            let mask = match mask {
-                Some(m) => Some((m.flatten_all()?.to_vec1::<f32>()?, m.dim(0)?)),
-                None => None,
-            };
             let op = PackedSelfAttention {
                 heads: self.heads,
-                mask,
+                mask: mask_values(mask)?,
             };
             let merged = qkv.forward(x)?.apply_op1_no_bwd(&op)?;
+            return self.out_proj.forward(&merged);
+        }
+        if self.kernels == Kernels::Differentiable && grad_kernels::usable(x) {
+            let merged = packed_self_attention(&qkv.forward(x)?, self.heads, mask_values(mask)?)?;
             return self.out_proj.forward(&merged);
         }
         let (b, t, _) = x.dims3()?;

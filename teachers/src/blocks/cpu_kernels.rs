@@ -1,5 +1,6 @@
-//! Fused CPU kernels for inference: self-attention straight from the packed q|k|v projection,
-//! and linear layers with their bias and activation applied to the product's own output.
+//! Fused CPU kernels for inference: linear layers with their bias and activation applied to
+//! the product's own output (self-attention from the packed projection is in
+//! [`super::packed_attention`]), and the softmax and exponential they share.
 //!
 //! candle's CPU element-wise ops are single-threaded scalar loops and its batched matmul
 //! splits the (batch x heads) small products poorly; on a ViT-L forward they cost more than a
@@ -7,7 +8,7 @@
 //! (they have no backward pass); every other case takes the plain candle path, and the parity
 //! tests run both.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -15,7 +16,9 @@ use super::Activation;
 
 /// `e^x` for `x <= 0`-ish softmax inputs and activation arguments: Cephes' `expf` polynomial
 /// after a power-of-two range reduction, written with plain arithmetic so it vectorises.
-/// Relative error below 2e-7 on [-87, 88]; inputs below -87 give ~0, as `exp` underflows.
+/// Relative error below 2e-7 on [-87, 88]; inputs below -87 (a masked score's −∞ among them)
+/// give exactly 0. Not a tiny value: a softmax would turn it into a subnormal, and products
+/// over subnormals (attention backward through a causal mask) run many times slower.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -24,6 +27,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to the nearest integer without a libm call, and leaves that
     // integer in the low mantissa bits of `t`.
     const ROUND: f32 = 12_582_912.0;
+    let underflow = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
@@ -38,7 +42,12 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     // 2^n built from t's bits: shifting by 23 drops t's sign and exponent and leaves
     // (n + 127) << 23, n in -126..=127 after the clamp. Unlike `n as i32` (a saturating cast,
     // which the compiler keeps scalar) this integer arithmetic vectorises.
-    e * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
+    let y = e * f32::from_bits(t.to_bits().wrapping_add(127) << 23);
+    if underflow {
+        0.0
+    } else {
+        y
+    }
 }
 
 /// `erf(x)` by Abramowitz & Stegun 7.1.26 (absolute error below 1e-6 in float32) with [`fast_exp`]:
@@ -59,7 +68,7 @@ pub(crate) fn fast_erf(x: f32) -> f32 {
 const LANES: usize = 16;
 
 /// In-place softmax of one row, after adding `mask` (same length) when given.
-fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
+pub(crate) fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
     crate::simd_dispatch!(softmax_row_generic(row, mask))
 }
 
@@ -135,127 +144,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
         None => candle_core::bail!("{what}: fused CPU kernels take contiguous tensors"),
-    }
-}
-
-/// Self-attention of a packed projection `[B, T, 3E]` (q | k | v, heads contiguous inside
-/// each) with an optional additive mask, giving merged heads `[B, T, E]`.
-pub struct PackedSelfAttention {
-    /// Attention heads.
-    pub heads: usize,
-    /// Additive mask values `[M, T, T]` with M = 1 (shared) or B (per sample).
-    pub mask: Option<(Vec<f32>, usize)>,
-}
-
-/// A raw output pointer shared by tasks that write disjoint parts.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes its own (sample, head) columns of the output; no two tasks touch
-// the same element and nothing reads the output until all tasks have finished.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY (of callers): offsets stay inside the output allocation.
-        self.0.wrapping_add(offset)
-    }
-}
-
-impl CustomOp1 for PackedSelfAttention {
-    fn name(&self) -> &'static str {
-        "packed-self-attention"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let qkv = f32_slice(storage, layout, "attention input")?;
-        let (b, t, e3) = layout.shape().dims3()?;
-        let e = e3 / 3;
-        let heads = self.heads;
-        if e3 % 3 != 0 || heads == 0 || e % heads != 0 {
-            candle_core::bail!("attention: width {e3} is not 3 x heads {heads} x head width");
-        }
-        let d = e / heads;
-        if let Some((mask, m)) = &self.mask {
-            if mask.len() != m * t * t || (*m != 1 && *m != b) {
-                candle_core::bail!(
-                    "attention: mask of {} values for {m} x {t} x {t}",
-                    mask.len()
-                );
-            }
-        }
-        let scale = (d as f32).powf(-0.5);
-        let mut out = vec![0f32; b * t * e];
-        let out_ptr = OutPtr(out.as_mut_ptr());
-        (0..b * heads).into_par_iter().for_each_init(
-            || vec![0f32; t * t],
-            |scores, task| {
-                let (bi, h) = (task / heads, task % heads);
-                let base = bi * t * e3 + h * d;
-                let (q, k, v) = (&qkv[base..], &qkv[base + e..], &qkv[base + 2 * e..]);
-                // SAFETY: the slices above start at valid offsets and every element read
-                // below, at row r < t and column c < d with row stride 3E, lies inside the
-                // input (checked: base + 2E + (t-1)·3E + d <= B·T·3E). The output block of
-                // this (sample, head) is rows bi·T.., columns h·d..h·d+d with row stride E.
-                unsafe {
-                    // scores = scale · q kᵀ  (t x t)
-                    gemm::gemm(
-                        t,
-                        t,
-                        d,
-                        scores.as_mut_ptr(),
-                        1,
-                        t as isize,
-                        false,
-                        q.as_ptr(),
-                        1,
-                        e3 as isize,
-                        k.as_ptr(),
-                        e3 as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                let mask = self
-                    .mask
-                    .as_ref()
-                    .map(|(mask, m)| &mask[(if *m == 1 { 0 } else { bi }) * t * t..][..t * t]);
-                for (r, row) in scores.chunks_mut(t).enumerate() {
-                    softmax_row(row, mask.map(|m| &m[r * t..][..t]));
-                }
-                unsafe {
-                    // out[bi, :, h·d..] = scores · v  (t x d)
-                    gemm::gemm(
-                        t,
-                        d,
-                        t,
-                        out_ptr.at(bi * t * e + h * d),
-                        1,
-                        e as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        t as isize,
-                        v.as_ptr(),
-                        1,
-                        e3 as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-            },
-        );
-        Ok((CpuStorage::F32(out), Shape::from((b, t, e))))
     }
 }
 
@@ -413,7 +301,9 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst:e}");
         assert_eq!(fast_exp(0.0), 1.0);
-        assert!(fast_exp(f32::NEG_INFINITY) < 1e-37);
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-87.5), 0.0);
+        assert!(fast_exp(-87.0) > 0.0);
     }
 
     #[test]

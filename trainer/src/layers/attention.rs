@@ -1,7 +1,7 @@
 //! Multi-head self-attention over tokens with timm's key names (`qkv`, `proj`), differentiable.
 
-use candle_core::{Result, Tensor};
-use dfndr_teachers::blocks::{softmax_last_dim, Kernels, Linear};
+use candle_core::{DType, Result, Tensor};
+use dfndr_teachers::blocks::{packed_self_attention, softmax_last_dim, Kernels, Linear};
 
 use super::Builder;
 
@@ -36,9 +36,14 @@ impl SelfAttention {
     /// Attends over the tokens of `[B, N, C]`.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, n, c) = tokens.dims3()?;
-        let qkv = self
-            .qkv
-            .forward(tokens)?
+        let packed = self.qkv.forward(tokens)?;
+        if packed.device().is_cpu() && packed.dtype() == DType::F32 {
+            // One differentiable kernel from the packed projection (no head copies).
+            return self
+                .proj
+                .forward(&packed_self_attention(&packed, self.heads, None)?);
+        }
+        let qkv = packed
             .reshape((b, n, 3, self.heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;

@@ -203,9 +203,12 @@ fn two_training_steps_match_pytorch() {
                 // Relative to the value where it is above 1 (running variances).
                 let e = (ours - theirs).abs() / theirs.abs().max(1.0);
                 total += 1;
-                let ill = grad0
-                    .as_ref()
-                    .is_some_and(|g0| g0[j] != 0.0 && (g0[j] * clip).abs() < 100.0 * f(&g["eps"]));
+                // An exact zero counts where our value moved: the key bias's gradient is zero
+                // analytically (a softmax ignores a shift shared by a row's scores), so both
+                // sides hold rounding noise there, which PyTorch sometimes rounds to 0.
+                let ill = grad0.as_ref().is_some_and(|g0| {
+                    (g0[j] != 0.0 || e > 0.0) && (g0[j] * clip).abs() < 100.0 * f(&g["eps"])
+                });
                 if ill {
                     exempt += 1;
                     assert!(
