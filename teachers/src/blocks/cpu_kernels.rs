@@ -243,11 +243,10 @@ impl CustomOp2 for BiasLinear {
         } else {
             (w_stride as isize, 1)
         };
-        let mut out = vec![0f32; rows * out_dim];
-        if let Some(bias) = &self.bias {
-            out.par_chunks_mut(out_dim)
-                .for_each(|row| row.copy_from_slice(bias));
-        }
+        let mut out = match &self.bias {
+            Some(bias) => super::grad_kernels::repeated_rows(rows, bias),
+            None => vec![0f32; rows * out_dim],
+        };
         // SAFETY: x is rows x in (row stride in); W's extent was checked by f32_rows and B is
         // read within it through (rhs_cs, rhs_rs); out is rows x out (row stride out).
         unsafe {
