@@ -20,7 +20,7 @@ mod transformer;
 pub use act::Activation;
 pub use attention::{AttentionWeights, MultiheadAttention};
 pub use gelu::gelu_erf;
-pub use grad_kernels::{contiguous_f32, matmul_strided, GemmThreads};
+pub use grad_kernels::{contiguous_f32, matmul_strided, usable as cpu_kernels_usable, GemmThreads};
 pub use linear::{Linear, Projection};
 pub use norm::LayerNorm;
 pub use packed_attention::{mask_values, packed_self_attention};

@@ -198,7 +198,7 @@ impl AdamW {
                 ..coeffs
             };
             let param = var.as_tensor();
-            if param.device().is_cpu() && param.dtype() == DType::F32 {
+            if dfndr_teachers::blocks::cpu_kernels_usable(param) {
                 let update = InPlaceUpdate {
                     moments: Mutex::new(Some((&mut st.exp_avg, &mut st.exp_avg_sq))),
                     coeffs,

@@ -8,7 +8,7 @@
 //! (they have no backward pass); every other case takes the plain candle path, and the parity
 //! tests run both.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -279,10 +279,7 @@ impl CustomOp2 for BiasLinear {
     }
 }
 
-/// True when the fused kernels apply to `x`.
-pub fn usable(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
+pub(crate) use super::grad_kernels::usable;
 
 #[cfg(test)]
 mod tests {

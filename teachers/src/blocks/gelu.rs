@@ -17,7 +17,7 @@ const CHUNK: usize = 16384;
 
 /// GELU (erf form) of `x`, differentiable.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if super::grad_kernels::usable(x) {
         x.contiguous()?.apply_op1(GeluErf)
     } else {
         x.gelu_erf()

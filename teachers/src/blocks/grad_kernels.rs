@@ -19,8 +19,9 @@ use rayon::prelude::*;
 /// Rows per parallel task and per partial sum of the parameter gradients.
 const ROW_BLOCK: usize = 32;
 
-/// Whether the CPU kernels apply to `x`.
-pub(crate) fn usable(x: &Tensor) -> bool {
+/// Whether dfndr's CPU kernels (these and the fused inference ones) apply to `x`: a float32
+/// tensor on the CPU.
+pub fn usable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 

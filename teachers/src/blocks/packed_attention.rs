@@ -12,13 +12,14 @@
 //! probabilities for the backward pass. The tasks are independent and each runs in a fixed
 //! order, so the results do not depend on the number of threads.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::cpu_kernels::softmax_row;
+use super::grad_kernels::contiguous_f32;
 
 /// Self-attention for inference: no backward pass, nothing kept.
 pub struct PackedSelfAttention {
@@ -50,10 +51,9 @@ pub fn packed_self_attention(
     mask: Option<(Vec<f32>, usize)>,
 ) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(TrainAttention {
-        geometry: OnceLock::new(),
         heads,
-        mask: Arc::new(mask),
-        probs: Arc::new(OnceLock::new()),
+        mask,
+        probs: OnceLock::new(),
     })
 }
 
@@ -236,17 +236,13 @@ fn forward(
     (out, probs)
 }
 
-fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    super::grad_kernels::contiguous_f32(s, l, what)
-}
-
 impl CustomOp1 for PackedSelfAttention {
     fn name(&self) -> &'static str {
         "packed-self-attention"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let qkv = f32_input(storage, layout, "attention input")?;
+        let qkv = contiguous_f32(storage, layout, "attention input")?;
         let g = Geometry::new(layout, self.heads, &self.mask)?;
         let (out, _) = forward(qkv, g, &self.mask, false);
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, g.e))))
@@ -255,10 +251,9 @@ impl CustomOp1 for PackedSelfAttention {
 
 /// The differentiable op: its forward keeps the probabilities for its backward.
 struct TrainAttention {
-    geometry: OnceLock<Geometry>,
     heads: usize,
-    mask: Arc<Option<(Vec<f32>, usize)>>,
-    probs: Arc<OnceLock<Vec<f32>>>,
+    mask: Option<(Vec<f32>, usize)>,
+    probs: OnceLock<Vec<f32>>,
 }
 
 impl CustomOp1 for TrainAttention {
@@ -267,34 +262,35 @@ impl CustomOp1 for TrainAttention {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let qkv = f32_input(storage, layout, "attention input")?;
+        let qkv = contiguous_f32(storage, layout, "attention input")?;
         let g = Geometry::new(layout, self.heads, &self.mask)?;
         let (out, probs) = forward(qkv, g, &self.mask, true);
-        if self.probs.set(probs).is_err() || self.geometry.set(g).is_err() {
+        if self.probs.set(probs).is_err() {
             candle_core::bail!("attention: one op instance ran forward twice");
         }
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, g.e))))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let Some(&geometry) = self.geometry.get() else {
+        let Some(probs) = self.probs.get() else {
             candle_core::bail!("attention: backward before forward");
         };
         let op = AttentionGrad {
-            geometry,
-            probs: self.probs.clone(),
+            heads: self.heads,
+            probs,
         };
         qkv.apply_op2_no_bwd(&grad.contiguous()?, &op).map(Some)
     }
 }
 
 /// `∂L/∂qkv` from the packed input and the output gradient `[B, T, E]`.
-struct AttentionGrad {
-    geometry: Geometry,
-    probs: Arc<OnceLock<Vec<f32>>>,
+struct AttentionGrad<'a> {
+    heads: usize,
+    /// The forward's probabilities, `[B·H, T, T]`.
+    probs: &'a [f32],
 }
 
-impl CustomOp2 for AttentionGrad {
+impl CustomOp2 for AttentionGrad<'_> {
     fn name(&self) -> &'static str {
         "packed-self-attention-grad"
     }
@@ -306,8 +302,8 @@ impl CustomOp2 for AttentionGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let qkv = f32_input(s1, l1, "attention input")?;
-        let go = f32_input(s2, l2, "attention gradient")?;
+        let qkv = contiguous_f32(s1, l1, "attention input")?;
+        let go = contiguous_f32(s2, l2, "attention gradient")?;
         let Geometry {
             b,
             t,
@@ -315,11 +311,9 @@ impl CustomOp2 for AttentionGrad {
             heads,
             d,
             scale,
-        } = self.geometry;
+        } = Geometry::new(l1, self.heads, &None)?;
         let e3 = 3 * e;
-        let Some(probs) = self.probs.get() else {
-            candle_core::bail!("attention: backward without the forward's probabilities");
-        };
+        let probs = self.probs;
         if qkv.len() != b * t * e3 || go.len() != b * t * e || probs.len() != b * heads * t * t {
             candle_core::bail!("attention backward: operands do not fit {b} x {t} x 3·{e}");
         }

@@ -1,7 +1,9 @@
 //! Multi-head self-attention over tokens with timm's key names (`qkv`, `proj`), differentiable.
 
-use candle_core::{DType, Result, Tensor};
-use dfndr_teachers::blocks::{packed_self_attention, softmax_last_dim, Kernels, Linear};
+use candle_core::{Result, Tensor};
+use dfndr_teachers::blocks::{
+    cpu_kernels_usable, packed_self_attention, softmax_last_dim, Kernels, Linear,
+};
 
 use super::Builder;
 
@@ -37,7 +39,7 @@ impl SelfAttention {
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, n, c) = tokens.dims3()?;
         let packed = self.qkv.forward(tokens)?;
-        if packed.device().is_cpu() && packed.dtype() == DType::F32 {
+        if cpu_kernels_usable(&packed) {
             // One differentiable kernel from the packed projection (no head copies).
             return self
                 .proj
