@@ -15,7 +15,7 @@ use common::*;
 use dfndr_shards::format::{Row, ShardReader};
 
 const TEACHER: &str = "[[teachers]]\nname = \"t\"\nweights = \"random:4\"\nlogit_scale = 70.0\n[teachers.arch]\nembed_dim = 24\n[teachers.arch.vision]\nimage_size = 64\npatch_size = 16\nwidth = 32\nlayers = 2\nhead_width = 16\n[teachers.arch.text]\nwidth = 32\nheads = 2\nlayers = 2\n";
-const CAPTIONER: &str = "[[captioners]]\ntag = \"coca\"\nweights = \"random:5\"\nnum_captions = 3\n[captioners.arch]\nembed_dim = 32\n[captioners.arch.vision]\nimage_size = 64\npatch_size = 16\nwidth = 32\nlayers = 1\nhead_width = 16\nattentional_pool = true\nattn_pooler_heads = 2\nattn_pooler_queries = 8\n[captioners.arch.text]\nwidth = 32\nheads = 2\nlayers = 1\nembed_cls = true\ncontext_length = 76\n[captioners.arch.multimodal]\nwidth = 32\nheads = 2\nlayers = 1\n[captioners.generation]\nseq_len = 12\n[caption]\nbatch_size = 4\n";
+const CAPTIONER: &str = "[[captioners]]\ntag = \"coca\"\nweights = \"random:5\"\nnum_captions = 2\n[captioners.arch]\nembed_dim = 32\n[captioners.arch.vision]\nimage_size = 64\npatch_size = 16\nwidth = 32\nlayers = 1\nhead_width = 16\nattentional_pool = true\nattn_pooler_heads = 2\nattn_pooler_queries = 8\n[captioners.arch.text]\nwidth = 32\nheads = 2\nlayers = 1\nembed_cls = true\ncontext_length = 76\n[captioners.arch.multimodal]\nwidth = 32\nheads = 2\nlayers = 1\n[captioners.generation]\nseq_len = 8\n[caption]\nbatch_size = 4\n";
 const BASE: &str = "seed = 9\nbatch_size = 5\n[augment]\nsize = 64\nnum_augmentations = 1\n";
 
 fn rows(out: &Path, shard: &str) -> Vec<Row> {
@@ -44,7 +44,10 @@ fn ok(mut cmd: Command, args: &[&str], config: &Path, extra: Option<&Path>) -> S
 #[test]
 fn on_an_avx2_cpu_embeddings_across_batches_and_machines_agree_within_one_float16_step() {
     let dir = tempfile::tempdir().unwrap();
-    let input = format!("{}/demo-{{00000..00001}}.tar", demo_dir().display());
+    // One demo shard (13 samples: three image batches, text batches that differ with the
+    // captioner), two short captions per image: emulation is slow, and 5-10x slower on some
+    // CI hosts than on others.
+    let input = format!("{}/demo-00000.tar", demo_dir().display());
     let job = |name: &str, extra: &str| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
@@ -67,7 +70,7 @@ fn on_an_avx2_cpu_embeddings_across_batches_and_machines_agree_within_one_float1
 
     let (mut values, mut differing) = (0usize, 0usize);
     let (mut captions, mut other_captions) = (0usize, 0usize);
-    for shard in ["demo-00000", "demo-00001"] {
+    for shard in ["demo-00000"] {
         let (p, f, n) = (
             rows(&plain_out, shard),
             rows(&full_out, shard),
