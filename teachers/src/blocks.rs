@@ -23,7 +23,7 @@ pub use gelu::gelu_erf;
 pub use grad_kernels::{contiguous_f32, matmul_strided, usable as cpu_kernels_usable, GemmThreads};
 pub use linear::{Linear, Projection};
 pub use norm::LayerNorm;
-pub use packed_attention::{mask_values, packed_self_attention};
+pub use packed_attention::{mask_values, packed_self_attention, packed_self_attention_inference};
 pub use transformer::{LayerScale, Mlp, ResidualAttentionBlock, Transformer, TransformerConfig};
 
 /// candle's `VarBuilder`, re-exported so users of the blocks need not depend on candle-nn.

@@ -379,14 +379,17 @@ impl Student {
     }
 
     /// The text tower over the token rows `ids` as units: the embedding (its input is
-    /// ignored), each residual block, then `ln_final`, pooling and projection.
+    /// ignored), each residual block, then `ln_final`, pooling and projection. In
+    /// [`Mode::Eval`] the blocks take the inference kernels (no backward pass).
     pub fn text_units<'a>(&'a self, ids: &'a [Vec<u32>]) -> Result<Units<'a>> {
         let mask = self.text.embed(ids)?.mask;
         let blocks = self.text.transformer().blocks();
         let n = blocks.len();
-        Ok(Units::new(n + 2, move |i, x, _mode| {
+        Ok(Units::new(n + 2, move |i, x, mode| {
             Ok(if i == 0 {
                 self.text.embed(ids)?.x
+            } else if i <= n && mode == Mode::Eval {
+                blocks[i - 1].forward_inference(x, mask.as_ref())?
             } else if i <= n {
                 blocks[i - 1].forward(x, mask.as_ref())?
             } else {

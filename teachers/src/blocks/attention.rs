@@ -2,7 +2,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::packed_attention::{mask_values, packed_self_attention, PackedSelfAttention};
+use super::packed_attention::{
+    mask_values, packed_self_attention, packed_self_attention_inference,
+};
 use super::{cpu_kernels, grad_kernels};
 use super::{softmax_last_dim, Kernels, Linear, VarBuilder};
 
@@ -107,11 +109,8 @@ impl MultiheadAttention {
             return self.forward(x, x, mask);
         };
         if self.kernels == Kernels::Fused && cpu_kernels::usable(x) {
-            let op = PackedSelfAttention {
-                heads: self.heads,
-                mask: mask_values(mask)?,
-            };
-            let merged = qkv.forward(x)?.apply_op1_no_bwd(&op)?;
+            let merged =
+                packed_self_attention_inference(&qkv.forward(x)?, self.heads, mask_values(mask)?)?;
             return self.out_proj.forward(&merged);
         }
         if self.kernels == Kernels::Differentiable && grad_kernels::usable(x) {
@@ -126,6 +125,20 @@ impl MultiheadAttention {
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         self.attend(&packed.get(0)?, &packed.get(1)?, &packed.get(2)?, mask)
+    }
+
+    /// [`MultiheadAttention::forward_self`] for inference, whatever the layer's kernels: on
+    /// the CPU in float32 the fused kernels, nothing recorded for a backward pass.
+    pub fn forward_self_inference(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        match &self.qkv {
+            Some(qkv) if cpu_kernels::usable(x) => {
+                let packed = qkv.forward_inference(x, None)?;
+                let merged =
+                    packed_self_attention_inference(&packed, self.heads, mask_values(mask)?)?;
+                self.out_proj.forward_inference(&merged, None)
+            }
+            _ => self.forward_self(x, mask),
+        }
     }
 
     /// Number of heads.

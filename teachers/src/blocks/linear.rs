@@ -105,11 +105,32 @@ impl Linear {
         }
     }
 
-    /// The fused CPU kernel's `act(x Wᵀ + b)`, or `None` where it does not apply.
+    /// `act(x Wᵀ + b)` for inference, prepared or not: on the CPU in float32 the fused kernel
+    /// (no backward pass, nothing recorded for one, the activation over the product's output in
+    /// place); elsewhere the plain ops.
+    pub fn forward_inference(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        if super::cpu_kernels::usable(x) {
+            return self.fused_kernel(x, act);
+        }
+        let y = self.forward(x)?;
+        match act {
+            Some(act) => act.forward(&y),
+            None => Ok(y),
+        }
+    }
+
+    /// The fused CPU kernel's `act(x Wᵀ + b)` on a prepared layer, or `None` where it does not
+    /// apply.
     fn fused(&self, x: &Tensor, activation: Option<Activation>) -> Result<Option<Tensor>> {
         if !self.fused || !super::cpu_kernels::usable(x) {
             return Ok(None);
         }
+        self.fused_kernel(x, activation).map(Some)
+    }
+
+    /// `act(x Wᵀ + b)` by the fused CPU kernel (float32 on the CPU), with the transposed
+    /// weight where the layer keeps one.
+    fn fused_kernel(&self, x: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
         let bias = match &self.bias {
             Some(b) => Some(b.to_vec1::<f32>()?),
             None => None,
@@ -123,7 +144,7 @@ impl Linear {
             transposed,
             activation,
         };
-        x.contiguous()?.apply_op2_no_bwd(weight, &op).map(Some)
+        x.contiguous()?.apply_op2_no_bwd(weight, &op)
     }
 
     /// Applies the layer to `[..., in]`. Leading dimensions are folded into one so the whole

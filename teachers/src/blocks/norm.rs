@@ -28,6 +28,15 @@ impl LayerNorm {
         })
     }
 
+    /// [`LayerNorm::forward`] for inference whatever the layer's kernels: candle's fused
+    /// kernel (no backward pass) on float32 input.
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F32 {
+            return self.forward(x);
+        }
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+    }
+
     /// Normalises over the last dimension, in float32; the result has `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();

@@ -42,6 +42,17 @@ pub fn mask_values(mask: Option<&Tensor>) -> Result<Option<(Vec<f32>, usize)>> {
     }
 }
 
+/// Self-attention of the packed projection `qkv: [B, T, 3E]` for inference (no backward pass):
+/// [`packed_self_attention`]'s values without keeping the probabilities. CPU float32 only.
+pub fn packed_self_attention_inference(
+    qkv: &Tensor,
+    heads: usize,
+    mask: Option<(Vec<f32>, usize)>,
+) -> Result<Tensor> {
+    qkv.contiguous()?
+        .apply_op1_no_bwd(&PackedSelfAttention { heads, mask })
+}
+
 /// Differentiable self-attention of the packed projection `qkv: [B, T, 3E]` in `heads` heads
 /// (scale 1/√d), with an optional additive mask (see [`mask_values`]); returns `[B, T, E]`.
 /// The mask gets no gradient. CPU float32 only (see [`super::grad_kernels`]' `usable`).

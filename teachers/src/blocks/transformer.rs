@@ -49,6 +49,12 @@ impl LayerScale {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.broadcast_mul(&self.gamma)
     }
+
+    /// [`LayerScale::forward`] with nothing recorded for a backward pass (a trainable scale
+    /// would otherwise keep `x` alive in the graph).
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.gamma.detach())
+    }
 }
 
 /// `c_fc -> act -> c_proj`.
@@ -75,6 +81,13 @@ impl Mlp {
             c_proj: Linear::new(vb.pp("c_proj"), hidden, width, true)?.prepared(kernels)?,
             kernels,
         })
+    }
+
+    /// [`Mlp::forward`] for inference, whatever the layer's kernels: on the CPU in float32 the
+    /// fused kernels (no backward pass, the activation inside `c_fc`'s output).
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let hidden = self.c_fc.forward_inference(x, Some(self.act))?;
+        self.c_proj.forward_inference(&hidden, None)
     }
 
     /// Applies the MLP (with the fused kernels, the activation runs inside `c_fc`'s output).
@@ -143,6 +156,20 @@ impl ResidualAttentionBlock {
         let x = Self::residual(x, attn, &self.ls_1)?;
         let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
         Self::residual(&x, mlp, &self.ls_2)
+    }
+
+    /// [`ResidualAttentionBlock::forward`] for inference, whatever the block's kernels: on
+    /// the CPU in float32 the fused kernels, nothing recorded for a backward pass (evaluation
+    /// of a model built for training).
+    pub fn forward_inference(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let residual = |x: &Tensor, branch: Tensor, ls: &Option<LayerScale>| match ls {
+            Some(ls) => x + ls.forward_inference(&branch)?,
+            None => x + branch,
+        };
+        let h = self.ln_1.forward_inference(x)?;
+        let x = residual(x, self.attn.forward_self_inference(&h, mask)?, &self.ls_1)?;
+        let h = self.ln_2.forward_inference(&x)?;
+        residual(&x, self.mlp.forward_inference(&h)?, &self.ls_2)
     }
 
     /// [`ResidualAttentionBlock::forward`] (unmasked) computed for the first `n` positions
@@ -238,5 +265,54 @@ impl Transformer {
             x = block.forward(&x, None)?;
         }
         last.forward_first(&x, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn inference_matches_the_trainable_block_with_and_without_a_mask() {
+        let cfg = TransformerConfig {
+            width: 16,
+            layers: 1,
+            heads: 2,
+            mlp_ratio: 4.0,
+            act: Activation::Gelu,
+            ls_init_value: Some(0.5),
+            ln_eps: 1e-5,
+        };
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let block = ResidualAttentionBlock::new(vb, &cfg, false, Kernels::Differentiable).unwrap();
+        let x = Tensor::randn(0f32, 1f32, (2, 5, 16), &Device::Cpu).unwrap();
+        let causal: Vec<f32> = (0..25)
+            .map(|i| {
+                if i % 5 > i / 5 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, 5, 5), &Device::Cpu).unwrap();
+        for mask in [None, Some(&causal)] {
+            let trained = block.forward(&x, mask).unwrap();
+            assert!(trained.track_op(), "the trainable block records its graph");
+            let inferred = block.forward_inference(&x, mask).unwrap();
+            assert!(!inferred.track_op(), "inference records nothing");
+            let diff = (&trained - &inferred)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}");
+        }
     }
 }

@@ -185,14 +185,16 @@ impl Attention {
         })
     }
 
-    /// Applies attention.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Applies attention; in [`Mode::Eval`] with the inference kernels (no backward pass).
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = x.flatten_from(2)?.transpose(1, 2)?;
-        self.inner
-            .forward(&tokens)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))
+        let out = if mode == Mode::Eval {
+            self.inner.forward_inference(&tokens, None)?
+        } else {
+            self.inner.forward(&tokens)?
+        };
+        out.transpose(1, 2)?.reshape((b, c, h, w))
     }
 }
 
@@ -207,6 +209,7 @@ impl Norm2d {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match self {
             Norm2d::Batch(bn) => bn.forward(x, mode),
+            Norm2d::Layer(ln) if mode == Mode::Eval => ln.forward_inference(x),
             Norm2d::Layer(ln) => ln.forward(x),
         }
     }
@@ -247,7 +250,7 @@ impl AttentionBlock {
 
     /// Applies the block.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let attn = self.attn.forward(&self.norm.forward(x, mode)?)?;
+        let attn = self.attn.forward(&self.norm.forward(x, mode)?, mode)?;
         let x = self.layer_scale_1.residual(x, &attn)?;
         let mlp = self.mlp.forward(&x, mode)?;
         self.layer_scale_2.residual(&x, &mlp)

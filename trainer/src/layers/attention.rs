@@ -2,7 +2,8 @@
 
 use candle_core::{Result, Tensor};
 use dfndr_teachers::blocks::{
-    cpu_kernels_usable, packed_self_attention, softmax_last_dim, Kernels, Linear,
+    cpu_kernels_usable, packed_self_attention, packed_self_attention_inference, softmax_last_dim,
+    Kernels, Linear,
 };
 
 use super::Builder;
@@ -35,6 +36,40 @@ impl SelfAttention {
         })
     }
 
+    /// [`SelfAttention::forward`] for inference (no backward pass): on the CPU in float32 the
+    /// fused kernels, nothing kept for a backward. With `first = Some(n)` only the first `n`
+    /// positions' outputs are computed, each still attending over every token (what a last
+    /// block needs when only the class token is pooled).
+    pub fn forward_inference(&self, tokens: &Tensor, first: Option<usize>) -> Result<Tensor> {
+        if !cpu_kernels_usable(tokens) {
+            let out = self.forward(tokens)?;
+            return match first {
+                Some(n) => out.narrow(1, 0, n),
+                None => Ok(out),
+            };
+        }
+        let packed = self.qkv.forward_inference(tokens, None)?;
+        let merged = match first {
+            None => packed_self_attention_inference(&packed, self.heads, None)?,
+            Some(n) => {
+                let (b, t, _) = tokens.dims3()?;
+                let c = self.heads * self.head_dim;
+                let heads = |x: Tensor, len: usize| -> Result<Tensor> {
+                    x.reshape((b, len, self.heads, self.head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let q = heads(packed.narrow(1, 0, n)?.narrow(2, 0, c)?, n)?;
+                let k = heads(packed.narrow(2, c, c)?, t)?;
+                let v = heads(packed.narrow(2, 2 * c, c)?, t)?;
+                let q = (q * (self.head_dim as f64).powf(-0.5))?;
+                let weights = softmax_last_dim(&q.matmul(&k.t()?)?, Kernels::Fused)?;
+                weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?
+            }
+        };
+        self.proj.forward_inference(&merged, None)
+    }
+
     /// Attends over the tokens of `[B, N, C]`.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, n, c) = tokens.dims3()?;
@@ -56,5 +91,48 @@ impl SelfAttention {
         let weights = softmax_last_dim(&scores, Kernels::Differentiable)?;
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.proj.forward(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::SeededVarMap;
+    use crate::layers::NormConfig;
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn inference_matches_the_differentiable_forward_for_all_or_the_first_positions() {
+        for qkv_bias in [true, false] {
+            let vb = VarBuilder::from_backend(
+                Box::new(SeededVarMap::new(VarMap::new(), 5)),
+                DType::F32,
+                Device::Cpu,
+            );
+            let b = Builder::new(vb, VarMap::new(), NormConfig::default());
+            let attn = SelfAttention::new(&b, 24, 8, qkv_bias).unwrap();
+            let x = Tensor::randn(0f32, 1f32, (3, 7, 24), &Device::Cpu).unwrap();
+            let full = attn.forward(&x).unwrap();
+            let inference = attn.forward_inference(&x, None).unwrap();
+            assert!(!inference.track_op());
+            assert!(max_diff(&full, &inference) < 1e-5);
+            for n in [1, 3, 7] {
+                let first = attn.forward_inference(&x, Some(n)).unwrap();
+                assert_eq!(first.dims(), &[3, n, 24]);
+                assert!(max_diff(&full.narrow(1, 0, n).unwrap(), &first) < 1e-5);
+            }
+        }
     }
 }

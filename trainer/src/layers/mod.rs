@@ -19,7 +19,8 @@ use candle_nn::{Init, VarBuilder, VarMap};
 pub enum Mode {
     /// BatchNorm normalises with batch statistics and updates its running averages.
     Train,
-    /// BatchNorm normalises with its running averages.
+    /// BatchNorm normalises with its running averages; the ViT towers take the inference
+    /// kernels, which have no backward pass.
     Eval,
     /// A training forward computed again for its gradients (activation recomputation):
     /// batch statistics as in [`Mode::Train`], running averages left as they are, so they
@@ -151,6 +152,15 @@ impl LayerNorm2d {
         let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
         self.norm
             .forward(&nhwc)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+
+    /// [`LayerNorm2d::forward`] with the fused kernel (no backward pass), for evaluation.
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
+        self.norm
+            .forward_inference(&nhwc)?
             .permute((0, 3, 1, 2))?
             .contiguous()
     }
