@@ -1,5 +1,6 @@
-//! A MobileCLIP2 student: FastViT image tower, OpenCLIP text tower (always in its
-//! differentiable form), learnable logit scale, with OpenCLIP's `CustomTextCLIP` key names.
+//! A MobileCLIP2 student: FastViT or ViT image tower, OpenCLIP text tower (built with the
+//! differentiable kernels; evaluation runs its blocks with the inference kernels), learnable
+//! logit scale, with OpenCLIP's `CustomTextCLIP` key names.
 
 use std::collections::{BTreeMap, HashMap};
 
