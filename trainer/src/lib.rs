@@ -34,3 +34,17 @@ pub mod vit;
 pub use error::{Result, TrainError};
 pub use layers::Mode;
 pub use student::{Student, StudentConfig};
+
+#[cfg(test)]
+mod test_util {
+    use candle_core::Tensor;
+
+    /// The largest absolute difference between two tensors of one shape.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+}

@@ -596,8 +596,7 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let diff = (&t - &e).unwrap().abs().unwrap().max_all().unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
+        let diff = crate::test_util::max_abs_diff(&t, &e);
         assert!(scale > 0.1, "{scale}");
         assert!(diff <= 1e-5 * scale, "{diff} (scale {scale})");
         assert!(!e.track_op(), "evaluation records no graph");

@@ -99,19 +99,9 @@ mod tests {
     use super::*;
     use crate::init::SeededVarMap;
     use crate::layers::NormConfig;
+    use crate::test_util::max_abs_diff;
     use candle_core::{DType, Device};
     use candle_nn::{VarBuilder, VarMap};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn inference_matches_the_differentiable_forward_for_all_or_the_first_positions() {
@@ -127,11 +117,11 @@ mod tests {
             let full = attn.forward(&x).unwrap();
             let inference = attn.forward_inference(&x, None).unwrap();
             assert!(!inference.track_op());
-            assert!(max_diff(&full, &inference) < 1e-5);
+            assert!(max_abs_diff(&full, &inference) < 1e-5);
             for n in [1, 3, 7] {
                 let first = attn.forward_inference(&x, Some(n)).unwrap();
                 assert_eq!(first.dims(), &[3, n, 24]);
-                assert!(max_diff(&full.narrow(1, 0, n).unwrap(), &first) < 1e-5);
+                assert!(max_abs_diff(&full.narrow(1, 0, n).unwrap(), &first) < 1e-5);
             }
         }
     }

@@ -149,18 +149,17 @@ impl LayerNorm2d {
 
     /// Normalises each pixel's channel vector.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
-        self.norm
-            .forward(&nhwc)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
+        Self::per_pixel(x, |nhwc| self.norm.forward(nhwc))
     }
 
     /// [`LayerNorm2d::forward`] with the fused kernel (no backward pass), for evaluation.
     pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
-        let nhwc = x.permute((0, 2, 3, 1))?.contiguous()?;
-        self.norm
-            .forward_inference(&nhwc)?
+        Self::per_pixel(x, |nhwc| self.norm.forward_inference(nhwc))
+    }
+
+    /// `norm` applied over the channels of `[N, C, H, W]` as `[N, H, W, C]`.
+    fn per_pixel(x: &Tensor, norm: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        norm(&x.permute((0, 2, 3, 1))?.contiguous()?)?
             .permute((0, 3, 1, 2))?
             .contiguous()
     }
