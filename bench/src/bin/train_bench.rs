@@ -9,7 +9,8 @@
 //! (`--forward`: images/s of the image tower in evaluation mode, branched and, for FastViT
 //! towers, reparameterised; `--steps` timed calls after one warm-up, one JSON line)
 //! (`--units`: forward and backward seconds of every unit of both towers, as
-//! [`dfndr_trainer::recompute`] splits them, one JSON line each)
+//! [`dfndr_trainer::recompute`] splits them, one JSON line each; with `--forward`, the
+//! evaluation seconds of every image-tower unit, branched and reparameterised)
 //! (`--recompute`: with activation recomputation, OpenCLIP's `--grad-checkpointing`)
 //! Prints one JSON line on stdout: samples/s of the median step, every step's seconds, and
 //! the median split into forward+loss, backward and clip+optimiser.
@@ -72,6 +73,9 @@ fn main() -> Result<()> {
         .into_iter()
         .map(|r| r.into_iter().map(|v| v as u32).collect())
         .collect();
+    if forward && units {
+        return time_eval_units(student, &get("images")?);
+    }
     if forward {
         return time_forward(student, &get("images")?, steps);
     }
@@ -172,6 +176,45 @@ fn time_forward(student: Student, images: &candle_core::Tensor, iters: usize) ->
         out["fused_max_diff"] = (g - &f)?.abs()?.max_all()?.to_scalar::<f32>()?.into();
     }
     println!("{out}");
+    Ok(())
+}
+
+/// `--forward --units`: seconds of every image-tower unit in evaluation mode (the second of
+/// two runs), branched and, where there is anything to fuse, reparameterised; one JSON line
+/// per unit.
+fn time_eval_units(student: Student, images: &candle_core::Tensor) -> Result<()> {
+    let times = |s: &Student| -> Result<Vec<(f64, Vec<usize>)>> {
+        let units = s.image_units();
+        let mut x = images.clone();
+        let mut out = Vec::new();
+        for i in 0..units.len() {
+            let mut seconds = 0.0;
+            let mut y = x.clone();
+            for _ in 0..2 {
+                let t0 = Instant::now();
+                y = units.run(i, &x, Mode::Eval)?.detach();
+                seconds = t0.elapsed().as_secs_f64();
+            }
+            out.push((seconds, y.dims().to_vec()));
+            x = y;
+        }
+        Ok(out)
+    };
+    let branched = times(&student)?;
+    let fused = if student.reparameterizable() {
+        times(&student.into_inference()?)?
+    } else {
+        Vec::new()
+    };
+    for (i, (seconds, output)) in branched.iter().enumerate() {
+        println!(
+            "{}",
+            serde_json::json!({
+                "unit": i, "output": output, "branched_seconds": seconds,
+                "fused_seconds": fused.get(i).map(|f| f.0),
+            })
+        );
+    }
     Ok(())
 }
 
